@@ -1,0 +1,1 @@
+//! Raft over QUIC between the replicas of one notebookos kernel.
