@@ -1,0 +1,47 @@
+//! Control: kernel_info, interrupt and shutdown, served while shell is busy.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use zeromq::RouterSendHalf;
+
+use super::router;
+use crate::kernel::Kernel;
+use crate::wire::status::ExecutionState;
+use crate::wire::Message;
+
+pub async fn serve(kernel: Arc<Kernel>, mut sink: RouterSendHalf, mut requests: mpsc::Receiver<Message>) {
+    while let Some(request) = requests.recv().await {
+        let parent = request.header.clone();
+        // Busy/idle around control requests too: jupyter_client's
+        // wait_for_ready and VS Code poll kernel_info here until iopub talks.
+        kernel.iopub.status(Some(&parent), ExecutionState::Busy).await;
+        let mut shutdown = false;
+        let reply = match parent.msg_type.as_str() {
+            "kernel_info_request" => Some(kernel.kernel_info(&request)),
+            "interrupt_request" => {
+                kernel.interrupt();
+                Some(kernel.reply(&request, &json!({"status": "ok"})))
+            }
+            "shutdown_request" => {
+                let outcome = kernel.shutdown(&request).await;
+                shutdown = outcome.shutdown;
+                outcome.reply
+            }
+            other => {
+                tracing::warn!("unsupported control message {other:?}, ignored");
+                None
+            }
+        };
+        kernel.iopub.flush().await;
+        if let Some(reply) = reply {
+            router::send("control", &mut sink, &kernel.session, reply).await;
+        }
+        kernel.iopub.status(Some(&parent), ExecutionState::Idle).await;
+        if shutdown {
+            kernel.finish_shutdown();
+            return;
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Heartbeat: a REP socket that echoes. It never touches Python, so it is
+//! answered while a cell holds the GIL.
+
+use zeromq::{RepSocket, Socket, SocketRecv, SocketSend};
+
+use super::ChannelError;
+
+pub async fn bind(endpoint: &str) -> Result<RepSocket, ChannelError> {
+    let mut socket = RepSocket::new();
+    socket
+        .bind(endpoint)
+        .await
+        .map_err(|source| ChannelError::Bind {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    Ok(socket)
+}
+
+pub async fn serve(mut socket: RepSocket) {
+    loop {
+        match socket.recv().await {
+            Ok(ping) => {
+                if let Err(e) = socket.send(ping).await {
+                    tracing::debug!("heartbeat send failed: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("heartbeat receive failed: {e}"),
+        }
+    }
+}

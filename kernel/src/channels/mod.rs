@@ -1,0 +1,40 @@
+//! One module per Jupyter socket. Each owns its zmq socket in a task; the
+//! rest of the kernel talks to it through channels.
+
+pub mod control;
+pub mod heartbeat;
+pub mod iopub;
+pub mod router;
+pub mod shell;
+pub mod stdin;
+
+use std::sync::Arc;
+
+use crate::wire::Signer;
+
+/// The kernel's own session: its signing key and the session id stamped on
+/// every message it sends.
+#[derive(Debug)]
+pub struct Session {
+    pub signer: Signer,
+    pub id: String,
+}
+
+impl Session {
+    pub fn new(signer: Signer) -> Arc<Self> {
+        Arc::new(Self {
+            signer,
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+}

@@ -1,0 +1,277 @@
+//! The kernel: binds the channels, starts Python, and answers requests.
+//!
+//! Shell requests are served one at a time in arrival order (as ipykernel
+//! does); control requests are served concurrently with them, so
+//! kernel_info, interrupt and shutdown work while a cell runs.
+
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use crate::channels::iopub::Iopub;
+use crate::channels::stdin::Stdin;
+use crate::channels::{control, heartbeat, iopub, router, shell, Session};
+use crate::connection::{Channel, ConnectionInfo};
+use crate::python::{Bridge, PythonError, PythonRuntime};
+use crate::wire::{self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown};
+use crate::wire::{status::ExecutionState, Message, Outgoing, Signer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Channel(#[from] crate::channels::ChannelError),
+    #[error(transparent)]
+    Python(#[from] PythonError),
+}
+
+/// What a handled request asks of the channel loop afterwards.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reply: Option<Outgoing>,
+    /// An execute failed with stop_on_error: abort queued executes.
+    pub abort_queue: bool,
+    pub shutdown: bool,
+}
+
+pub struct Kernel {
+    pub session: Arc<Session>,
+    pub iopub: Iopub,
+    python: PythonRuntime,
+    connection: ConnectionInfo,
+    shutdown: watch::Sender<bool>,
+}
+
+/// How the kernel was started: the connection file and the options meant
+/// for IPython.
+pub struct StartOptions {
+    pub connection_file: std::path::PathBuf,
+    pub argv: Vec<String>,
+}
+
+pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, KernelError> {
+    let signer = Signer::new(&info.signature_scheme, info.key.as_bytes())?;
+    let session = Session::new(signer);
+
+    let (iopub, publisher) = iopub::bind(&info.endpoint(Channel::Iopub), session.clone()).await?;
+    tokio::spawn(publisher.run());
+    let hb = heartbeat::bind(&info.endpoint(Channel::Heartbeat)).await?;
+    tokio::spawn(heartbeat::serve(hb));
+    let stdin = Stdin::bind(&info.endpoint(Channel::Stdin), session.clone()).await?;
+    let (shell_sink, shell_recv) = router::bind(&info.endpoint(Channel::Shell)).await?;
+    let (control_sink, control_recv) = router::bind(&info.endpoint(Channel::Control)).await?;
+
+    let bridge = Bridge::install(iopub.clone(), stdin);
+    let options = json!({
+        "argv": start.argv,
+        "connection_file": start.connection_file.display().to_string(),
+    });
+    let python = tokio::task::block_in_place(|| PythonRuntime::start(bridge, options))?;
+    tracing::info!(python = python.version(), "kernel started");
+
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let kernel = Arc::new(Kernel {
+        session: session.clone(),
+        iopub: iopub.clone(),
+        python,
+        connection: info,
+        shutdown: shutdown_tx,
+    });
+    iopub.status(None, ExecutionState::Starting).await;
+
+    let (shell_tx, shell_rx) = mpsc::channel(1024);
+    tokio::spawn(router::pump("shell", shell_recv, session.clone(), shell_tx));
+    tokio::spawn(shell::serve(kernel.clone(), shell_sink, shell_rx));
+    let (control_tx, control_rx) = mpsc::channel(64);
+    tokio::spawn(router::pump("control", control_recv, session.clone(), control_tx));
+    tokio::spawn(control::serve(kernel.clone(), control_sink, control_rx));
+
+    while !*shutdown_rx.borrow() {
+        if shutdown_rx.changed().await.is_err() {
+            break;
+        }
+    }
+    iopub.flush().await;
+    Ok(0)
+}
+
+impl Kernel {
+    pub fn reply<T: Serialize>(&self, request: &Message, content: &T) -> Outgoing {
+        let reply_type = reply_type(&request.header.msg_type);
+        Outgoing::typed(&reply_type, &self.session.id, Some(&request.header), content)
+            .to(&request.identities)
+    }
+
+    fn error_reply(&self, request: &Message, ename: &str, evalue: String) -> Outgoing {
+        tracing::warn!(msg_type = %request.header.msg_type, "{ename}: {evalue}");
+        self.reply(
+            request,
+            &json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": []}),
+        )
+    }
+
+    pub fn kernel_info(&self, request: &Message) -> Outgoing {
+        self.reply(request, &kernel_info::KernelInfoReply::new(self.python.version()))
+    }
+
+    pub fn interrupt(&self) {
+        self.python.interrupt();
+    }
+
+    /// Serves one request from shell (or a shell-type request on control).
+    pub async fn handle(&self, request: &Message) -> Outcome {
+        let msg_type = request.header.msg_type.as_str();
+        match msg_type {
+            "kernel_info_request" => Outcome {
+                reply: Some(self.kernel_info(request)),
+                ..Default::default()
+            },
+            "execute_request" => self.execute(request).await,
+            "complete_request" => self.forward::<complete::CompleteRequest, complete::CompleteReply>(request).await,
+            "inspect_request" => self.forward::<inspect::InspectRequest, inspect::InspectReply>(request).await,
+            "is_complete_request" => {
+                self.forward::<is_complete::IsCompleteRequest, is_complete::IsCompleteReply>(request).await
+            }
+            "history_request" => self.forward::<history::HistoryRequest, history::HistoryReply>(request).await,
+            "comm_info_request" => self.forward::<comm::CommInfoRequest, comm::CommInfoReply>(request).await,
+            "comm_open" => self.notify::<comm::CommOpen>(request).await,
+            "comm_msg" => self.notify::<comm::CommMsg>(request).await,
+            "comm_close" => self.notify::<comm::CommClose>(request).await,
+            "shutdown_request" => self.shutdown(request).await,
+            "connect_request" => Outcome {
+                reply: Some(self.reply(request, &self.connect_reply())),
+                ..Default::default()
+            },
+            other => {
+                tracing::warn!("unknown message type {other:?}, ignored");
+                Outcome::default()
+            }
+        }
+    }
+
+    async fn execute(&self, request: &Message) -> Outcome {
+        let parsed = match request.content_as::<execute::ExecuteRequest>() {
+            Ok(r) => r,
+            Err(e) => return self.reply_only(self.error_reply(request, "BadRequest", e.to_string())),
+        };
+        let reply = match self.python.call(request).await {
+            Ok(Some(json)) => serde_json::from_str::<execute::ExecuteReply>(&json)
+                .map_err(|e| PythonError::Exception(format!("malformed execute reply: {e}"))),
+            Ok(None) => Err(PythonError::Exception("execute returned no reply".into())),
+            Err(e) => Err(e),
+        };
+        match reply {
+            Ok(reply) => Outcome {
+                abort_queue: reply.is_error() && parsed.stop_on_error && !parsed.silent,
+                reply: Some(self.reply(request, &reply)),
+                shutdown: false,
+            },
+            Err(e) => self.reply_only(self.error_reply(request, "KernelError", e.to_string())),
+        }
+    }
+
+    /// A request answered by the shim: typed on the way in and out.
+    async fn forward<Req, Rep>(&self, request: &Message) -> Outcome
+    where
+        Req: DeserializeOwned,
+        Rep: DeserializeOwned + Serialize,
+    {
+        if let Err(e) = request.content_as::<Req>() {
+            return self.reply_only(self.error_reply(request, "BadRequest", e.to_string()));
+        }
+        let reply = match self.python.call(request).await {
+            Ok(Some(json)) => match serde_json::from_str::<Rep>(&json) {
+                Ok(rep) => self.reply(request, &rep),
+                Err(e) => self.error_reply(request, "KernelError", format!("malformed reply: {e}")),
+            },
+            Ok(None) => self.error_reply(request, "KernelError", "no reply".into()),
+            Err(e) => self.error_reply(request, "KernelError", e.to_string()),
+        };
+        self.reply_only(reply)
+    }
+
+    /// A message without a reply (comms).
+    async fn notify<Req: DeserializeOwned>(&self, request: &Message) -> Outcome {
+        if let Err(e) = request.content_as::<Req>() {
+            tracing::warn!("malformed {}: {e}", request.header.msg_type);
+            return Outcome::default();
+        }
+        if let Err(e) = self.python.call(request).await {
+            tracing::warn!("{} failed: {e}", request.header.msg_type);
+        }
+        Outcome::default()
+    }
+
+    /// Replies at once, then lets the shim close history and run atexit
+    /// hooks, unless a cell is still running on the Python thread: a
+    /// shutdown must not wait for a cell (jupyter_client kills after 5 s).
+    pub async fn shutdown(&self, request: &Message) -> Outcome {
+        let restart = request
+            .content_as::<shutdown::ShutdownRequest>()
+            .map(|r| r.restart)
+            .unwrap_or(false);
+        let content = shutdown::ShutdownReply {
+            status: "ok".into(),
+            restart,
+        };
+        // ipykernel also announces the shutdown on iopub.
+        self.iopub
+            .publish(Outgoing::typed("shutdown_reply", &self.session.id, Some(&request.header), &content))
+            .await;
+        let cleanup = self.python.call(request);
+        if tokio::time::timeout(std::time::Duration::from_secs(2), cleanup).await.is_err() {
+            tracing::warn!("shell cleanup did not finish in time; exiting anyway");
+        }
+        Outcome {
+            reply: Some(self.reply(request, &content)),
+            abort_queue: false,
+            shutdown: true,
+        }
+    }
+
+    pub fn finish_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Deprecated but still part of the spec (and ipykernel's tests).
+    fn connect_reply(&self) -> Value {
+        let c = &self.connection;
+        json!({
+            "status": "ok",
+            "shell_port": c.shell_port,
+            "iopub_port": c.iopub_port,
+            "stdin_port": c.stdin_port,
+            "hb_port": c.hb_port,
+            "control_port": c.control_port,
+        })
+    }
+
+    fn reply_only(&self, reply: Outgoing) -> Outcome {
+        Outcome {
+            reply: Some(reply),
+            ..Default::default()
+        }
+    }
+}
+
+/// `foo_request` -> `foo_reply`.
+pub fn reply_type(request_type: &str) -> String {
+    match request_type.strip_suffix("_request") {
+        Some(stem) => format!("{stem}_reply"),
+        None => format!("{request_type}_reply"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reply_type;
+
+    #[test]
+    fn reply_names() {
+        assert_eq!(reply_type("execute_request"), "execute_reply");
+        assert_eq!(reply_type("kernel_info_request"), "kernel_info_reply");
+    }
+}

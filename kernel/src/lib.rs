@@ -1,0 +1,15 @@
+//! notebookos: a Jupyter kernel in Rust that runs Python cells in an
+//! embedded CPython (pyo3) through IPython's shell.
+//!
+//! The tokio side owns every socket (a module per channel in [`channels`]),
+//! so heartbeats, interrupts and kernel_info are answered while a cell holds
+//! the GIL; the Python side ([`python`]) runs on one dedicated thread that
+//! is also Python's main thread, so signals and `signal.signal` behave as
+//! they do in a normal interpreter.
+
+pub mod channels;
+pub mod connection;
+pub mod kernel;
+pub mod python;
+pub mod signals;
+pub mod wire;

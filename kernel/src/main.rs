@@ -1,0 +1,84 @@
+//! `notebookos-kernel -f {connection_file}`: the kernel Jupyter launches.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use notebookos_kernel::{connection::ConnectionInfo, kernel, signals};
+
+fn main() -> anyhow::Result<()> {
+    // Before any thread exists, so every later thread inherits the mask.
+    signals::block_sigint_in_this_thread().context("blocking SIGINT")?;
+    signals::ignore_sigint();
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NOTEBOOKOS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let args = Args::parse(std::env::args().skip(1))?;
+    let info = ConnectionInfo::from_file(&args.connection_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("notebookos-io")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let start = kernel::StartOptions {
+        connection_file: args.connection_file,
+        argv: args.passthrough,
+    };
+    let code = runtime.block_on(kernel::run(info, start))?;
+    // Python is never finalised from another thread: exit directly, after
+    // the shell ran its own shutdown (history, atexit) on its thread.
+    std::process::exit(code)
+}
+
+struct Args {
+    connection_file: PathBuf,
+    /// Unknown options (`--HistoryManager.hist_file=:memory:` and the like)
+    /// are accepted and handed to IPython as traitlets configuration, as
+    /// ipykernel does.
+    passthrough: Vec<String>,
+}
+
+impl Args {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
+        let mut connection_file = None;
+        let mut passthrough = Vec::new();
+        let mut args = args.peekable();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-f" | "--f" | "--connection-file" => {
+                    connection_file = args.next().map(PathBuf::from);
+                }
+                "-h" | "--help" => {
+                    println!("usage: notebookos-kernel -f CONNECTION_FILE [--Class.trait=value ...]");
+                    std::process::exit(0);
+                }
+                "--version" => {
+                    println!("notebookos-kernel {}", env!("CARGO_PKG_VERSION"));
+                    std::process::exit(0);
+                }
+                other => {
+                    if let Some(v) = other.strip_prefix("--f=").or(other.strip_prefix("-f=")) {
+                        connection_file = Some(PathBuf::from(v));
+                    } else {
+                        passthrough.push(other.to_owned());
+                    }
+                }
+            }
+        }
+        let Some(connection_file) = connection_file else {
+            bail!("missing -f CONNECTION_FILE (usage: notebookos-kernel -f CONNECTION_FILE)");
+        };
+        Ok(Self {
+            connection_file,
+            passthrough,
+        })
+    }
+}

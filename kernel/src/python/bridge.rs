@@ -1,0 +1,203 @@
+//! `_notebookos`: the built-in module through which the Python shim hands
+//! iopub and stdin traffic to Rust.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyEOFError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use serde_json::Value;
+
+use crate::channels::iopub::Iopub;
+use crate::channels::stdin::Stdin;
+use crate::wire::{self, Header, Outgoing};
+
+/// What the Python side reaches; set once before the interpreter starts.
+pub struct Bridge {
+    pub iopub: Iopub,
+    pub stdin: Arc<Stdin>,
+    current: Mutex<Current>,
+}
+
+/// The request being served: outputs are parented to it and input
+/// requests go to its sender. It stays set after the request ends, so
+/// output from background threads is attributed as ipykernel does.
+#[derive(Default, Clone)]
+struct Current {
+    parent: Option<Header>,
+    identities: Vec<Bytes>,
+}
+
+static BRIDGE: OnceLock<Arc<Bridge>> = OnceLock::new();
+
+impl Bridge {
+    pub fn install(iopub: Iopub, stdin: Arc<Stdin>) -> Arc<Self> {
+        let bridge = Arc::new(Self {
+            iopub,
+            stdin,
+            current: Mutex::new(Current::default()),
+        });
+        // A second install (tests) keeps the first: one interpreter per process.
+        BRIDGE.get_or_init(|| bridge.clone()).clone()
+    }
+
+    pub fn set_current(&self, parent: &Header, identities: &[Bytes]) {
+        if let Ok(mut c) = self.current.lock() {
+            c.parent = Some(parent.clone());
+            c.identities = identities.to_vec();
+        }
+    }
+
+    fn current(&self) -> Current {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+fn bridge() -> PyResult<&'static Arc<Bridge>> {
+    BRIDGE
+        .get()
+        .ok_or_else(|| PyRuntimeError::new_err("notebookos kernel bridge is not running"))
+}
+
+/// Checks that the shim publishes only message types the protocol knows,
+/// with contents of the right shape.
+fn validate(msg_type: &str, content: Value) -> Result<Value, String> {
+    use wire::{comm, display, error, execute, stream};
+    fn check<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+        T::deserialize(v).map(|_| ()).map_err(|e| e.to_string())
+    }
+    match msg_type {
+        "stream" => check::<stream::Stream>(&content),
+        "display_data" | "update_display_data" => check::<display::DisplayData>(&content),
+        "clear_output" => check::<display::ClearOutput>(&content),
+        "execute_input" => check::<execute::ExecuteInput>(&content),
+        "execute_result" => check::<execute::ExecuteResult>(&content),
+        "error" => check::<error::ErrorContent>(&content),
+        "comm_open" => check::<comm::CommOpen>(&content),
+        "comm_msg" => check::<comm::CommMsg>(&content),
+        "comm_close" => check::<comm::CommClose>(&content),
+        other => Err(format!("not an iopub message type: {other:?}")),
+    }?;
+    Ok(content)
+}
+
+fn parse_json(text: &str, what: &str) -> PyResult<Value> {
+    serde_json::from_str(text).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
+}
+
+fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(b) = obj.downcast::<PyBytes>() {
+        return Ok(Bytes::copy_from_slice(b.as_bytes()));
+    }
+    // memoryview, bytearray, numpy buffers: anything bytes() accepts.
+    let b = obj.py().get_type::<PyBytes>().call1((obj,))?;
+    let b = b.downcast::<PyBytes>()?;
+    Ok(Bytes::copy_from_slice(b.as_bytes()))
+}
+
+#[pyfunction]
+#[pyo3(signature = (msg_type, content, metadata=None, buffers=None, parent=None))]
+fn publish(
+    py: Python<'_>,
+    msg_type: &str,
+    content: &str,
+    metadata: Option<&str>,
+    buffers: Option<Vec<Bound<'_, PyAny>>>,
+    parent: Option<&str>,
+) -> PyResult<()> {
+    let bridge = bridge()?;
+    let content = validate(msg_type, parse_json(content, "content")?).map_err(PyValueError::new_err)?;
+    let metadata = match metadata {
+        Some(m) => parse_json(m, "metadata")?,
+        None => Value::Object(Default::default()),
+    };
+    let buffers = buffers
+        .unwrap_or_default()
+        .iter()
+        .map(to_bytes)
+        .collect::<PyResult<Vec<_>>>()?;
+    let parent: Option<Header> = match parent {
+        Some(p) => match parse_json(p, "parent")? {
+            Value::Object(m) if m.is_empty() => None,
+            v => Some(serde_json::from_value(v).map_err(|e| PyValueError::new_err(format!("parent: {e}")))?),
+        },
+        None => bridge.current().parent,
+    };
+    let msg = Outgoing::new(msg_type, &bridge.iopub.session().id, parent.as_ref(), content)
+        .with_metadata(metadata)
+        .with_buffers(buffers);
+    py.allow_threads(|| bridge.iopub.blocking_publish(msg));
+    Ok(())
+}
+
+#[pyfunction]
+fn stream(py: Python<'_>, name: String, text: String) -> PyResult<()> {
+    let bridge = bridge()?;
+    let parent = bridge.current().parent;
+    py.allow_threads(|| bridge.iopub.blocking_stream(parent, name, text));
+    Ok(())
+}
+
+#[pyfunction]
+fn flush(py: Python<'_>) -> PyResult<()> {
+    let bridge = bridge()?;
+    py.allow_threads(|| bridge.iopub.blocking_flush());
+    Ok(())
+}
+
+/// Blocks (without the GIL) until the front-end answers. Signals are
+/// checked while waiting so an interrupt ends the wait with
+/// KeyboardInterrupt, as in ipykernel.
+#[pyfunction]
+fn input_request(py: Python<'_>, prompt: String, password: bool) -> PyResult<String> {
+    let bridge = bridge()?;
+    let current = bridge.current();
+    let mut rx = py.allow_threads(|| {
+        bridge
+            .stdin
+            .request(&current.identities, current.parent.as_ref(), prompt, password)
+    });
+    loop {
+        // The receiver is moved in and out: it is Send but not Sync.
+        let (result, back) = py.allow_threads(move || (rx.recv_timeout(Duration::from_millis(50)), rx));
+        rx = back;
+        match result {
+            Ok(value) => return Ok(value),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = py.check_signals() {
+                    bridge.stdin.cancel();
+                    return Err(e);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(PyEOFError::new_err("input request cancelled"));
+            }
+        }
+    }
+}
+
+#[pymodule]
+pub fn _notebookos(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(publish, m)?)?;
+    m.add_function(wrap_pyfunction!(stream, m)?)?;
+    m.add_function(wrap_pyfunction!(flush, m)?)?;
+    m.add_function(wrap_pyfunction!(input_request, m)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validates_known_iopub_contents() {
+        assert!(validate("stream", json!({"name": "stdout", "text": "x"})).is_ok());
+        assert!(validate("stream", json!({"name": "stdout"})).is_err());
+        assert!(validate("display_data", json!({"data": {"text/plain": "1"}})).is_ok());
+        assert!(validate("execute_reply", json!({})).is_err());
+        assert!(validate("comm_msg", json!({"comm_id": "c", "data": {}})).is_ok());
+    }
+}

@@ -1,0 +1,167 @@
+//! The embedded interpreter: one dedicated thread that is Python's main
+//! thread, running requests from the tokio side one at a time.
+
+mod bridge;
+mod init;
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tokio::sync::oneshot;
+
+pub use bridge::Bridge;
+
+use crate::signals::{self, ThreadInterrupter};
+use crate::wire::Message;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PythonError {
+    #[error("cannot start the Python interpreter: {0}")]
+    Init(String),
+    #[error("notebookos could not start IPython in this environment: {0}")]
+    ShellStart(String),
+    #[error("{0}")]
+    Exception(String),
+    #[error("the Python thread has stopped")]
+    Gone,
+}
+
+struct Job {
+    header: crate::wire::Header,
+    identities: Vec<Bytes>,
+    msg_type: String,
+    message: String,
+    buffers: Vec<Bytes>,
+    reply: oneshot::Sender<Result<Option<String>, PythonError>>,
+}
+
+/// Handle to the Python thread.
+pub struct PythonRuntime {
+    jobs: std_mpsc::Sender<Job>,
+    interrupter: ThreadInterrupter,
+    version: String,
+}
+
+impl PythonRuntime {
+    /// Starts the interpreter and returns once it is initialised (IPython
+    /// is still being imported in the background: requests queue behind it).
+    pub fn start(bridge: Arc<Bridge>, options: serde_json::Value) -> Result<Self, PythonError> {
+        pyo3::append_to_inittab!(_notebookos_module);
+        let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        std::thread::Builder::new()
+            .name("python".into())
+            // CPython's recursion limit assumes a main-thread-sized stack.
+            .stack_size(64 << 20)
+            .spawn(move || python_main(bridge, options, ready_tx, jobs_rx))
+            .map_err(|e| PythonError::Init(e.to_string()))?;
+        let (interrupter, version) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
+        Ok(Self {
+            jobs: jobs_tx,
+            interrupter,
+            version,
+        })
+    }
+
+    /// `major.minor.micro` of the embedded interpreter.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Runs `dispatch(msg_type, message)` in the shim for a request; returns
+    /// the reply content as JSON, or None for requests without a reply.
+    pub async fn call(&self, msg: &Message) -> Result<Option<String>, PythonError> {
+        let message = serde_json::json!({
+            "header": msg.header,
+            "parent_header": match &msg.parent_header {
+                Some(p) => serde_json::json!(p),
+                None => serde_json::json!({}),
+            },
+            "metadata": msg.metadata,
+            "content": msg.content,
+        })
+        .to_string();
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                header: msg.header.clone(),
+                identities: msg.identities.clone(),
+                msg_type: msg.header.msg_type.clone(),
+                message,
+                buffers: msg.buffers.clone(),
+                reply: tx,
+            })
+            .map_err(|_| PythonError::Gone)?;
+        rx.await.map_err(|_| PythonError::Gone)?
+    }
+
+    /// Raises KeyboardInterrupt in the running cell (a no-op between cells:
+    /// the shim's handler ignores it then).
+    pub fn interrupt(&self) {
+        if let Err(e) = self.interrupter.interrupt() {
+            tracing::error!("cannot signal the Python thread: {e}");
+        }
+    }
+}
+
+// The inittab entry must have a `'static` name visible to the macro.
+use bridge::_notebookos as _notebookos_module;
+
+fn python_main(
+    bridge: Arc<Bridge>,
+    options: serde_json::Value,
+    ready: std_mpsc::Sender<Result<(ThreadInterrupter, String), PythonError>>,
+    jobs: std_mpsc::Receiver<Job>,
+) {
+    if let Err(e) = signals::unblock_sigint_in_this_thread() {
+        tracing::warn!("cannot unblock SIGINT on the Python thread: {e}");
+    }
+    let executable = std::env::var("NOTEBOOKOS_PYTHON").ok().filter(|s| !s.is_empty());
+    // SAFETY: the only interpreter initialisation in this process.
+    if let Err(e) = unsafe { init::initialize(executable.as_deref()) } {
+        let _ = ready.send(Err(e));
+        return;
+    }
+    let version = Python::with_gil(|py| {
+        let v = py.version_info();
+        format!("{}.{}.{}", v.major, v.minor, v.patch)
+    });
+    let _ = ready.send(Ok((ThreadInterrupter::current(), version)));
+
+    let kernel: Result<Py<PyAny>, PythonError> = Python::with_gil(|py| {
+        py.import("notebookos_shim")
+            .and_then(|m| m.call_method1("start", (options.to_string(),)))
+            .map(Bound::unbind)
+            .map_err(|e| PythonError::ShellStart(describe(py, &e)))
+    });
+    if let Err(e) = &kernel {
+        tracing::error!("{e}");
+    }
+
+    for job in jobs {
+        let result = match &kernel {
+            Err(e) => Err(e.clone()),
+            Ok(kernel) => Python::with_gil(|py| {
+                bridge.set_current(&job.header, &job.identities);
+                let buffers: Vec<Bound<'_, PyBytes>> =
+                    job.buffers.iter().map(|b| PyBytes::new(py, b)).collect();
+                kernel
+                    .call_method1(py, "dispatch", (job.msg_type.as_str(), job.message.as_str(), buffers))
+                    .and_then(|r| r.extract::<Option<String>>(py))
+                    .map_err(|e| PythonError::Exception(describe(py, &e)))
+            }),
+        };
+        let _ = job.reply.send(result);
+    }
+}
+
+fn describe(py: Python<'_>, err: &PyErr) -> String {
+    let tb = err
+        .traceback(py)
+        .and_then(|tb| tb.format().ok())
+        .unwrap_or_default();
+    format!("{tb}{err}")
+}

@@ -1,0 +1,322 @@
+"""Request handlers, called by the Rust kernel as ``dispatch(msg_type, msg, buffers)``.
+
+Each returns the reply content as JSON (or None for messages without a
+reply); Rust checks it against the typed reply and sends it.
+"""
+
+import ast
+import builtins
+import getpass
+import json
+import os
+import signal
+import sys
+
+import _notebookos
+
+from .jsonutil import dumps
+
+
+class _IopubSocket:
+    """Stands in for ipykernel's iopub socket in ``session.send(kernel.iopub_socket, ...)``."""
+
+    def __repr__(self):
+        return "<notebookos iopub>"
+
+
+class Session:
+    """The part of jupyter_client's Session that libraries call on a kernel."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+        self.username = "kernel"
+        self.session = ""
+
+    def send(self, stream, msg_or_type, content=None, parent=None, ident=None,
+             buffers=None, track=False, header=None, metadata=None):
+        if isinstance(msg_or_type, dict):
+            msg_type = msg_or_type["header"]["msg_type"]
+            content = msg_or_type.get("content", content)
+            metadata = msg_or_type.get("metadata", metadata)
+        else:
+            msg_type = msg_or_type
+        if stream is not self._kernel.iopub_socket:
+            raise ValueError("notebookos: libraries may only send on the iopub socket")
+        parent_header = None
+        if parent is not None:
+            parent_header = dumps(parent.get("header", parent))
+        _notebookos.publish(msg_type, dumps(content or {}), dumps(metadata or {}),
+                            buffers or None, parent_header)
+
+
+class Kernel:
+    implementation = "notebookos"
+
+    def __init__(self, shell, comm_manager, connection_file):
+        self.shell = shell
+        self.comm_manager = comm_manager
+        self.connection_file = connection_file
+        self.iopub_socket = _IopubSocket()
+        self.session = Session(self)
+        self._parent = {}
+        self._executing = False
+        self._allow_stdin = False
+        self._handlers = {
+            "execute_request": self.execute_request,
+            "complete_request": self.complete_request,
+            "inspect_request": self.inspect_request,
+            "is_complete_request": self.is_complete_request,
+            "history_request": self.history_request,
+            "comm_info_request": self.comm_info_request,
+            "comm_open": self.comm_open,
+            "comm_msg": self.comm_msg,
+            "comm_close": self.comm_close,
+            "shutdown_request": self.shutdown_request,
+        }
+
+    # What libraries expect of ipykernel's kernel object.
+    def get_parent(self, channel="shell"):
+        return self._parent
+
+    @property
+    def parent_header(self):
+        return self._parent.get("header", {})
+
+    def dispatch(self, msg_type, msg, buffers):
+        parent = json.loads(msg)
+        parent["buffers"] = buffers
+        self._parent = parent
+        handler = self._handlers[msg_type]
+        reply = handler(parent["content"], parent)
+        return None if reply is None else dumps(reply)
+
+    # -- execute ----------------------------------------------------------
+
+    def execute_request(self, content, parent):
+        shell = self.shell
+        code = content["code"]
+        silent = content.get("silent", False)
+        store_history = content.get("store_history", not silent)
+        user_expressions = content.get("user_expressions") or {}
+        self._allow_stdin = content.get("allow_stdin", True)
+        if not silent:
+            _notebookos.publish(
+                "execute_input", dumps({"code": code, "execution_count": shell.execution_count})
+            )
+        shell._last_traceback = None
+        err = None
+        self._executing = True
+        try:
+            result = shell.run_cell(code, store_history=store_history, silent=silent)
+            self._executing = False
+            err = result.error_before_exec or result.error_in_exec
+            success = result.success
+        except KeyboardInterrupt as e:
+            # An interrupt that landed outside the user's code.
+            self._executing = False
+            shell.showtraceback()
+            err, success = e, False
+        finally:
+            self._executing = False
+        reply = {"execution_count": shell.execution_count - 1}
+        if success:
+            reply["status"] = "ok"
+            reply["user_expressions"] = shell.user_expressions(user_expressions)
+        else:
+            reply["status"] = "error"
+            reply["ename"] = type(err).__name__
+            reply["evalue"] = str(err)
+            reply["traceback"] = shell._last_traceback or []
+            reply["user_expressions"] = {}
+        reply["payload"] = shell.payload_manager.read_payload()
+        shell.payload_manager.clear_payload()
+        return reply
+
+    def on_sigint(self, signum, frame):
+        # Between cells an interrupt means nothing; during one it is the
+        # user's KeyboardInterrupt.
+        if self._executing:
+            raise KeyboardInterrupt
+
+    def raw_input(self, prompt=""):
+        return self._input(prompt, password=False)
+
+    def getpass(self, prompt="Password: ", stream=None):
+        return self._input(prompt, password=True)
+
+    def _input(self, prompt, password):
+        if not self._allow_stdin:
+            from IPython.core.error import StdinNotImplementedError
+
+            raise StdinNotImplementedError(
+                "raw_input was called, but this frontend does not support input requests."
+            )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        value = _notebookos.input_request(str(prompt), bool(password))
+        if value == "\x04":
+            raise EOFError
+        return value
+
+    # -- introspection ----------------------------------------------------
+
+    def complete_request(self, content, parent):
+        from IPython.core.completer import provisionalcompleter, rectify_completions
+
+        code = content["code"]
+        cursor_pos = content.get("cursor_pos")
+        if cursor_pos is None:
+            cursor_pos = len(code)
+        with provisionalcompleter():
+            raw = self.shell.Completer.completions(code, cursor_pos)
+            completions = list(rectify_completions(code, raw))
+        typed = [
+            {"start": c.start, "end": c.end, "text": c.text, "type": c.type,
+             "signature": c.signature}
+            for c in completions
+        ]
+        if completions:
+            start, end = completions[0].start, completions[0].end
+        else:
+            start = end = cursor_pos
+        return {
+            "status": "ok",
+            "matches": [c.text for c in completions],
+            "cursor_start": start,
+            "cursor_end": end,
+            "metadata": {"_jupyter_types_experimental": typed},
+        }
+
+    def inspect_request(self, content, parent):
+        from IPython.utils.tokenutil import token_at_cursor
+
+        code = content["code"]
+        cursor_pos = content.get("cursor_pos")
+        if cursor_pos is None:
+            cursor_pos = len(code)
+        name = token_at_cursor(code, cursor_pos)
+        reply = {"status": "ok", "data": {}, "metadata": {}, "found": False}
+        try:
+            bundle = self.shell.object_inspect_mime(name, detail_level=content.get("detail_level", 0))
+            reply["data"].update(bundle)
+            if not self.shell.enable_html_pager:
+                reply["data"].pop("text/html", None)
+            reply["found"] = True
+        except KeyError:
+            pass
+        return reply
+
+    def is_complete_request(self, content, parent):
+        status, indent = self.shell.input_transformer_manager.check_complete(content["code"])
+        reply = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    def history_request(self, content, parent):
+        hm = self.shell.history_manager
+        kind = content.get("hist_access_type")
+        raw = content.get("raw", True)
+        output = content.get("output", False)
+        if kind == "tail":
+            hist = hm.get_tail(content.get("n") or 10, raw=raw, output=output, include_latest=True)
+        elif kind == "range":
+            hist = hm.get_range(content.get("session") or 0, content.get("start") or 1,
+                                content.get("stop"), raw=raw, output=output)
+        elif kind == "search":
+            hist = hm.search(content.get("pattern") or "*", raw=raw, output=output,
+                             n=content.get("n"), unique=content.get("unique", False))
+        else:
+            hist = []
+        return {"status": "ok", "history": [list(h) for h in hist]}
+
+    # -- comms ------------------------------------------------------------
+
+    def comm_info_request(self, content, parent):
+        target = content.get("target_name")
+        comms = {
+            cid: {"target_name": c.target_name}
+            for cid, c in self.comm_manager.comms.items()
+            if target is None or c.target_name == target
+        }
+        return {"status": "ok", "comms": comms}
+
+    def comm_open(self, content, parent):
+        self.comm_manager.comm_open(None, None, parent)
+
+    def comm_msg(self, content, parent):
+        self.comm_manager.comm_msg(None, None, parent)
+
+    def comm_close(self, content, parent):
+        self.comm_manager.comm_close(None, None, parent)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def shutdown_request(self, content, parent):
+        shell = self.shell
+        try:
+            shell.history_manager.end_session()
+        except Exception:
+            pass
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+        except Exception:
+            pass
+        return {"status": "ok", "restart": bool(content.get("restart", False))}
+
+
+def _config_from_argv(argv):
+    """``--Class.trait=value`` options as a traitlets Config, as ipykernel accepts them."""
+    from traitlets.config import Config
+
+    config = Config()
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            continue
+        key, _, value = arg[2:].partition("=")
+        if "." not in key:
+            continue
+        section, _, trait = key.rpartition(".")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        target = config
+        for part in section.split("."):
+            target = target[part]
+        target[trait] = value
+    return config
+
+
+def start(options):
+    """Builds the shell and the kernel object; called once by Rust."""
+    options = json.loads(options)
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    from .iostream import OutStream
+
+    sys.stdout = OutStream("stdout", 1)
+    sys.stderr = OutStream("stderr", 2)
+
+    from . import comm as rust_comm
+    from .shell import NotebookosShell
+
+    comm_manager = rust_comm.install()
+    config = _config_from_argv(options.get("argv", []))
+    shell = NotebookosShell.instance(config=config)
+    kernel = Kernel(shell, comm_manager, options.get("connection_file"))
+    shell.kernel = kernel
+    try:
+        from matplotlib_inline.config import InlineBackend
+
+        inline = InlineBackend.instance(parent=shell)
+        if inline not in shell.configurables:
+            shell.configurables.append(inline)
+    except ImportError:
+        pass
+
+    builtins.input = kernel.raw_input
+    getpass.getpass = kernel.getpass
+    signal.signal(signal.SIGINT, kernel.on_sigint)
+    return kernel

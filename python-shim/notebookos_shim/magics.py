@@ -1,0 +1,17 @@
+"""Magics a kernel adds on top of IPython's own."""
+
+from IPython.core.magic import Magics, line_magic, magics_class
+
+
+@magics_class
+class KernelMagics(Magics):
+    @line_magic
+    def clear(self, arg_s):
+        """Clear the output of the current cell."""
+        self.shell.display_pub.clear_output()
+
+    @line_magic
+    def connect_info(self, arg_s):
+        """Print the kernel's connection file, as ipykernel does."""
+        path = self.shell.kernel.connection_file
+        print(f"Connection file: {path}" if path else "No connection file known.")
