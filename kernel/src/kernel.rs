@@ -70,7 +70,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         "connection_file": start.connection_file.display().to_string(),
     });
     let python = tokio::task::block_in_place(|| PythonRuntime::start(bridge, options))?;
-    tracing::info!(python = python.version(), "kernel started");
+    tracing::info!(python = %python.versions().python, "kernel started");
 
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let kernel = Arc::new(Kernel {
@@ -114,7 +114,8 @@ impl Kernel {
     }
 
     pub fn kernel_info(&self, request: &Message) -> Outgoing {
-        self.reply(request, &kernel_info::KernelInfoReply::new(self.python.version()))
+        let v = self.python.versions();
+        self.reply(request, &kernel_info::KernelInfoReply::new(&v.python, &v.ipython))
     }
 
     pub fn interrupt(&self) {

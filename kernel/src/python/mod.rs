@@ -42,7 +42,14 @@ struct Job {
 pub struct PythonRuntime {
     jobs: std_mpsc::Sender<Job>,
     interrupter: ThreadInterrupter,
-    version: String,
+    versions: Versions,
+}
+
+/// Versions reported in kernel_info.
+#[derive(Debug, Clone)]
+pub struct Versions {
+    pub python: String,
+    pub ipython: String,
 }
 
 impl PythonRuntime {
@@ -58,17 +65,16 @@ impl PythonRuntime {
             .stack_size(64 << 20)
             .spawn(move || python_main(bridge, options, ready_tx, jobs_rx))
             .map_err(|e| PythonError::Init(e.to_string()))?;
-        let (interrupter, version) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
+        let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
         Ok(Self {
             jobs: jobs_tx,
             interrupter,
-            version,
+            versions,
         })
     }
 
-    /// `major.minor.micro` of the embedded interpreter.
-    pub fn version(&self) -> &str {
-        &self.version
+    pub fn versions(&self) -> &Versions {
+        &self.versions
     }
 
     /// Runs `dispatch(msg_type, message)` in the shim for a request; returns
@@ -113,7 +119,7 @@ use bridge::_notebookos as _notebookos_module;
 fn python_main(
     bridge: Arc<Bridge>,
     options: serde_json::Value,
-    ready: std_mpsc::Sender<Result<(ThreadInterrupter, String), PythonError>>,
+    ready: std_mpsc::Sender<Result<(ThreadInterrupter, Versions), PythonError>>,
     jobs: std_mpsc::Receiver<Job>,
 ) {
     if let Err(e) = signals::unblock_sigint_in_this_thread() {
@@ -125,11 +131,20 @@ fn python_main(
         let _ = ready.send(Err(e));
         return;
     }
-    let version = Python::with_gil(|py| {
+    let versions = Python::with_gil(|py| {
         let v = py.version_info();
-        format!("{}.{}.{}", v.major, v.minor, v.patch)
+        Versions {
+            python: format!("{}.{}.{}", v.major, v.minor, v.patch),
+            // Read from package metadata: importing IPython would make
+            // kernel_info wait for the slowest part of start-up.
+            ipython: py
+                .import("importlib.metadata")
+                .and_then(|m| m.call_method1("version", ("ipython",)))
+                .and_then(|v| v.extract::<String>())
+                .unwrap_or_else(|_| "unknown".into()),
+        }
     });
-    let _ = ready.send(Ok((ThreadInterrupter::current(), version)));
+    let _ = ready.send(Ok((ThreadInterrupter::current(), versions)));
 
     let kernel: Result<Py<PyAny>, PythonError> = Python::with_gil(|py| {
         py.import("notebookos_shim")

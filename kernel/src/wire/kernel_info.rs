@@ -38,15 +38,16 @@ pub struct KernelInfoReply {
 }
 
 impl KernelInfoReply {
-    /// `python_version` is `major.minor.micro` of the embedded interpreter,
-    /// known before IPython is imported so kernel_info never waits for it.
-    pub fn new(python_version: &str) -> Self {
+    /// The implementation is reported as IPython's, as ipykernel does: the
+    /// shell that runs the code is IPython's, and clients that special-case
+    /// Python kernels look for it. notebookos names itself in the banner.
+    pub fn new(python_version: &str, ipython_version: &str) -> Self {
         let major = python_version.split('.').next().unwrap_or("3");
         Self {
             status: "ok".into(),
             protocol_version: super::PROTOCOL_VERSION.into(),
-            implementation: "notebookos".into(),
-            implementation_version: env!("CARGO_PKG_VERSION").into(),
+            implementation: "ipython".into(),
+            implementation_version: ipython_version.into(),
             language_info: LanguageInfo {
                 name: "python".into(),
                 version: python_version.into(),
@@ -60,7 +61,7 @@ impl KernelInfoReply {
                 nbconvert_exporter: "python".into(),
             },
             banner: format!(
-                "Python {python_version} on notebookos {} (IPython shell, Rust kernel)",
+                "Python {python_version} | notebookos {} (Rust kernel) | IPython {ipython_version}",
                 env!("CARGO_PKG_VERSION")
             ),
             help_links: vec![
