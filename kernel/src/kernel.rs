@@ -4,7 +4,8 @@
 //! does); control requests are served concurrently with them, so
 //! kernel_info, interrupt and shutdown work while a cell runs.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
@@ -14,8 +15,8 @@ use crate::channels::iopub::Iopub;
 use crate::channels::stdin::Stdin;
 use crate::channels::{control, heartbeat, iopub, router, shell, Session};
 use crate::connection::{Channel, ConnectionInfo};
-use crate::python::{Bridge, PythonError, PythonRuntime};
-use crate::wire::{self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown};
+use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
+use crate::wire::{self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell};
 use crate::wire::{status::ExecutionState, Message, Outgoing, Signer};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +41,11 @@ pub struct Outcome {
 pub struct Kernel {
     pub session: Arc<Session>,
     pub iopub: Iopub,
+    pub shell_sink: shell::Sink,
     python: PythonRuntime,
     connection: ConnectionInfo,
     shutdown: watch::Sender<bool>,
+    subshells: Mutex<HashMap<String, mpsc::Sender<Message>>>,
 }
 
 /// How the kernel was started: the connection file and the options meant
@@ -76,15 +79,19 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let kernel = Arc::new(Kernel {
         session: session.clone(),
         iopub: iopub.clone(),
+        shell_sink: Arc::new(tokio::sync::Mutex::new(shell_sink)),
         python,
         connection: info,
         shutdown: shutdown_tx,
+        subshells: Mutex::new(HashMap::new()),
     });
     iopub.status(None, ExecutionState::Starting).await;
 
     let (shell_tx, shell_rx) = mpsc::channel(1024);
     tokio::spawn(router::pump("shell", shell_recv, session.clone(), shell_tx));
-    tokio::spawn(shell::serve(kernel.clone(), shell_sink, shell_rx));
+    let (main_tx, main_rx) = mpsc::channel(1024);
+    tokio::spawn(shell::route(kernel.clone(), shell_rx, main_tx));
+    tokio::spawn(shell::serve(kernel.clone(), kernel.python.main().clone(), main_rx));
     let (control_tx, control_rx) = mpsc::channel(64);
     tokio::spawn(router::pump("control", control_recv, session.clone(), control_tx));
     tokio::spawn(control::serve(kernel.clone(), control_sink, control_rx));
@@ -122,25 +129,34 @@ impl Kernel {
         self.python.interrupt();
     }
 
-    /// Serves one request from shell (or a shell-type request on control).
-    pub async fn handle(&self, request: &Message) -> Outcome {
+    /// Serves one shell request on the given Python thread.
+    pub async fn handle(&self, exec: &Executor, request: &Message) -> Outcome {
         let msg_type = request.header.msg_type.as_str();
         match msg_type {
             "kernel_info_request" => Outcome {
                 reply: Some(self.kernel_info(request)),
                 ..Default::default()
             },
-            "execute_request" => self.execute(request).await,
-            "complete_request" => self.forward::<complete::CompleteRequest, complete::CompleteReply>(request).await,
-            "inspect_request" => self.forward::<inspect::InspectRequest, inspect::InspectReply>(request).await,
-            "is_complete_request" => {
-                self.forward::<is_complete::IsCompleteRequest, is_complete::IsCompleteReply>(request).await
+            "execute_request" => self.execute(exec, request).await,
+            "complete_request" => {
+                self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request).await
             }
-            "history_request" => self.forward::<history::HistoryRequest, history::HistoryReply>(request).await,
-            "comm_info_request" => self.forward::<comm::CommInfoRequest, comm::CommInfoReply>(request).await,
-            "comm_open" => self.notify::<comm::CommOpen>(request).await,
-            "comm_msg" => self.notify::<comm::CommMsg>(request).await,
-            "comm_close" => self.notify::<comm::CommClose>(request).await,
+            "inspect_request" => {
+                self.forward::<inspect::InspectRequest, inspect::InspectReply>(exec, request).await
+            }
+            "is_complete_request" => {
+                self.forward::<is_complete::IsCompleteRequest, is_complete::IsCompleteReply>(exec, request)
+                    .await
+            }
+            "history_request" => {
+                self.forward::<history::HistoryRequest, history::HistoryReply>(exec, request).await
+            }
+            "comm_info_request" => {
+                self.forward::<comm::CommInfoRequest, comm::CommInfoReply>(exec, request).await
+            }
+            "comm_open" => self.notify::<comm::CommOpen>(exec, request).await,
+            "comm_msg" => self.notify::<comm::CommMsg>(exec, request).await,
+            "comm_close" => self.notify::<comm::CommClose>(exec, request).await,
             "shutdown_request" => self.shutdown(request).await,
             "connect_request" => Outcome {
                 reply: Some(self.reply(request, &self.connect_reply())),
@@ -153,12 +169,12 @@ impl Kernel {
         }
     }
 
-    async fn execute(&self, request: &Message) -> Outcome {
+    async fn execute(&self, exec: &Executor, request: &Message) -> Outcome {
         let parsed = match request.content_as::<execute::ExecuteRequest>() {
             Ok(r) => r,
             Err(e) => return self.reply_only(self.error_reply(request, "BadRequest", e.to_string())),
         };
-        let reply = match self.python.call(request).await {
+        let reply = match exec.call(request).await {
             Ok(Some(json)) => serde_json::from_str::<execute::ExecuteReply>(&json)
                 .map_err(|e| PythonError::Exception(format!("malformed execute reply: {e}"))),
             Ok(None) => Err(PythonError::Exception("execute returned no reply".into())),
@@ -175,7 +191,7 @@ impl Kernel {
     }
 
     /// A request answered by the shim: typed on the way in and out.
-    async fn forward<Req, Rep>(&self, request: &Message) -> Outcome
+    async fn forward<Req, Rep>(&self, exec: &Executor, request: &Message) -> Outcome
     where
         Req: DeserializeOwned,
         Rep: DeserializeOwned + Serialize,
@@ -183,7 +199,7 @@ impl Kernel {
         if let Err(e) = request.content_as::<Req>() {
             return self.reply_only(self.error_reply(request, "BadRequest", e.to_string()));
         }
-        let reply = match self.python.call(request).await {
+        let reply = match exec.call(request).await {
             Ok(Some(json)) => match serde_json::from_str::<Rep>(&json) {
                 Ok(rep) => self.reply(request, &rep),
                 Err(e) => self.error_reply(request, "KernelError", format!("malformed reply: {e}")),
@@ -195,12 +211,12 @@ impl Kernel {
     }
 
     /// A message without a reply (comms).
-    async fn notify<Req: DeserializeOwned>(&self, request: &Message) -> Outcome {
+    async fn notify<Req: DeserializeOwned>(&self, exec: &Executor, request: &Message) -> Outcome {
         if let Err(e) = request.content_as::<Req>() {
             tracing::warn!("malformed {}: {e}", request.header.msg_type);
             return Outcome::default();
         }
-        if let Err(e) = self.python.call(request).await {
+        if let Err(e) = exec.call(request).await {
             tracing::warn!("{} failed: {e}", request.header.msg_type);
         }
         Outcome::default()
@@ -222,7 +238,7 @@ impl Kernel {
         self.iopub
             .publish(Outgoing::typed("shutdown_reply", &self.session.id, Some(&request.header), &content))
             .await;
-        let cleanup = self.python.call(request);
+        let cleanup = self.python.main().call(request);
         if tokio::time::timeout(std::time::Duration::from_secs(2), cleanup).await.is_err() {
             tracing::warn!("shell cleanup did not finish in time; exiting anyway");
         }
@@ -231,6 +247,56 @@ impl Kernel {
             abort_queue: false,
             shutdown: true,
         }
+    }
+
+    /// The queue of a subshell's requests, if it exists.
+    pub fn subshell(&self, id: &str) -> Option<mpsc::Sender<Message>> {
+        self.subshells.lock().ok()?.get(id).cloned()
+    }
+
+    pub fn create_subshell(self: &Arc<Self>, request: &Message) -> Outgoing {
+        let id = uuid::Uuid::new_v4().to_string();
+        let exec = match self.python.spawn_executor(&id[..8]) {
+            Ok(e) => e,
+            Err(e) => return self.error_reply(request, "SubshellError", e.to_string()),
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        if let Ok(mut subshells) = self.subshells.lock() {
+            subshells.insert(id.clone(), tx);
+        }
+        tokio::spawn(shell::serve(self.clone(), exec, rx));
+        let content = subshell::CreateSubshellReply {
+            status: "ok".into(),
+            subshell_id: id,
+        };
+        self.reply(request, &content)
+    }
+
+    /// Dropping the queue ends the subshell's task and then its thread.
+    pub fn delete_subshell(&self, request: &Message) -> Outgoing {
+        let id = match request.content_as::<subshell::DeleteSubshellRequest>() {
+            Ok(r) => r.subshell_id,
+            Err(e) => return self.error_reply(request, "BadRequest", e.to_string()),
+        };
+        let removed = self.subshells.lock().ok().and_then(|mut s| s.remove(&id));
+        match removed {
+            Some(_) => self.reply(request, &json!({"status": "ok"})),
+            None => self.error_reply(request, "SubshellNotFound", format!("no subshell {id}")),
+        }
+    }
+
+    pub fn list_subshells(&self, request: &Message) -> Outgoing {
+        let mut ids: Vec<String> = self
+            .subshells
+            .lock()
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        let content = subshell::ListSubshellReply {
+            status: "ok".into(),
+            subshell_id: ids,
+        };
+        self.reply(request, &content)
     }
 
     pub fn finish_shutdown(&self) {

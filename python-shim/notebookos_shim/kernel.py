@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import _notebookos
 
@@ -58,9 +59,12 @@ class Kernel:
         self.connection_file = connection_file
         self.iopub_socket = _IopubSocket()
         self.session = Session(self)
-        self._parent = {}
+        # Subshells run requests on their own threads: what a request sets
+        # up is per thread; threads the user starts see the main shell's.
+        self._local = threading.local()
+        self._main_thread = threading.main_thread()
+        self._main_parent = {}
         self._executing = False
-        self._allow_stdin = False
         self._handlers = {
             "execute_request": self.execute_request,
             "complete_request": self.complete_request,
@@ -76,16 +80,18 @@ class Kernel:
 
     # What libraries expect of ipykernel's kernel object.
     def get_parent(self, channel="shell"):
-        return self._parent
+        return getattr(self._local, "parent", self._main_parent)
 
     @property
     def parent_header(self):
-        return self._parent.get("header", {})
+        return self.get_parent().get("header", {})
 
     def dispatch(self, msg_type, msg, buffers):
         parent = json.loads(msg)
         parent["buffers"] = buffers
-        self._parent = parent
+        self._local.parent = parent
+        if threading.current_thread() is self._main_thread:
+            self._main_parent = parent
         handler = self._handlers[msg_type]
         reply = handler(parent["content"], parent)
         return None if reply is None else dumps(reply)
@@ -98,17 +104,21 @@ class Kernel:
         silent = content.get("silent", False)
         store_history = content.get("store_history", not silent)
         user_expressions = content.get("user_expressions") or {}
-        self._allow_stdin = content.get("allow_stdin", True)
+        self._local.allow_stdin = content.get("allow_stdin", True)
+        on_main = threading.current_thread() is self._main_thread
         if not silent:
             _notebookos.publish(
                 "execute_input", dumps({"code": code, "execution_count": shell.execution_count})
             )
         shell._last_traceback = None
         err = None
-        self._executing = True
+        # Only the main thread receives SIGINT, so only its cells are
+        # interruptible.
+        self._executing = on_main
         try:
             result = shell.run_cell(code, store_history=store_history, silent=silent)
-            self._executing = False
+            if on_main:
+                self._executing = False
             err = result.error_before_exec or result.error_in_exec
             success = result.success
         except KeyboardInterrupt as e:
@@ -117,7 +127,8 @@ class Kernel:
             shell.showtraceback()
             err, success = e, False
         finally:
-            self._executing = False
+            if on_main:
+                self._executing = False
         reply = {"execution_count": shell.execution_count - 1}
         if success:
             reply["status"] = "ok"
@@ -145,7 +156,7 @@ class Kernel:
         return self._input(prompt, password=True)
 
     def _input(self, prompt, password):
-        if not self._allow_stdin:
+        if not getattr(self._local, "allow_stdin", False):
             from IPython.core.error import StdinNotImplementedError
 
             raise StdinNotImplementedError(

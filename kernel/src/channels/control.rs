@@ -24,6 +24,9 @@ pub async fn serve(kernel: Arc<Kernel>, mut sink: RouterSendHalf, mut requests: 
                 kernel.interrupt();
                 Some(kernel.reply(&request, &json!({"status": "ok"})))
             }
+            "create_subshell_request" => Some(kernel.create_subshell(&request)),
+            "delete_subshell_request" => Some(kernel.delete_subshell(&request)),
+            "list_subshell_request" => Some(kernel.list_subshells(&request)),
             "shutdown_request" => {
                 let outcome = kernel.shutdown(&request).await;
                 shutdown = outcome.shutdown;

@@ -1,7 +1,9 @@
 //! `_notebookos`: the built-in module through which the Python shim hands
 //! iopub and stdin traffic to Rust.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,12 +20,14 @@ use crate::wire::{self, Header, Outgoing};
 pub struct Bridge {
     pub iopub: Iopub,
     pub stdin: Arc<Stdin>,
-    current: Mutex<Current>,
+    current: Mutex<HashMap<ThreadId, Current>>,
+    main_thread: OnceLock<ThreadId>,
 }
 
-/// The request being served: outputs are parented to it and input
-/// requests go to its sender. It stays set after the request ends, so
-/// output from background threads is attributed as ipykernel does.
+/// The request a Python thread is serving: its outputs are parented to it
+/// and its input requests go to its sender. It stays set after the request
+/// ends; threads the user starts write under the main shell's request, as
+/// with ipykernel.
 #[derive(Default, Clone)]
 struct Current {
     parent: Option<Header>,
@@ -37,21 +41,44 @@ impl Bridge {
         let bridge = Arc::new(Self {
             iopub,
             stdin,
-            current: Mutex::new(Current::default()),
+            current: Mutex::new(HashMap::new()),
+            main_thread: OnceLock::new(),
         });
         // A second install (tests) keeps the first: one interpreter per process.
         BRIDGE.get_or_init(|| bridge.clone()).clone()
     }
 
+    pub fn set_main_thread(&self) {
+        let _ = self.main_thread.set(std::thread::current().id());
+    }
+
     pub fn set_current(&self, parent: &Header, identities: &[Bytes]) {
         if let Ok(mut c) = self.current.lock() {
-            c.parent = Some(parent.clone());
-            c.identities = identities.to_vec();
+            c.insert(
+                std::thread::current().id(),
+                Current {
+                    parent: Some(parent.clone()),
+                    identities: identities.to_vec(),
+                },
+            );
+        }
+    }
+
+    /// Called when a subshell thread ends.
+    pub fn forget_thread(&self) {
+        if let Ok(mut c) = self.current.lock() {
+            c.remove(&std::thread::current().id());
         }
     }
 
     fn current(&self) -> Current {
-        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+        let Ok(c) = self.current.lock() else {
+            return Current::default();
+        };
+        c.get(&std::thread::current().id())
+            .or_else(|| self.main_thread.get().and_then(|m| c.get(m)))
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

@@ -1,11 +1,12 @@
-//! The embedded interpreter: one dedicated thread that is Python's main
-//! thread, running requests from the tokio side one at a time.
+//! The embedded interpreter. Python's main thread is a dedicated OS thread
+//! that serves the main shell; each kernel subshell gets a thread of its
+//! own. Every thread runs requests from the tokio side one at a time.
 
 mod bridge;
 mod init;
 
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use pyo3::prelude::*;
@@ -15,7 +16,7 @@ use tokio::sync::oneshot;
 pub use bridge::Bridge;
 
 use crate::signals::{self, ThreadInterrupter};
-use crate::wire::Message;
+use crate::wire::{Header, Message};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PythonError {
@@ -29,22 +30,6 @@ pub enum PythonError {
     Gone,
 }
 
-struct Job {
-    header: crate::wire::Header,
-    identities: Vec<Bytes>,
-    msg_type: String,
-    message: String,
-    buffers: Vec<Bytes>,
-    reply: oneshot::Sender<Result<Option<String>, PythonError>>,
-}
-
-/// Handle to the Python thread.
-pub struct PythonRuntime {
-    jobs: std_mpsc::Sender<Job>,
-    interrupter: ThreadInterrupter,
-    versions: Versions,
-}
-
 /// Versions reported in kernel_info.
 #[derive(Debug, Clone)]
 pub struct Versions {
@@ -52,33 +37,58 @@ pub struct Versions {
     pub ipython: String,
 }
 
-impl PythonRuntime {
-    /// Starts the interpreter and returns once it is initialised (IPython
-    /// is still being imported in the background: requests queue behind it).
-    pub fn start(bridge: Arc<Bridge>, options: serde_json::Value) -> Result<Self, PythonError> {
-        pyo3::append_to_inittab!(_notebookos_module);
-        let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = std_mpsc::channel();
-        std::thread::Builder::new()
-            .name("python".into())
-            // CPython's recursion limit assumes a main-thread-sized stack.
-            .stack_size(64 << 20)
-            .spawn(move || python_main(bridge, options, ready_tx, jobs_rx))
-            .map_err(|e| PythonError::Init(e.to_string()))?;
-        let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
-        Ok(Self {
-            jobs: jobs_tx,
-            interrupter,
-            versions,
-        })
+struct Job {
+    header: Header,
+    identities: Vec<Bytes>,
+    msg_type: String,
+    message: String,
+    buffers: Vec<Bytes>,
+    reply: oneshot::Sender<Result<Option<String>, PythonError>>,
+}
+
+/// The shim's kernel object, set once the main thread has built it.
+#[derive(Default)]
+struct KernelCell {
+    kernel: Mutex<Option<Result<Py<PyAny>, PythonError>>>,
+    ready: Condvar,
+}
+
+impl KernelCell {
+    fn set(&self, kernel: Result<Py<PyAny>, PythonError>) {
+        if let Ok(mut k) = self.kernel.lock() {
+            *k = Some(kernel);
+        }
+        self.ready.notify_all();
     }
 
-    pub fn versions(&self) -> &Versions {
-        &self.versions
+    /// Blocks (without the GIL) until the main thread has started the shell.
+    fn wait(&self, py: Python<'_>) -> Result<Py<PyAny>, PythonError> {
+        py.allow_threads(|| {
+            let mut k = self.kernel.lock().map_err(|_| PythonError::Gone)?;
+            while k.is_none() {
+                k = self.ready.wait(k).map_err(|_| PythonError::Gone)?;
+            }
+            Ok::<_, PythonError>(())
+        })?;
+        let k = self.kernel.lock().map_err(|_| PythonError::Gone)?;
+        match k.as_ref() {
+            Some(Ok(kernel)) => Ok(kernel.clone_ref(py)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(PythonError::Gone),
+        }
     }
+}
 
-    /// Runs `dispatch(msg_type, message)` in the shim for a request; returns
-    /// the reply content as JSON, or None for requests without a reply.
+/// A thread that runs requests; cloneable, and the thread ends when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct Executor {
+    jobs: std_mpsc::Sender<Job>,
+}
+
+impl Executor {
+    /// Runs `dispatch(msg_type, message, buffers)` in the shim; returns the
+    /// reply content as JSON, or None for requests without a reply.
     pub async fn call(&self, msg: &Message) -> Result<Option<String>, PythonError> {
         let message = serde_json::json!({
             "header": msg.header,
@@ -103,9 +113,69 @@ impl PythonRuntime {
             .map_err(|_| PythonError::Gone)?;
         rx.await.map_err(|_| PythonError::Gone)?
     }
+}
 
-    /// Raises KeyboardInterrupt in the running cell (a no-op between cells:
-    /// the shim's handler ignores it then).
+/// Handle to the interpreter.
+pub struct PythonRuntime {
+    main: Executor,
+    interrupter: ThreadInterrupter,
+    versions: Versions,
+    kernel: Arc<KernelCell>,
+    bridge: Arc<Bridge>,
+}
+
+impl PythonRuntime {
+    /// Starts the interpreter and returns once it is initialised (IPython
+    /// is still being imported in the background: requests queue behind it).
+    pub fn start(bridge: Arc<Bridge>, options: serde_json::Value) -> Result<Self, PythonError> {
+        pyo3::append_to_inittab!(_notebookos_module);
+        let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let kernel = Arc::new(KernelCell::default());
+        let (thread_kernel, thread_bridge) = (kernel.clone(), bridge.clone());
+        std::thread::Builder::new()
+            .name("python".into())
+            // CPython's recursion limit assumes a main-thread-sized stack.
+            .stack_size(64 << 20)
+            .spawn(move || python_main(thread_bridge, thread_kernel, options, ready_tx, jobs_rx))
+            .map_err(|e| PythonError::Init(e.to_string()))?;
+        let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
+        Ok(Self {
+            main: Executor { jobs: jobs_tx },
+            interrupter,
+            versions,
+            kernel,
+            bridge,
+        })
+    }
+
+    pub fn versions(&self) -> &Versions {
+        &self.versions
+    }
+
+    /// The main shell's executor (Python's main thread).
+    pub fn main(&self) -> &Executor {
+        &self.main
+    }
+
+    /// A new Python thread for a subshell.
+    pub fn spawn_executor(&self, name: &str) -> Result<Executor, PythonError> {
+        let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
+        let (kernel, bridge) = (self.kernel.clone(), self.bridge.clone());
+        std::thread::Builder::new()
+            .name(format!("python-{name}"))
+            .stack_size(64 << 20)
+            .spawn(move || {
+                let k = Python::with_gil(|py| kernel.wait(py));
+                serve_jobs(&bridge, &k, jobs_rx);
+                bridge.forget_thread();
+            })
+            .map_err(|e| PythonError::Init(e.to_string()))?;
+        Ok(Executor { jobs: jobs_tx })
+    }
+
+    /// Raises KeyboardInterrupt in the main shell's running cell (a no-op
+    /// between cells: the shim's handler ignores it then).
     pub fn interrupt(&self) {
         if let Err(e) = self.interrupter.interrupt() {
             tracing::error!("cannot signal the Python thread: {e}");
@@ -118,6 +188,7 @@ use bridge::_notebookos as _notebookos_module;
 
 fn python_main(
     bridge: Arc<Bridge>,
+    kernel_cell: Arc<KernelCell>,
     options: serde_json::Value,
     ready: std_mpsc::Sender<Result<(ThreadInterrupter, Versions), PythonError>>,
     jobs: std_mpsc::Receiver<Job>,
@@ -131,6 +202,7 @@ fn python_main(
         let _ = ready.send(Err(e));
         return;
     }
+    bridge.set_main_thread();
     let versions = Python::with_gil(|py| {
         let v = py.version_info();
         Versions {
@@ -155,9 +227,17 @@ fn python_main(
     if let Err(e) = &kernel {
         tracing::error!("{e}");
     }
+    let for_cell = Python::with_gil(|py| match &kernel {
+        Ok(k) => Ok(k.clone_ref(py)),
+        Err(e) => Err(e.clone()),
+    });
+    kernel_cell.set(for_cell);
+    serve_jobs(&bridge, &kernel, jobs);
+}
 
+fn serve_jobs(bridge: &Bridge, kernel: &Result<Py<PyAny>, PythonError>, jobs: std_mpsc::Receiver<Job>) {
     for job in jobs {
-        let result = match &kernel {
+        let result = match kernel {
             Err(e) => Err(e.clone()),
             Ok(kernel) => Python::with_gil(|py| {
                 bridge.set_current(&job.header, &job.identities);

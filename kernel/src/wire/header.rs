@@ -16,6 +16,9 @@ pub struct Header {
     pub msg_type: String,
     #[serde(default)]
     pub version: String,
+    /// Which subshell runs a shell request (JEP 91); absent for the main shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subshell_id: Option<String>,
 }
 
 impl Header {
@@ -27,6 +30,7 @@ impl Header {
             date: now_iso8601(),
             msg_type: msg_type.to_owned(),
             version: PROTOCOL_VERSION.to_owned(),
+            subshell_id: None,
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct KernelInfoReply {
     pub banner: String,
     pub help_links: Vec<HelpLink>,
     pub debugger: bool,
+    pub supported_features: Vec<String>,
 }
 
 impl KernelInfoReply {
@@ -75,6 +76,7 @@ impl KernelInfoReply {
                 },
             ],
             debugger: false,
+            supported_features: vec!["kernel subshells".into()],
         }
     }
 }

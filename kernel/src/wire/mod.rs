@@ -22,6 +22,7 @@ pub mod kernel_info;
 pub mod shutdown;
 pub mod status;
 pub mod stream;
+pub mod subshell;
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
