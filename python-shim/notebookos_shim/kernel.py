@@ -239,7 +239,10 @@ class Kernel:
                              n=content.get("n"), unique=content.get("unique", False))
         else:
             hist = []
-        return {"status": "ok", "history": [list(h) for h in hist]}
+        # IPython numbers the running session 0 in ranges; clients compare
+        # with the session number that tail and search report.
+        current = hm.session_number
+        return {"status": "ok", "history": [[h[0] or current, *h[1:]] for h in hist]}
 
     # -- comms ------------------------------------------------------------
 

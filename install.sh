@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds notebookos against a Python environment and installs its kernelspec.
+#
+#   ./install.sh                 # python3 on PATH
+#   PYTHON=/path/to/venv/bin/python ./install.sh
+#   ./install.sh --uninstall
+#
+# Installs into that environment: the python-shim package (with IPython,
+# comm, matplotlib-inline) and jupyter_client/jupyter_core for the
+# kernelspec tooling. The kernelspec goes to the environment
+# (--sys-prefix) when it is a virtual environment, else to the user's
+# Jupyter data directory.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+NAME="notebookos"
+PROFILE="${NOTEBOOKOS_PROFILE:-release}"
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "no Python at PYTHON=$PYTHON"
+PY="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+IN_VENV="$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in __import__("os").environ))')"
+if [ "$IN_VENV" = 1 ]; then SCOPE=(--sys-prefix); else SCOPE=(--user); fi
+
+if [ "${1:-}" = "--uninstall" ]; then
+    "$PY" -m jupyter kernelspec remove -y "$NAME" 2>/dev/null || true
+    "$PY" -m pip uninstall -y -q notebookos-shim 2>/dev/null || true
+    echo "notebookos uninstalled from $PY"
+    exit 0
+fi
+
+command -v cargo >/dev/null 2>&1 || die "cargo is needed to build the kernel (https://rustup.rs)"
+[ "$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" = 1 ] ||
+    echo "install.sh: note: $PY has no shared libpython; linking it statically" >&2
+
+echo "==> Python packages into $PY"
+"$PY" -m pip install -q --disable-pip-version-check "$ROOT/python-shim" "jupyter_client>=8" "jupyter_core>=5"
+
+echo "==> Building notebookos-kernel ($PROFILE) against $PY"
+if [ "$PROFILE" = release ]; then CARGO_PROFILE=(--release); else CARGO_PROFILE=(); fi
+(cd "$ROOT" && PYO3_PYTHON="$PY" cargo build -q "${CARGO_PROFILE[@]}" -p notebookos-kernel)
+TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+if [ "$PROFILE" = release ]; then BIN="$TARGET_DIR/release/notebookos-kernel"; else BIN="$TARGET_DIR/debug/notebookos-kernel"; fi
+
+echo "==> Installing the kernelspec '$NAME' (${SCOPE[*]})"
+STAGE="$(mktemp -d)"
+trap 'rm -rf "$STAGE"' EXIT
+cp "$ROOT"/kernelspec/logo-*.png "$STAGE/"
+cp "$BIN" "$STAGE/notebookos-kernel"
+echo '{}' > "$STAGE/kernel.json"
+DEST="$("$PY" -m jupyter kernelspec install --replace --name "$NAME" "${SCOPE[@]}" "$STAGE" 2>&1 | sed -n 's/.*Installed kernelspec [^ ]* in //p')"
+[ -n "$DEST" ] && [ -d "$DEST" ] || die "jupyter kernelspec install did not report where it installed"
+# The kernel runs from its own copy in the kernelspec, so the build tree
+# can go away; its path must be absolute for every front-end.
+sed -e "s|@KERNEL_BIN@|$DEST/notebookos-kernel|" -e "s|@PYTHON@|$PY|" \
+    "$ROOT/kernelspec/kernel.json.in" > "$DEST/kernel.json"
+chmod 0755 "$DEST/notebookos-kernel"
+echo "installed: $DEST"
+"$PY" -m jupyter kernelspec list | grep -E "^\s+$NAME\s" || die "kernelspec not listed"
