@@ -3,6 +3,7 @@
 //! own queue and Python thread, so they run while the main shell is busy.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -36,28 +37,17 @@ pub async fn route(kernel: Arc<Kernel>, mut incoming: mpsc::Receiver<Message>, m
 }
 
 pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Receiver<Message>) {
-    let mut aborting = false;
-    loop {
-        // After a failed execute with stop_on_error, executes that were
-        // already queued are answered "aborted"; others run normally.
-        let request = if aborting {
-            tokio::task::yield_now().await;
-            match requests.try_recv() {
-                Ok(r) => r,
-                Err(_) => {
-                    aborting = false;
-                    continue;
-                }
-            }
-        } else {
-            match requests.recv().await {
-                Some(r) => r,
-                None => return,
-            }
-        };
+    // After a failed execute with stop_on_error, executes that had already
+    // arrived when it failed are answered "aborted" (as ipykernel does);
+    // other requests, and anything sent after the failure, run normally.
+    let mut aborting_before: Option<Instant> = None;
+    while let Some(request) = requests.recv().await {
+        if aborting_before.is_some_and(|t| request.received >= t) {
+            aborting_before = None;
+        }
         let parent = request.header.clone();
         kernel.iopub.status(Some(&parent), ExecutionState::Busy).await;
-        let outcome = if aborting && parent.msg_type == "execute_request" {
+        let outcome = if aborting_before.is_some() && parent.msg_type == "execute_request" {
             Outcome {
                 reply: Some(kernel.reply(&request, &json!({"status": "aborted"}))),
                 ..Default::default()
@@ -65,6 +55,9 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
         } else {
             kernel.handle(&exec, &request).await
         };
+        if outcome.abort_queue {
+            aborting_before = Some(Instant::now());
+        }
         // Output of the request reaches iopub before its reply and idle.
         kernel.iopub.flush().await;
         if let Some(reply) = outcome.reply {
@@ -72,7 +65,6 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             router::send("shell", &mut sink, &kernel.session, reply).await;
         }
         kernel.iopub.status(Some(&parent), ExecutionState::Idle).await;
-        aborting |= outcome.abort_queue;
         if outcome.shutdown {
             kernel.finish_shutdown();
             return;

@@ -77,6 +77,9 @@ pub struct Message {
     pub metadata: Map<String, Value>,
     pub content: Value,
     pub buffers: Vec<Bytes>,
+    /// When the kernel read it off the socket (orders it against events
+    /// such as a failed cell that aborts what was queued before it).
+    pub received: std::time::Instant,
 }
 
 impl Message {
@@ -135,6 +138,7 @@ impl Message {
             metadata,
             content,
             buffers: rest[5..].to_vec(),
+            received: std::time::Instant::now(),
         })
     }
 

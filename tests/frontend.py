@@ -1,0 +1,67 @@
+"""A dummy front-end for the integration tests: jupyter_client plus helpers
+that collect everything a request caused on iopub."""
+
+import time
+from queue import Empty
+
+from jupyter_client.manager import start_new_kernel
+
+TIMEOUT = 30
+
+
+class Frontend:
+    def __init__(self, kernel_name="notebookos", **kwargs):
+        self.km, self.kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=60, **kwargs)
+
+    def close(self):
+        self.kc.stop_channels()
+        if self.km.is_alive():
+            self.km.shutdown_kernel(now=False)
+
+    def iopub_until_idle(self, msg_id, timeout=TIMEOUT):
+        """iopub messages whose parent is msg_id, up to and including idle."""
+        msgs = []
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            msgs.append(m)
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                return msgs
+
+    def shell_reply(self, msg_id, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if m["parent_header"].get("msg_id") == msg_id:
+                return m
+
+    def execute(self, code, timeout=TIMEOUT, **kwargs):
+        """Runs a cell; returns (reply content, iopub messages)."""
+        msg_id = self.kc.execute(code, **kwargs)
+        reply = self.shell_reply(msg_id, timeout)
+        msgs = self.iopub_until_idle(msg_id, timeout)
+        return reply["content"], msgs
+
+    def eval(self, expr):
+        """The repr of an expression evaluated in the kernel."""
+        reply, _ = self.execute("pass", user_expressions={"v": expr})
+        v = reply["user_expressions"]["v"]
+        assert v["status"] == "ok", v
+        return v["data"]["text/plain"]
+
+    def flush_iopub(self):
+        while True:
+            try:
+                self.kc.get_iopub_msg(timeout=0.2)
+            except Empty:
+                return
+
+
+def stream_text(msgs, name="stdout"):
+    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+def of_type(msgs, msg_type):
+    return [m for m in msgs if m["msg_type"] == msg_type]

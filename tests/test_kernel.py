@@ -1,0 +1,480 @@
+"""Integration tests of the single-replica kernel through jupyter_client."""
+
+import base64
+import json
+import os
+import re
+import sys
+import time
+import uuid
+
+import pytest
+import zmq
+
+from frontend import Frontend, of_type, stream_text
+
+
+@pytest.fixture(scope="module")
+def fe():
+    f = Frontend()
+    yield f
+    f.close()
+
+
+# -- output -----------------------------------------------------------------
+
+def test_print_is_one_stream_message(fe):
+    reply, msgs = fe.execute("print('Hello World')")
+    assert reply["status"] == "ok"
+    streams = of_type(msgs, "stream")
+    assert [s["content"] for s in streams] == [{"name": "stdout", "text": "Hello World\n"}]
+    types = [m["msg_type"] for m in msgs]
+    assert types[0] == "status" and types[1] == "execute_input" and types[-1] == "status"
+
+
+def test_stdout_stderr_keep_their_order(fe):
+    code = "import sys\nfor i in range(5):\n    print('o', i)\n    print('e', i, file=sys.stderr)\n"
+    _, msgs = fe.execute(code)
+    seq = [(m["content"]["name"], m["content"]["text"]) for m in of_type(msgs, "stream")]
+    flat = [(name, line) for name, text in seq for line in text.splitlines()]
+    expected = []
+    for i in range(5):
+        expected += [("stdout", f"o {i}"), ("stderr", f"e {i}")]
+    assert flat == expected
+
+
+def test_output_streams_while_the_cell_runs(fe):
+    # The first line must arrive before the cell ends, not with its reply.
+    msg_id = fe.kc.execute("import time\nprint('early')\ntime.sleep(3)\nprint('late')")
+    first_stream = None
+    while first_stream is None:
+        m = fe.kc.get_iopub_msg(timeout=10)
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream":
+            first_stream = m
+    assert first_stream["content"]["text"] == "early\n"
+    # The reply cannot have been sent yet: the cell still sleeps.
+    with pytest.raises(Exception):
+        fe.kc.get_shell_msg(timeout=0.5)
+    fe.shell_reply(msg_id)
+    rest = fe.iopub_until_idle(msg_id)
+    assert "late\n" in stream_text(rest)
+
+
+def test_execute_result_display_and_update(fe):
+    reply, msgs = fe.execute("6*7")
+    [res] = of_type(msgs, "execute_result")
+    assert res["content"]["data"]["text/plain"] == "42"
+    assert res["content"]["execution_count"] == reply["execution_count"]
+    code = (
+        "from IPython.display import display, update_display\n"
+        "h = display('first', display_id='d1')\n"
+        "update_display('second', display_id='d1')\n"
+    )
+    _, msgs = fe.execute(code)
+    [d] = of_type(msgs, "display_data")
+    [u] = of_type(msgs, "update_display_data")
+    assert d["content"]["transient"]["display_id"] == "d1"
+    assert u["content"]["data"]["text/plain"] == "'second'"
+
+
+def test_clear_output(fe):
+    _, msgs = fe.execute("from IPython.display import clear_output\nprint('x')\nclear_output(wait=True)")
+    [c] = of_type(msgs, "clear_output")
+    assert c["content"] == {"wait": True}
+
+
+def test_error_reply_and_traceback(fe):
+    reply, msgs = fe.execute("1/0")
+    assert reply["status"] == "error" and reply["ename"] == "ZeroDivisionError"
+    [err] = of_type(msgs, "error")
+    assert err["content"]["ename"] == "ZeroDivisionError"
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in err["content"]["traceback"]]
+    assert any("1/0" in line for line in plain), plain
+
+
+def test_timeit_magic(fe):
+    reply, msgs = fe.execute("%timeit -n 3 -r 2 sum(range(100))")
+    assert reply["status"] == "ok"
+    assert "per loop" in stream_text(msgs)
+
+
+def test_shell_escape_and_subprocess_use_the_environments_python(fe):
+    reply, msgs = fe.execute(
+        "import subprocess, sys\n"
+        "print(subprocess.run([sys.executable, '-c', 'import sys; print(sys.prefix)'],"
+        " capture_output=True, text=True).stdout.strip())\n"
+        "!{sys.executable} -m pip --version\n"
+    )
+    assert reply["status"] == "ok", reply
+    out = stream_text(msgs)
+    assert sys.prefix in out
+    assert "pip " in out
+
+
+def test_multiprocessing_spawn_works(fe):
+    reply, msgs = fe.execute(
+        "import multiprocessing as mp\n"
+        "with mp.get_context('spawn').Pool(2) as p:\n"
+        "    print(p.map(abs, [-1, -2, -3]))\n"
+    )
+    assert reply["status"] == "ok", reply
+    assert "[1, 2, 3]" in stream_text(msgs)
+
+
+def test_sys_exit_is_reported_and_the_kernel_lives(fe):
+    reply, msgs = fe.execute("import sys; sys.exit(3)")
+    assert reply["status"] == "error" and reply["ename"] == "SystemExit"
+    assert fe.eval("1+1") == "2"
+
+
+def test_kernel_object_as_libraries_expect(fe):
+    msg_id = fe.kc.execute(
+        "k = get_ipython().kernel\n"
+        "print(k.get_parent()['header']['msg_id'])\n"
+        "k.session.send(k.iopub_socket, 'display_data',"
+        " {'data': {'text/plain': 'via session'}, 'metadata': {}}, parent=k.get_parent())\n"
+        "print(type(k.comm_manager).__name__)\n"
+    )
+    fe.shell_reply(msg_id)
+    msgs = fe.iopub_until_idle(msg_id)
+    out = stream_text(msgs)
+    assert msg_id in out and "CommManager" in out
+    assert of_type(msgs, "display_data")[0]["content"]["data"]["text/plain"] == "via session"
+
+
+def test_vscode_startup_cell(fe):
+    reply, _ = fe.execute(
+        "%config Completer.use_jedi = False\n"
+        "%config InlineBackend.figure_formats = ['png']\n"
+        "%matplotlib inline\n",
+        silent=True,
+    )
+    assert reply["status"] == "ok", reply
+
+
+def test_matplotlib_inline_png(fe):
+    reply, msgs = fe.execute("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+    assert reply["status"] == "ok", reply
+    [d] = [m for m in of_type(msgs, "display_data") if "image/png" in m["content"]["data"]]
+    assert base64.b64decode(d["content"]["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- stdin ------------------------------------------------------------------
+
+def test_input_round_trip(fe):
+    msg_id = fe.kc.execute("name = input('who? ')", allow_stdin=True)
+    req = fe.kc.get_stdin_msg(timeout=10)
+    assert req["msg_type"] == "input_request"
+    assert req["content"] == {"prompt": "who? ", "password": False}
+    assert req["parent_header"]["msg_id"] == msg_id
+    fe.kc.input("Ada")
+    assert fe.shell_reply(msg_id)["content"]["status"] == "ok"
+    fe.iopub_until_idle(msg_id)
+    assert fe.eval("name") == "'Ada'"
+
+
+def test_getpass_asks_for_a_password(fe):
+    msg_id = fe.kc.execute("import getpass; pw = getpass.getpass()", allow_stdin=True)
+    req = fe.kc.get_stdin_msg(timeout=10)
+    assert req["content"]["password"] is True
+    fe.kc.input("s3cret")
+    assert fe.shell_reply(msg_id)["content"]["status"] == "ok"
+    fe.iopub_until_idle(msg_id)
+    assert fe.eval("pw") == "'s3cret'"
+
+
+def test_input_without_stdin_is_a_clear_error(fe):
+    reply, _ = fe.execute("input()", allow_stdin=False)
+    assert reply["status"] == "error" and reply["ename"] == "StdinNotImplementedError"
+
+
+# -- comms and widgets --------------------------------------------------------
+
+def test_comm_opened_by_the_kernel(fe):
+    _, msgs = fe.execute(
+        "import comm\n"
+        "c = comm.create_comm(target_name='t1', data={'hello': 1})\n"
+        "c.send({'n': 2}, buffers=[b'raw'])\n"
+        "c.close()\n"
+    )
+    [o] = of_type(msgs, "comm_open")
+    assert o["content"]["target_name"] == "t1" and o["content"]["data"] == {"hello": 1}
+    [m] = of_type(msgs, "comm_msg")
+    assert m["content"]["data"] == {"n": 2} and m["buffers"][0] == b"raw"
+    [c] = of_type(msgs, "comm_close")
+    assert c["content"]["comm_id"] == o["content"]["comm_id"]
+
+
+def test_comm_opened_by_the_client(fe):
+    fe.execute(
+        "def _echo(comm, open_msg):\n"
+        "    @comm.on_msg\n"
+        "    def _(msg):\n"
+        "        comm.send({'echo': msg['content']['data']})\n"
+        "get_ipython().kernel.comm_manager.register_target('echo', _echo)\n"
+    )
+    comm_id = uuid.uuid4().hex
+    kc = fe.kc
+    open_msg = kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "echo", "data": {}})
+    kc.shell_channel.send(open_msg)
+    fe.iopub_until_idle(open_msg["header"]["msg_id"])
+    info = kc.comm_info(target_name="echo")
+    reply = fe.shell_reply(info)
+    assert comm_id in reply["content"]["comms"]
+    msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"x": 1}})
+    kc.shell_channel.send(msg)
+    echoed = of_type(fe.iopub_until_idle(msg["header"]["msg_id"]), "comm_msg")
+    assert echoed[0]["content"]["data"] == {"echo": {"x": 1}}
+    close = kc.session.msg("comm_close", {"comm_id": comm_id, "data": {}})
+    kc.shell_channel.send(close)
+    fe.iopub_until_idle(close["header"]["msg_id"])
+    assert comm_id not in fe.shell_reply(kc.comm_info())["content"]["comms"]
+
+
+def test_ipywidgets_slider(fe):
+    reply, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
+    assert reply["status"] == "ok", reply
+    opens = [m for m in of_type(msgs, "comm_open") if m["content"]["target_name"] == "jupyter.widget"]
+    slider = [o for o in opens if o["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    assert slider, opens
+    [res] = of_type(msgs, "execute_result")
+    view = res["content"]["data"]["application/vnd.jupyter.widget-view+json"]
+    comm_id = slider[0]["content"]["comm_id"]
+    assert view["model_id"] == comm_id
+    # The front-end moves the slider.
+    update = fe.kc.session.msg(
+        "comm_msg",
+        {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []}},
+    )
+    fe.kc.shell_channel.send(update)
+    fe.iopub_until_idle(update["header"]["msg_id"])
+    assert fe.eval("s.value") == "7"
+
+
+# -- subshells ----------------------------------------------------------------
+
+def test_subshell_runs_while_the_main_shell_is_busy(fe):
+    kc = fe.kc
+    create = kc.session.msg("create_subshell_request")
+    kc.control_channel.send(create)
+    sub = kc.get_control_msg(timeout=10)["content"]["subshell_id"]
+    main_id = kc.execute("import time; time.sleep(3); main_done = True")
+    msg = kc.session.msg("execute_request", {"code": "sub_ran = 'main_done' not in globals()",
+                                              "silent": False, "store_history": False,
+                                              "user_expressions": {}, "allow_stdin": False})
+    msg["header"]["subshell_id"] = sub
+    kc.shell_channel.send(msg)
+    first = kc.get_shell_msg(timeout=10)
+    assert first["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+    assert fe.shell_reply(main_id)["content"]["status"] == "ok"
+    assert fe.eval("sub_ran") == "True"
+    delete = kc.session.msg("delete_subshell_request", {"subshell_id": sub})
+    kc.control_channel.send(delete)
+    assert kc.get_control_msg(timeout=10)["content"]["status"] == "ok"
+
+
+# -- control and liveness -----------------------------------------------------
+
+def test_kernel_info_on_control_is_wrapped_in_busy_idle(fe):
+    fe.flush_iopub()
+    msg = fe.kc.session.msg("kernel_info_request")
+    fe.kc.control_channel.send(msg)
+    reply = fe.kc.get_control_msg(timeout=10)
+    assert reply["content"]["language_info"]["name"] == "python"
+    states = [m["content"]["execution_state"] for m in fe.iopub_until_idle(msg["header"]["msg_id"])
+              if m["msg_type"] == "status"]
+    assert states == ["busy", "idle"]
+
+
+def test_heartbeat_and_control_answer_while_a_cell_holds_the_gil(fe):
+    # Catastrophic regex backtracking runs in C with the GIL held.
+    msg_id = fe.kc.execute("import re; re.match(r'(a+)+$', 'a' * 27 + 'b')")
+    time.sleep(0.5)
+    ctx = zmq.Context.instance()
+    hb = ctx.socket(zmq.REQ)
+    hb.linger = 0
+    info = fe.km.get_connection_info()
+    hb.connect(f"tcp://{info['ip']}:{info['hb_port']}")
+    hb.send(b"ping")
+    assert hb.poll(5000), "no heartbeat while the GIL was held"
+    assert hb.recv() == b"ping"
+    hb.close()
+    msg = fe.kc.session.msg("kernel_info_request")
+    fe.kc.control_channel.send(msg)
+    assert fe.kc.get_control_msg(timeout=5)["msg_type"] == "kernel_info_reply"
+    fe.km.interrupt_kernel()
+    fe.shell_reply(msg_id, timeout=120)
+    fe.iopub_until_idle(msg_id, timeout=120)
+
+
+def _raw_socket(fe):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    info = fe.km.get_connection_info()
+    s.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+    return s
+
+
+def test_bad_input_is_dropped_and_the_next_message_is_answered(fe):
+    kc = fe.kc
+    s = _raw_socket(fe)
+    good = kc.session.msg("execute_request", {"code": "tampered = 1", "silent": False,
+                                               "store_history": True, "user_expressions": {},
+                                               "allow_stdin": False})
+    frames = kc.session.serialize(good)
+    # A wrong signature.
+    bad = list(frames)
+    bad[1] = b"0" * 64
+    s.send_multipart(bad)
+    # No signature, truncated frames, malformed JSON, invalid UTF-8.
+    s.send_multipart([b"<IDS|MSG>", b""] + frames[2:])
+    s.send_multipart(frames[:3])
+    junk = [b"{not json", b"{}", b"{}", b"{}"]
+    s.send_multipart([b"<IDS|MSG>", kc.session.sign(junk)] + junk)
+    utf = [b'{"msg_id": "\xff"}', b"{}", b"{}", b"{}"]
+    s.send_multipart([b"<IDS|MSG>", kc.session.sign(utf)] + utf)
+    # An unknown message type, correctly signed.
+    unknown = kc.session.msg("no_such_request", {})
+    s.send_multipart(kc.session.serialize(unknown))
+    # The good message once, then replayed.
+    s.send_multipart(frames)
+    reply = s.recv_multipart()
+    assert json.loads(reply[-1])["status"] == "ok"
+    s.send_multipart(frames)
+    assert not s.poll(1000), "a replayed message was answered"
+    s.close()
+    # tampered was set exactly by the one good message; the kernel still serves.
+    assert fe.eval("tampered") == "1"
+
+
+def test_client_that_disappears_mid_request(fe):
+    other = fe.km.client()
+    other.start_channels()
+    other.wait_for_ready(timeout=10)
+    msg_id = other.execute("import time; time.sleep(1); vanished_done = 1")
+    # Gone once the kernel has started the cell: its reply has no taker.
+    while True:
+        m = fe.kc.get_iopub_msg(timeout=10)
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
+            break
+    other.stop_channels()
+    assert fe.eval("vanished_done") == "1"
+
+
+def test_100mb_of_output_arrives_whole():
+    fe = Frontend()
+    try:
+        line = "x" * 1023 + "\n"
+        msg_id = fe.kc.execute(f"for _ in range(100 * 1024): print({line[:-1]!r})")
+        total = 0
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            m = fe.kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            if m["msg_type"] == "stream":
+                text = m["content"]["text"]
+                assert set(text) <= {"x", "\n"}
+                total += len(text)
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                break
+        assert total == 100 * 1024 * 1024
+        assert fe.shell_reply(msg_id)["content"]["status"] == "ok"
+    finally:
+        fe.close()
+
+
+# -- interrupts, exits, restarts ----------------------------------------------
+
+@pytest.mark.parametrize("kernel_name", ["notebookos", "notebookos-signal"])
+def test_interrupt_sleep_and_busy_loop(kernel_name):
+    fe = Frontend(kernel_name)
+    try:
+        for code in ["import time; time.sleep(60)", "while True: pass"]:
+            msg_id = fe.kc.execute(code)
+            # Wait until the cell is running.
+            while True:
+                m = fe.kc.get_iopub_msg(timeout=10)
+                if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
+                    break
+            time.sleep(0.3)
+            fe.km.interrupt_kernel()
+            # Well before the 60 s the cell would take (latency is in bench/).
+            reply = fe.shell_reply(msg_id, timeout=10)["content"]
+            assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+            fe.iopub_until_idle(msg_id)
+        assert fe.eval("'alive'") == "'alive'"
+        # An interrupt between cells is harmless.
+        fe.km.interrupt_kernel()
+        time.sleep(0.3)
+        assert fe.eval("2+2") == "4"
+    finally:
+        fe.close()
+
+
+def test_interrupt_while_waiting_for_input():
+    fe = Frontend()
+    try:
+        msg_id = fe.kc.execute("input('?')", allow_stdin=True)
+        fe.kc.get_stdin_msg(timeout=10)
+        fe.km.interrupt_kernel()
+        reply = fe.shell_reply(msg_id, timeout=10)["content"]
+        assert reply["ename"] == "KeyboardInterrupt"
+        fe.iopub_until_idle(msg_id)
+        assert fe.eval("3") == "3"
+    finally:
+        fe.close()
+
+
+def test_os_exit_kills_the_kernel_like_ipykernel():
+    fe = Frontend()
+    try:
+        fe.kc.execute("import os; os._exit(1)")
+        deadline = time.monotonic() + 20
+        while fe.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not fe.km.is_alive()
+    finally:
+        fe.kc.stop_channels()
+
+
+def test_exit_asks_the_kernel_to_stop():
+    fe = Frontend()
+    try:
+        reply, _ = fe.execute("exit()")
+        assert reply["status"] == "ok"
+        assert {"source": "ask_exit", "keepkernel": False} in reply["payload"]
+    finally:
+        fe.close()
+
+
+def test_restart_gives_a_fresh_namespace():
+    fe = Frontend()
+    try:
+        fe.execute("before_restart = 1")
+        fe.km.restart_kernel(now=False)
+        fe.kc.wait_for_ready(timeout=60)
+        reply, _ = fe.execute("before_restart")
+        assert reply["status"] == "error" and reply["ename"] == "NameError"
+    finally:
+        fe.close()
+
+
+def test_unknown_command_line_options_are_accepted(tmp_path, monkeypatch):
+    from conftest import KERNEL_BIN
+
+    spec = tmp_path / "kernels" / "nbos-extra"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(KERNEL_BIN), "-f", "{connection_file}", "--HistoryManager.hist_file=:memory:",
+                 "--some-unknown-flag"],
+        "display_name": "extra", "language": "python", "interrupt_mode": "message",
+        "env": {"NOTEBOOKOS_PYTHON": sys.executable},
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path}{os.pathsep}{os.environ['JUPYTER_PATH']}")
+    fe = Frontend("nbos-extra")
+    try:
+        assert fe.eval("get_ipython().history_manager.hist_file") == "':memory:'"
+    finally:
+        fe.close()
