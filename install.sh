@@ -3,6 +3,7 @@
 #
 #   ./install.sh                 # python3 on PATH
 #   PYTHON=/path/to/venv/bin/python ./install.sh
+#   ./install.sh --demo          # then run docs/demo.ipynb through the kernel
 #   ./install.sh --uninstall
 #
 # Installs into that environment: the python-shim package (with IPython,
@@ -24,6 +25,8 @@ PY="$("$PYTHON" -c 'import sys; print(sys.executable)')"
 IN_VENV="$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in __import__("os").environ))')"
 if [ "$IN_VENV" = 1 ]; then SCOPE=(--sys-prefix); else SCOPE=(--user); fi
 
+DEMO=0
+if [ "${1:-}" = "--demo" ]; then DEMO=1; fi
 if [ "${1:-}" = "--uninstall" ]; then
     "$PY" -m jupyter kernelspec remove -y "$NAME" 2>/dev/null || true
     "$PY" -m pip uninstall -y -q notebookos-shim 2>/dev/null || true
@@ -59,3 +62,31 @@ sed -e "s|@KERNEL_BIN@|$DEST/notebookos-kernel|" -e "s|@PYTHON@|$PY|" \
 chmod 0755 "$DEST/notebookos-kernel"
 echo "installed: $DEST"
 "$PY" -m jupyter kernelspec list | grep -E "^\s+$NAME\s" || die "kernelspec not listed"
+
+if [ "$DEMO" = 1 ]; then
+    echo "==> Running docs/demo.ipynb through the notebookos kernel (nbclient)"
+    "$PY" -m pip install -q --disable-pip-version-check "nbclient>=0.10" "nbformat>=5"
+    "$PY" - "$ROOT/docs/demo.ipynb" <<'PY'
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, kernel_name="notebookos", timeout=300).execute()
+for cell in nb.cells:
+    if cell.cell_type != "code":
+        continue
+    print(f"In [{cell.execution_count}]: {cell.source.splitlines()[0]}")
+    for out in cell.outputs:
+        if out.output_type == "stream":
+            text = out.text
+        elif out.output_type == "error":
+            text = f"{out.ename}: {out.evalue}"
+        else:
+            text = out.get("data", {}).get("text/plain", "")
+        for line in str(text).rstrip().splitlines():
+            print(f"    {line}")
+print("demo: all cells ran")
+PY
+fi

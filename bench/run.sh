@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Benchmarks (timings live here, never in tests). Builds the release kernel
+# and compares it with ipykernel on this machine, in one run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
+.venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt -e python-shim
+PYO3_PYTHON="$ROOT/.venv/bin/python" cargo build -q --release -p notebookos-kernel
+
+SPECS="$(mktemp -d)"
+trap 'rm -rf "$SPECS"' EXIT
+mkdir -p "$SPECS/kernels/notebookos" "$SPECS/kernels/python3"
+cat > "$SPECS/kernels/notebookos/kernel.json" <<JSON
+{"argv": ["$ROOT/target/release/notebookos-kernel", "-f", "{connection_file}"],
+ "display_name": "notebookos", "language": "python", "interrupt_mode": "message",
+ "env": {"NOTEBOOKOS_PYTHON": "$ROOT/.venv/bin/python"}}
+JSON
+cat > "$SPECS/kernels/python3/kernel.json" <<JSON
+{"argv": ["$ROOT/.venv/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+ "display_name": "ipykernel", "language": "python"}
+JSON
+mkdir -p bench/results
+export JUPYTER_PATH="$SPECS" IPYTHONDIR="$SPECS/ipython"
+.venv/bin/python bench/kernel_vs_ipykernel.py --json bench/results/kernel_vs_ipykernel.json "$@"

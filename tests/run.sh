@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone:
+#   Rust unit and integration tests (cargo nextest), the Python integration
+#   tests through jupyter_client and jupyter_kernel_test (pytest), and
+#   ipykernel's own message-spec tests run against notebookos.
+# Installs what it needs into ./.venv (PYTHON=... picks the base Python).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+
+# Network namespaces for the multi-host tests.
+if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
+.venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt -e python-shim
+export PYO3_PYTHON="$ROOT/.venv/bin/python"
+
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+cargo build -q -p notebookos-kernel
+cargo nextest run --workspace --no-fail-fast
+
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/
+PY="$ROOT/.venv/bin/python" bash tests/ipykernel_message_spec.sh
