@@ -96,6 +96,8 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     tokio::spawn(router::pump("control", control_recv, session.clone(), control_tx));
     tokio::spawn(control::serve(kernel.clone(), control_sink, control_rx));
 
+    tokio::spawn(exit_with_parent(kernel.clone()));
+
     while !*shutdown_rx.borrow() {
         if shutdown_rx.changed().await.is_err() {
             break;
@@ -103,6 +105,24 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     }
     iopub.flush().await;
     Ok(0)
+}
+
+/// A kernel whose launcher died (Jupyter killed -9) would run forever with
+/// nobody able to reach it; like ipykernel's parent poller, it exits when
+/// it is re-parented.
+async fn exit_with_parent(kernel: Arc<Kernel>) {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            tracing::warn!("the process that launched the kernel is gone; exiting");
+            kernel.finish_shutdown();
+            return;
+        }
+    }
 }
 
 impl Kernel {

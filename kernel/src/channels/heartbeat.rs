@@ -1,20 +1,12 @@
 //! Heartbeat: a REP socket that echoes. It never touches Python, so it is
 //! answered while a cell holds the GIL.
 
-use zeromq::{RepSocket, Socket, SocketRecv, SocketSend};
+use zeromq::{RepSocket, SocketRecv, SocketSend};
 
 use super::ChannelError;
 
 pub async fn bind(endpoint: &str) -> Result<RepSocket, ChannelError> {
-    let mut socket = RepSocket::new();
-    socket
-        .bind(endpoint)
-        .await
-        .map_err(|source| ChannelError::Bind {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
-    Ok(socket)
+    super::bind(endpoint).await
 }
 
 pub async fn serve(mut socket: RepSocket) {

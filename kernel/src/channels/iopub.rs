@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use zeromq::{Socket, SocketRecv, SocketSend, XPubSocket, ZmqMessage};
+use zeromq::{SocketRecv, SocketSend, XPubSocket, ZmqMessage};
 
 use super::{ChannelError, Session};
 use crate::wire::status::{ExecutionState, IopubWelcome, Status};
@@ -28,7 +28,7 @@ const QUEUE_DEPTH: usize = 1024;
 
 #[derive(Debug)]
 enum Event {
-    Message(Outgoing),
+    Message(Box<Outgoing>),
     Stream {
         parent: Option<Header>,
         name: String,
@@ -50,12 +50,12 @@ impl Iopub {
     }
 
     pub async fn publish(&self, msg: Outgoing) {
-        let _ = self.tx.send(Event::Message(msg)).await;
+        let _ = self.tx.send(Event::Message(Box::new(msg))).await;
     }
 
     /// For threads outside the runtime (the Python thread).
     pub fn blocking_publish(&self, msg: Outgoing) {
-        let _ = self.tx.blocking_send(Event::Message(msg));
+        let _ = self.tx.blocking_send(Event::Message(Box::new(msg)));
     }
 
     pub fn blocking_stream(&self, parent: Option<Header>, name: String, text: String) {
@@ -84,14 +84,7 @@ impl Iopub {
 }
 
 pub async fn bind(endpoint: &str, session: Arc<Session>) -> Result<(Iopub, Publisher), ChannelError> {
-    let mut socket = XPubSocket::new();
-    socket
-        .bind(endpoint)
-        .await
-        .map_err(|source| ChannelError::Bind {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
+    let socket: XPubSocket = super::bind(endpoint).await?;
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     Ok((
         Iopub {
@@ -149,7 +142,7 @@ impl Publisher {
         match event {
             Event::Message(msg) => {
                 self.flush_stream().await;
-                self.write(msg).await;
+                self.write(*msg).await;
             }
             Event::Stream { parent, name, text } => {
                 let same = self

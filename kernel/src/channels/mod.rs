@@ -29,6 +29,19 @@ impl Session {
     }
 }
 
+/// Binds a fresh zmq socket to an endpoint from the connection file.
+async fn bind<S: zeromq::Socket>(endpoint: &str) -> Result<S, ChannelError> {
+    let mut socket = S::new();
+    socket
+        .bind(endpoint)
+        .await
+        .map_err(|source| ChannelError::Bind {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    Ok(socket)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("cannot bind {endpoint}: {source}")]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use zeromq::{RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{RouterRecvHalf, RouterSendHalf, RouterSocket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::{ChannelError, Session};
 use crate::wire::{Message, Outgoing, ReplayGuard};
@@ -14,14 +14,7 @@ use crate::wire::{Message, Outgoing, ReplayGuard};
 const REPLAY_HISTORY: usize = 1 << 16;
 
 pub async fn bind(endpoint: &str) -> Result<(RouterSendHalf, RouterRecvHalf), ChannelError> {
-    let mut socket = RouterSocket::new();
-    socket
-        .bind(endpoint)
-        .await
-        .map_err(|source| ChannelError::Bind {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
+    let socket: RouterSocket = super::bind(endpoint).await?;
     Ok(socket.split())
 }
 
