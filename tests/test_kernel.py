@@ -478,3 +478,46 @@ def test_unknown_command_line_options_are_accepted(tmp_path, monkeypatch):
         assert fe.eval("get_ipython().history_manager.hist_file") == "':memory:'"
     finally:
         fe.close()
+
+
+def test_kernel_exits_when_its_launcher_dies(tmp_path):
+    import subprocess
+
+    from jupyter_client.connect import write_connection_file
+
+    from conftest import KERNEL_BIN
+
+    cf, _ = write_connection_file(str(tmp_path / "k.json"), key=b"secret")
+    env = dict(os.environ, NOTEBOOKOS_PYTHON=sys.executable)
+    # The launcher starts the kernel in the background and dies.
+    out = subprocess.run(
+        ["bash", "-c", f"'{KERNEL_BIN}' -f '{cf}' >/dev/null 2>&1 & echo $!; sleep 1"],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    pytest.fail("the orphaned kernel kept running")
+
+
+def test_empty_key_in_the_connection_file_disables_signing():
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="notebookos")
+    km.session.key = b""
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        reply = kc.execute_interactive("unsigned = 6 * 7", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
