@@ -12,9 +12,11 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import _notebookos
 
+from . import placement
 from .jsonutil import dumps
 
 
@@ -65,6 +67,10 @@ class Kernel:
         self._main_thread = threading.main_thread()
         self._main_parent = {}
         self._executing = False
+        # Replicas and GPU binding, as %notebookos shows them.
+        self.placement = placement.local()
+        # The last cell that ran to the end: who ran it, how long it waited.
+        self.last_cell = None
         self._handlers = {
             "execute_request": self.execute_request,
             "complete_request": self.complete_request,
@@ -99,6 +105,7 @@ class Kernel:
     # -- execute ----------------------------------------------------------
 
     def execute_request(self, content, parent):
+        started = time.time()
         shell = self.shell
         code = content["code"]
         silent = content.get("silent", False)
@@ -141,11 +148,19 @@ class Kernel:
             reply["user_expressions"] = {}
         reply["payload"] = shell.payload_manager.read_payload()
         shell.payload_manager.clear_payload()
+        if not silent:
+            self.last_cell = {
+                "execution_count": reply["execution_count"],
+                "replica": self.placement["self"],
+                "wait_s": placement.wait_seconds(parent["header"], started),
+            }
         return reply
 
     def on_sigint(self, signum, frame):
         # Between cells an interrupt means nothing; during one it is the
-        # user's KeyboardInterrupt.
+        # user's KeyboardInterrupt, whose traceback ends in the user's code
+        # (IPython hides frames that set __tracebackhide__).
+        __tracebackhide__ = True
         if self._executing:
             raise KeyboardInterrupt
 

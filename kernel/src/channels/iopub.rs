@@ -198,6 +198,7 @@ impl Publisher {
             return;
         }
         let subscription = String::from_utf8_lossy(&frame[1..]).into_owned();
+        tracing::debug!(?subscription, "iopub subscriber");
         let welcome = IopubWelcome { subscription };
         let msg = Outgoing::typed("iopub_welcome", &self.session.id, None, &welcome);
         self.write(msg).await;

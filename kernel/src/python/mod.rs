@@ -207,11 +207,11 @@ fn python_main(
         let v = py.version_info();
         Versions {
             python: format!("{}.{}.{}", v.major, v.minor, v.patch),
-            // Read from package metadata: importing IPython would make
-            // kernel_info wait for the slowest part of start-up.
+            // Not by importing IPython: kernel_info would then wait for the
+            // slowest part of start-up.
             ipython: py
-                .import("importlib.metadata")
-                .and_then(|m| m.call_method1("version", ("ipython",)))
+                .import("notebookos_shim.versions")
+                .and_then(|m| m.call_method0("ipython_version"))
                 .and_then(|v| v.extract::<String>())
                 .unwrap_or_else(|_| "unknown".into()),
         }

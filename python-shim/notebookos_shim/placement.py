@@ -1,0 +1,118 @@
+"""Where the kernel runs: its replicas, its GPU binding, and what the last
+cell waited for; the ``%notebookos`` magic shows it to the user.
+
+notebookos runs as a single replica today (Raft replication is not built)
+and no GPU agent grants GPUs, so ``local()`` describes this one process.
+The shapes are what the Rust side will fill in once it knows more: the
+kernel holds a ``placement`` dict and the magic only formats it.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+from datetime import datetime, timezone
+
+
+def local():
+    """The placement of a kernel that is one process on this host; ``self``
+    is the id of the replica this process is."""
+    return {
+        "self": 1,
+        "replicas": [
+            {
+                "id": 1,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "role": "talks to Jupyter",
+                "state": "running",
+            }
+        ],
+        "gpu": {"grant": None, "reason": "no GPU agent on this host; cells run on CPU"},
+    }
+
+
+def visible_gpus():
+    """GPUs this process could use on its own, granted or not.
+
+    Asked each time rather than cached: CUDA_VISIBLE_DEVICES can change
+    in a cell, and nvidia-smi is the ground truth when it is installed.
+    """
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None and mask.strip() in ("", "-1"):
+        return []
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    gpus = [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    if mask is not None:
+        wanted = {m.strip() for m in mask.split(",")}
+        gpus = [g for i, g in enumerate(gpus) if str(i) in wanted or _uuid(g) in wanted]
+    return gpus
+
+
+def _uuid(nvidia_smi_line):
+    _, _, rest = nvidia_smi_line.partition("(UUID: ")
+    return rest.rstrip(")")
+
+
+def wait_seconds(header, started):
+    """Seconds from the front-end sending an execute_request (its header's
+    ``date``) to the cell starting; None when the header has no usable date
+    or the two clocks disagree so much that the answer would be negative."""
+    date = header.get("date")
+    if not date:
+        return None
+    try:
+        sent = datetime.fromisoformat(date.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if sent.tzinfo is None:
+        # The message spec's dates are UTC.
+        sent = sent.replace(tzinfo=timezone.utc)
+    wait = started - sent.timestamp()
+    return wait if wait >= 0 else None
+
+
+def report(placement, last_cell, gpus):
+    """The text ``%notebookos`` prints."""
+    replicas = placement["replicas"]
+    lines = [f"notebookos: {len(replicas)} replica{'s' if len(replicas) != 1 else ''}"]
+    if len(replicas) == 1:
+        lines[0] += " (replication is not built yet: this process is the whole kernel)"
+    lines.append("Replicas:")
+    by_id = {}
+    for r in replicas:
+        by_id[r["id"]] = r
+        me = "  <- this process" if r["id"] == placement["self"] else ""
+        lines.append(
+            f"  replica {r['id']}: {r['role']}  host {r['host']}  pid {r['pid']}  {r['state']}{me}"
+        )
+    if last_cell is None:
+        lines.append("Last cell: none has run yet")
+    else:
+        r = by_id.get(last_cell["replica"], {"host": "?", "pid": "?"})
+        wait = last_cell["wait_s"]
+        waited = "unknown (no usable request date)" if wait is None else f"{wait * 1000:.1f} ms"
+        lines.append(
+            f"Last cell: [{last_cell['execution_count']}] ran on replica {last_cell['replica']}"
+            f" (host {r['host']}, pid {r['pid']}); waited {waited} from request to start"
+        )
+    grant = placement["gpu"]["grant"]
+    if grant is None:
+        lines.append(f"GPU grant: none: {placement['gpu']['reason']}")
+    else:
+        lines.append(f"GPU grant: {grant}")
+    if gpus:
+        anyway = " anyway (not granted by notebookos)" if grant is None else ""
+        lines.append(f"GPUs this process can see{anyway}:")
+        lines.extend(f"  {g}" for g in gpus)
+    else:
+        lines.append("GPUs this process can see: none")
+    return "\n".join(lines)
