@@ -1,0 +1,416 @@
+//! Content-addressed blobs on their own QUIC streams.
+//!
+//! Each blob travels on a fresh bidirectional stream, never on a Raft RPC stream, so the
+//! only thing it shares with heartbeats is the congestion window, and Raft streams are
+//! sent at a higher priority. Back-pressure is QUIC's own flow control: the sender's
+//! writes wait while the receiver's stream window is full, and the receiver reads only as
+//! fast as it can store. A blob is named by the SHA-256 of its content.
+//!
+//! ```text
+//! PutBlob: [ver][5][len u64][bytes …][sha256 32B]  ->  [status u8]
+//! GetBlob: [ver][6][sha256 32B]                    ->  [status u8][len u64][bytes …]
+//! ```
+//!
+//! The hash of a pushed blob is a trailer, so the sender hashes while it sends and a
+//! 1 GiB blob is not read twice before the first byte leaves.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::connection::Transport;
+use crate::error::{Error, Result};
+use crate::rpc::{self, StreamKind, WireError};
+use crate::types::NodeId;
+
+/// Chunk size for writes: large enough to amortise per-call overhead, small enough that
+/// flow-control waits are fine-grained.
+const CHUNK: usize = 1 << 20;
+
+/// Most a receiver allocates before the data has actually arrived.
+const INITIAL_CAPACITY: usize = 64 << 20;
+
+const STATUS_MISMATCH: u8 = 2;
+const STATUS_TOO_LARGE: u8 = 3;
+const STATUS_NOT_FOUND: u8 = 4;
+
+/// SHA-256 of a blob's content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobHash(pub [u8; 32]);
+
+impl BlobHash {
+    pub fn of(data: &[u8]) -> Self {
+        Self(Sha256::digest(data).into())
+    }
+}
+
+impl fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobHash({self})")
+    }
+}
+
+/// Blobs received from peers or published locally, in memory.
+#[derive(Default)]
+pub struct BlobStore {
+    blobs: Mutex<HashMap<BlobHash, Bytes>>,
+    added: tokio::sync::Notify,
+}
+
+impl BlobStore {
+    pub fn insert(&self, data: Bytes) -> BlobHash {
+        let hash = BlobHash::of(&data);
+        self.insert_verified(hash, data);
+        hash
+    }
+
+    fn insert_verified(&self, hash: BlobHash, data: Bytes) {
+        self.blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, data);
+        self.added.notify_waiters();
+    }
+
+    pub fn get(&self, hash: &BlobHash) -> Option<Bytes> {
+        self.blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    pub fn remove(&self, hash: &BlobHash) -> Option<Bytes> {
+        self.blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hash)
+    }
+
+    /// Waits until `hash` is present (e.g. a peer is pushing it to us).
+    pub async fn wait_for(&self, hash: &BlobHash) -> Bytes {
+        loop {
+            let added = self.added.notified();
+            if let Some(b) = self.get(hash) {
+                return b;
+            }
+            added.await;
+        }
+    }
+}
+
+/// Below this size a blob is hashed inline; above it on a blocking thread, in parallel
+/// with the transfer, so that SHA-256 does not cap the stream's throughput.
+const HASH_OFFLOAD: usize = 4 << 20;
+
+/// Hashes chunks as they arrive, on the caller's task or on a blocking thread.
+enum StreamingHasher {
+    Inline(Sha256),
+    Offloaded {
+        tx: std::sync::mpsc::Sender<Bytes>,
+        done: tokio::task::JoinHandle<BlobHash>,
+    },
+}
+
+impl StreamingHasher {
+    fn new(expected_len: usize) -> Self {
+        if expected_len < HASH_OFFLOAD {
+            return Self::Inline(Sha256::new());
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Bytes>();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            for chunk in rx {
+                h.update(&chunk);
+            }
+            BlobHash(h.finalize().into())
+        });
+        Self::Offloaded { tx, done }
+    }
+
+    fn update(&mut self, chunk: &Bytes) {
+        match self {
+            Self::Inline(h) => h.update(chunk),
+            // The receiver only goes away if the hashing thread panicked; finish() reports it.
+            Self::Offloaded { tx, .. } => {
+                let _ = tx.send(chunk.clone());
+            }
+        }
+    }
+
+    async fn finish(self) -> Option<BlobHash> {
+        match self {
+            Self::Inline(h) => Some(BlobHash(h.finalize().into())),
+            Self::Offloaded { tx, done } => {
+                drop(tx);
+                done.await.ok()
+            }
+        }
+    }
+}
+
+/// Reads `[len u64][bytes]`, refusing lengths above `max`; hashes the bytes if asked.
+pub(crate) async fn read_sized(
+    recv: &mut quinn::RecvStream,
+    max: u64,
+    hash: bool,
+) -> Result<(Vec<u8>, Option<BlobHash>), WireError> {
+    let mut len = [0u8; 8];
+    recv.read_exact(&mut len).await?;
+    let len = u64::from_le_bytes(len);
+    if len > max {
+        return Err(WireError::TooLarge(len));
+    }
+    let len = len as usize;
+    let mut hasher = hash.then(|| StreamingHasher::new(len));
+    // Grow with the data rather than trusting the declared length up front; large
+    // reallocations are remaps, not copies.
+    let mut data = Vec::with_capacity(len.min(INITIAL_CAPACITY));
+    while data.len() < len {
+        let Some(chunk) = recv.read_chunk(len - data.len(), true).await? else {
+            return Err(WireError::Read(quinn::ReadExactError::FinishedEarly(
+                data.len(),
+            )));
+        };
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk.bytes);
+        }
+        data.extend_from_slice(&chunk.bytes);
+    }
+    let digest = match hasher {
+        Some(h) => Some(
+            h.finish()
+                .await
+                .ok_or(WireError::Remote("hashing failed".into()))?,
+        ),
+        None => None,
+    };
+    Ok((data, digest))
+}
+
+/// Writes `[len u64][bytes]` in chunks without copying.
+async fn write_sized(send: &mut quinn::SendStream, data: &Bytes) -> Result<(), WireError> {
+    send.write_all(&(data.len() as u64).to_le_bytes()).await?;
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + CHUNK).min(data.len());
+        send.write_chunk(data.slice(off..end)).await?;
+        off = end;
+    }
+    Ok(())
+}
+
+fn wire(peer: NodeId) -> impl Fn(WireError) -> Error {
+    move |e| match e {
+        WireError::Remote(reason) => Error::Protocol { peer, reason },
+        other => Error::Unreachable {
+            peer,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Pushes `data` to `peer`; returns its hash once the peer has verified and stored it.
+pub(crate) async fn send_blob(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    addr: &str,
+    data: Bytes,
+) -> Result<BlobHash> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (send, recv, conn) = transport.open_bi(peer, addr).await?;
+        match put_once(peer, send, recv, &data).await {
+            // The connection lost a duplicate-dial tie-break under us: once more.
+            Err(_) if attempt < 2 && transport.retry_after_failure(peer, &conn) => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn put_once(
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    data: &Bytes,
+) -> Result<BlobHash> {
+    let _ = send.set_priority(-1);
+    // Hash on another thread while the bytes are on their way; the hash is the trailer.
+    let mut hasher = StreamingHasher::new(data.len());
+    hasher.update(data);
+    send.write_all(&rpc::header(StreamKind::PutBlob))
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    write_sized(&mut send, data).await.map_err(wire(peer))?;
+    let hash = hasher.finish().await.ok_or(Error::Protocol {
+        peer,
+        reason: "hashing failed".into(),
+    })?;
+    send.write_all(&hash.0)
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    send.finish().map_err(|e| wire(peer)(e.into()))?;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status)
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    match status[0] {
+        rpc::STATUS_OK => Ok(hash),
+        STATUS_MISMATCH => Err(Error::BlobHashMismatch),
+        STATUS_TOO_LARGE => Err(Error::BlobTooLarge {
+            size: data.len() as u64,
+            limit: 0,
+        }),
+        s => Err(Error::Protocol {
+            peer,
+            reason: format!("blob refused with status {s}"),
+        }),
+    }
+}
+
+/// Fetches the blob named `hash` from `peer` and checks its content.
+pub(crate) async fn fetch_blob(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    addr: &str,
+    hash: BlobHash,
+) -> Result<Bytes> {
+    let max = transport.max_blob_size;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (send, recv, conn) = transport.open_bi(peer, addr).await?;
+        match get_once(peer, send, recv, hash, max).await {
+            Err(_) if attempt < 2 && transport.retry_after_failure(peer, &conn) => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn get_once(
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    hash: BlobHash,
+    max: u64,
+) -> Result<Bytes> {
+    let mut req = rpc::header(StreamKind::GetBlob).to_vec();
+    req.extend_from_slice(&hash.0);
+    send.write_all(&req)
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    send.finish().map_err(|e| wire(peer)(e.into()))?;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status)
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    match status[0] {
+        rpc::STATUS_OK => {}
+        STATUS_NOT_FOUND => return Err(Error::BlobNotFound(hash)),
+        s => {
+            return Err(Error::Protocol {
+                peer,
+                reason: format!("fetch refused with status {s}"),
+            })
+        }
+    }
+    let (data, got) = read_sized(&mut recv, max, true).await.map_err(wire(peer))?;
+    if got != Some(hash) {
+        return Err(Error::BlobHashMismatch);
+    }
+    Ok(Bytes::from(data))
+}
+
+pub(crate) async fn serve_put(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    // Bounding concurrent blob streams bounds memory; a waiting stream is not read, so
+    // its sender stalls on flow control: back-pressure all the way to the producer.
+    let Ok(_permit) = transport.blob_streams.clone().acquire_owned().await else {
+        return Ok(());
+    };
+    let (data, hash) = match read_sized(&mut recv, transport.max_blob_size, true).await {
+        Ok((d, Some(h))) => (d, h),
+        Ok((_, None)) => return Err(WireError::Remote("hashing failed".into())),
+        Err(WireError::TooLarge(n)) => {
+            tracing::warn!(peer, bytes = n, "refusing oversized blob");
+            let _ = recv.stop(0u32.into());
+            send.write_all(&[STATUS_TOO_LARGE]).await?;
+            send.finish()?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut claimed = [0u8; 32];
+    recv.read_exact(&mut claimed).await?;
+    if hash.0 != claimed {
+        tracing::warn!(peer, "blob hash mismatch");
+        send.write_all(&[STATUS_MISMATCH]).await?;
+    } else {
+        tracing::debug!(peer, %hash, bytes = data.len(), "stored blob");
+        transport.blobs.insert_verified(hash, Bytes::from(data));
+        send.write_all(&[rpc::STATUS_OK]).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+pub(crate) async fn serve_get(
+    transport: &Arc<Transport>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    let mut hash = [0u8; 32];
+    recv.read_exact(&mut hash).await?;
+    let _ = send.set_priority(-1);
+    match transport.blobs.get(&BlobHash(hash)) {
+        Some(data) => {
+            send.write_all(&[rpc::STATUS_OK]).await?;
+            write_sized(&mut send, &data).await?;
+        }
+        None => send.write_all(&[STATUS_NOT_FOUND]).await?,
+    }
+    send.finish()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_display_is_hex() {
+        let h = BlobHash::of(b"abc");
+        assert_eq!(
+            h.to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[tokio::test]
+    async fn store_wait_for() {
+        let store = Arc::new(BlobStore::default());
+        let h = BlobHash::of(b"x");
+        let s2 = store.clone();
+        let waiter = tokio::spawn(async move { s2.wait_for(&h).await });
+        tokio::task::yield_now().await;
+        assert_eq!(store.insert(Bytes::from_static(b"x")), h);
+        assert_eq!(&waiter.await.unwrap()[..], b"x");
+    }
+}
