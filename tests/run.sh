@@ -23,6 +23,8 @@ export PYO3_PYTHON="$ROOT/.venv/bin/python"
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 cargo build -q -p notebookos-kernel
 cargo nextest run --workspace --no-fail-fast
+# raft-transport across network namespaces (three "hosts", one cut off).
+bash raft-transport/scripts/netns-test.sh
 
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/
 PY="$ROOT/.venv/bin/python" bash tests/ipykernel_message_spec.sh
