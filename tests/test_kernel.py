@@ -403,6 +403,8 @@ def test_interrupt_sleep_and_busy_loop(kernel_name):
             # Well before the 60 s the cell would take (latency is in bench/).
             reply = fe.shell_reply(msg_id, timeout=10)["content"]
             assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+            # As with ipykernel, the traceback ends in the user's code.
+            assert "notebookos_shim" not in "".join(reply["traceback"]), reply["traceback"]
             fe.iopub_until_idle(msg_id)
         assert fe.eval("'alive'") == "'alive'"
         # An interrupt between cells is harmless.

@@ -66,7 +66,6 @@ class Kernel:
         self._local = threading.local()
         self._main_thread = threading.main_thread()
         self._main_parent = {}
-        self._executing = False
         # Replicas and GPU binding, as %notebookos shows them.
         self.placement = placement.local()
         # The last cell that ran to the end: who ran it, how long it waited.
@@ -120,22 +119,24 @@ class Kernel:
         shell._last_traceback = None
         err = None
         # Only the main thread receives SIGINT, so only its cells are
-        # interruptible.
-        self._executing = on_main
+        # interruptible. During one, SIGINT gets Python's own handler, as in
+        # ipykernel: being C, it adds no frame of ours to the user's traceback.
+        if on_main:
+            between_cells = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             result = shell.run_cell(code, store_history=store_history, silent=silent)
             if on_main:
-                self._executing = False
+                signal.signal(signal.SIGINT, between_cells)
             err = result.error_before_exec or result.error_in_exec
             success = result.success
         except KeyboardInterrupt as e:
             # An interrupt that landed outside the user's code.
-            self._executing = False
+            signal.signal(signal.SIGINT, between_cells)
             shell.showtraceback()
             err, success = e, False
         finally:
             if on_main:
-                self._executing = False
+                signal.signal(signal.SIGINT, between_cells)
         reply = {"execution_count": shell.execution_count - 1}
         if success:
             reply["status"] = "ok"
@@ -155,14 +156,6 @@ class Kernel:
                 "wait_s": placement.wait_seconds(parent["header"], started),
             }
         return reply
-
-    def on_sigint(self, signum, frame):
-        # Between cells an interrupt means nothing; during one it is the
-        # user's KeyboardInterrupt, whose traceback ends in the user's code
-        # (IPython hides frames that set __tracebackhide__).
-        __tracebackhide__ = True
-        if self._executing:
-            raise KeyboardInterrupt
 
     def raw_input(self, prompt=""):
         return self._input(prompt, password=False)
@@ -296,6 +289,11 @@ class Kernel:
         return {"status": "ok", "restart": bool(content.get("restart", False))}
 
 
+def _ignore_sigint(signum, frame):
+    # Between cells an interrupt means nothing.
+    pass
+
+
 def _config_from_argv(argv):
     """``--Class.trait=value`` options as a traitlets Config, as ipykernel accepts them."""
     from traitlets.config import Config
@@ -347,5 +345,5 @@ def start(options):
 
     builtins.input = kernel.raw_input
     getpass.getpass = kernel.getpass
-    signal.signal(signal.SIGINT, kernel.on_sigint)
+    signal.signal(signal.SIGINT, _ignore_sigint)
     return kernel
