@@ -523,3 +523,31 @@ def test_empty_key_in_the_connection_file_disables_signing():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_environment_without_ipython_gets_a_clear_error(tmp_path, monkeypatch):
+    import venv
+
+    from conftest import KERNEL_BIN
+
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)
+    spec = tmp_path / "kernels" / "nbos-bare"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(KERNEL_BIN), "-f", "{connection_file}"],
+        "display_name": "bare", "language": "python", "interrupt_mode": "message",
+        "env": {"NOTEBOOKOS_PYTHON": str(bare / "bin" / "python")},
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path}{os.pathsep}{os.environ['JUPYTER_PATH']}")
+    fe = Frontend("nbos-bare")
+    try:
+        reply, _ = fe.execute("1+1")
+        assert reply["status"] == "error"
+        assert "could not start IPython" in reply["evalue"], reply
+        # The kernel itself keeps serving.
+        msg = fe.kc.session.msg("kernel_info_request")
+        fe.kc.control_channel.send(msg)
+        assert fe.kc.get_control_msg(timeout=10)["msg_type"] == "kernel_info_reply"
+    finally:
+        fe.close()
