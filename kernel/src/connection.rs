@@ -82,10 +82,11 @@ impl ConnectionInfo {
             path: path.display().to_string(),
             source,
         })?;
-        let info: Self = serde_json::from_slice(&text).map_err(|source| ConnectionError::Parse {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let info: Self =
+            serde_json::from_slice(&text).map_err(|source| ConnectionError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?;
         if info.transport != "tcp" && info.transport != "ipc" {
             return Err(ConnectionError::Transport(info.transport));
         }

@@ -16,7 +16,9 @@ use crate::channels::stdin::Stdin;
 use crate::channels::{control, heartbeat, iopub, router, shell, Session};
 use crate::connection::{Channel, ConnectionInfo};
 use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
-use crate::wire::{self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell};
+use crate::wire::{
+    self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell,
+};
 use crate::wire::{status::ExecutionState, Message, Outgoing, Signer};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +93,18 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     tokio::spawn(router::pump("shell", shell_recv, session.clone(), shell_tx));
     let (main_tx, main_rx) = mpsc::channel(1024);
     tokio::spawn(shell::route(kernel.clone(), shell_rx, main_tx));
-    tokio::spawn(shell::serve(kernel.clone(), kernel.python.main().clone(), main_rx));
+    tokio::spawn(shell::serve(
+        kernel.clone(),
+        kernel.python.main().clone(),
+        main_rx,
+    ));
     let (control_tx, control_rx) = mpsc::channel(64);
-    tokio::spawn(router::pump("control", control_recv, session.clone(), control_tx));
+    tokio::spawn(router::pump(
+        "control",
+        control_recv,
+        session.clone(),
+        control_tx,
+    ));
     tokio::spawn(control::serve(kernel.clone(), control_sink, control_rx));
 
     tokio::spawn(exit_with_parent(kernel.clone()));
@@ -128,8 +139,13 @@ async fn exit_with_parent(kernel: Arc<Kernel>) {
 impl Kernel {
     pub fn reply<T: Serialize>(&self, request: &Message, content: &T) -> Outgoing {
         let reply_type = reply_type(&request.header.msg_type);
-        Outgoing::typed(&reply_type, &self.session.id, Some(&request.header), content)
-            .to(&request.identities)
+        Outgoing::typed(
+            &reply_type,
+            &self.session.id,
+            Some(&request.header),
+            content,
+        )
+        .to(&request.identities)
     }
 
     fn error_reply(&self, request: &Message, ename: &str, evalue: String) -> Outgoing {
@@ -142,7 +158,10 @@ impl Kernel {
 
     pub fn kernel_info(&self, request: &Message) -> Outgoing {
         let v = self.python.versions();
-        self.reply(request, &kernel_info::KernelInfoReply::new(&v.python, &v.ipython))
+        self.reply(
+            request,
+            &kernel_info::KernelInfoReply::new(&v.python, &v.ipython),
+        )
     }
 
     pub fn interrupt(&self) {
@@ -159,20 +178,26 @@ impl Kernel {
             },
             "execute_request" => self.execute(exec, request).await,
             "complete_request" => {
-                self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request).await
-            }
-            "inspect_request" => {
-                self.forward::<inspect::InspectRequest, inspect::InspectReply>(exec, request).await
-            }
-            "is_complete_request" => {
-                self.forward::<is_complete::IsCompleteRequest, is_complete::IsCompleteReply>(exec, request)
+                self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request)
                     .await
             }
+            "inspect_request" => {
+                self.forward::<inspect::InspectRequest, inspect::InspectReply>(exec, request)
+                    .await
+            }
+            "is_complete_request" => {
+                self.forward::<is_complete::IsCompleteRequest, is_complete::IsCompleteReply>(
+                    exec, request,
+                )
+                .await
+            }
             "history_request" => {
-                self.forward::<history::HistoryRequest, history::HistoryReply>(exec, request).await
+                self.forward::<history::HistoryRequest, history::HistoryReply>(exec, request)
+                    .await
             }
             "comm_info_request" => {
-                self.forward::<comm::CommInfoRequest, comm::CommInfoReply>(exec, request).await
+                self.forward::<comm::CommInfoRequest, comm::CommInfoReply>(exec, request)
+                    .await
             }
             "comm_open" => self.notify::<comm::CommOpen>(exec, request).await,
             "comm_msg" => self.notify::<comm::CommMsg>(exec, request).await,
@@ -192,7 +217,9 @@ impl Kernel {
     async fn execute(&self, exec: &Executor, request: &Message) -> Outcome {
         let parsed = match request.content_as::<execute::ExecuteRequest>() {
             Ok(r) => r,
-            Err(e) => return self.reply_only(self.error_reply(request, "BadRequest", e.to_string())),
+            Err(e) => {
+                return self.reply_only(self.error_reply(request, "BadRequest", e.to_string()))
+            }
         };
         let reply = match exec.call(request).await {
             Ok(Some(json)) => serde_json::from_str::<execute::ExecuteReply>(&json)
@@ -256,10 +283,18 @@ impl Kernel {
         };
         // ipykernel also announces the shutdown on iopub.
         self.iopub
-            .publish(Outgoing::typed("shutdown_reply", &self.session.id, Some(&request.header), &content))
+            .publish(Outgoing::typed(
+                "shutdown_reply",
+                &self.session.id,
+                Some(&request.header),
+                &content,
+            ))
             .await;
         let cleanup = self.python.main().call(request);
-        if tokio::time::timeout(std::time::Duration::from_secs(2), cleanup).await.is_err() {
+        if tokio::time::timeout(std::time::Duration::from_secs(2), cleanup)
+            .await
+            .is_err()
+        {
             tracing::warn!("shell cleanup did not finish in time; exiting anyway");
         }
         Outcome {

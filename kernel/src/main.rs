@@ -57,7 +57,9 @@ impl Args {
                     connection_file = args.next().map(PathBuf::from);
                 }
                 "-h" | "--help" => {
-                    println!("usage: notebookos-kernel -f CONNECTION_FILE [--Class.trait=value ...]");
+                    println!(
+                        "usage: notebookos-kernel -f CONNECTION_FILE [--Class.trait=value ...]"
+                    );
                     std::process::exit(0);
                 }
                 "--version" => {

@@ -11,12 +11,19 @@ use crate::kernel::Kernel;
 use crate::wire::status::ExecutionState;
 use crate::wire::Message;
 
-pub async fn serve(kernel: Arc<Kernel>, mut sink: RouterSendHalf, mut requests: mpsc::Receiver<Message>) {
+pub async fn serve(
+    kernel: Arc<Kernel>,
+    mut sink: RouterSendHalf,
+    mut requests: mpsc::Receiver<Message>,
+) {
     while let Some(request) = requests.recv().await {
         let parent = request.header.clone();
         // Busy/idle around control requests too: jupyter_client's
         // wait_for_ready and VS Code poll kernel_info here until iopub talks.
-        kernel.iopub.status(Some(&parent), ExecutionState::Busy).await;
+        kernel
+            .iopub
+            .status(Some(&parent), ExecutionState::Busy)
+            .await;
         let mut shutdown = false;
         let reply = match parent.msg_type.as_str() {
             "kernel_info_request" => Some(kernel.kernel_info(&request)),
@@ -41,7 +48,10 @@ pub async fn serve(kernel: Arc<Kernel>, mut sink: RouterSendHalf, mut requests: 
         if let Some(reply) = reply {
             router::send("control", &mut sink, &kernel.session, reply).await;
         }
-        kernel.iopub.status(Some(&parent), ExecutionState::Idle).await;
+        kernel
+            .iopub
+            .status(Some(&parent), ExecutionState::Idle)
+            .await;
         if shutdown {
             kernel.finish_shutdown();
             return;

@@ -78,12 +78,20 @@ impl Iopub {
         let content = Status {
             execution_state: state,
         };
-        self.publish(Outgoing::typed("status", &self.session.id, parent, &content))
-            .await;
+        self.publish(Outgoing::typed(
+            "status",
+            &self.session.id,
+            parent,
+            &content,
+        ))
+        .await;
     }
 }
 
-pub async fn bind(endpoint: &str, session: Arc<Session>) -> Result<(Iopub, Publisher), ChannelError> {
+pub async fn bind(
+    endpoint: &str,
+    session: Arc<Session>,
+) -> Result<(Iopub, Publisher), ChannelError> {
     let socket: XPubSocket = super::bind(endpoint).await?;
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     Ok((
@@ -163,7 +171,11 @@ impl Publisher {
                         })
                     }
                 }
-                if self.pending.as_ref().is_some_and(|p| p.text.len() >= MAX_PENDING_TEXT) {
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.text.len() >= MAX_PENDING_TEXT)
+                {
                     self.flush_stream().await;
                 }
             }

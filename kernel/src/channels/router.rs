@@ -55,6 +55,10 @@ pub async fn send(name: &'static str, sink: &mut RouterSendHalf, session: &Sessi
         return;
     };
     if let Err(e) = sink.send(zmsg).await {
-        tracing::warn!(channel = name, "could not send {}: {e}", msg.header.msg_type);
+        tracing::warn!(
+            channel = name,
+            "could not send {}: {e}",
+            msg.header.msg_type
+        );
     }
 }

@@ -18,14 +18,20 @@ use crate::wire::Message;
 /// The shell socket's send side, shared by the main shell and subshells.
 pub type Sink = Arc<tokio::sync::Mutex<RouterSendHalf>>;
 
-pub async fn route(kernel: Arc<Kernel>, mut incoming: mpsc::Receiver<Message>, main: mpsc::Sender<Message>) {
+pub async fn route(
+    kernel: Arc<Kernel>,
+    mut incoming: mpsc::Receiver<Message>,
+    main: mpsc::Sender<Message>,
+) {
     while let Some(msg) = incoming.recv().await {
         let target = match &msg.header.subshell_id {
             None => main.clone(),
             Some(id) => match kernel.subshell(id) {
                 Some(queue) => queue,
                 None => {
-                    tracing::warn!("request for unknown subshell {id}; running it on the main shell");
+                    tracing::warn!(
+                        "request for unknown subshell {id}; running it on the main shell"
+                    );
                     main.clone()
                 }
             },
@@ -46,7 +52,10 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             aborting_before = None;
         }
         let parent = request.header.clone();
-        kernel.iopub.status(Some(&parent), ExecutionState::Busy).await;
+        kernel
+            .iopub
+            .status(Some(&parent), ExecutionState::Busy)
+            .await;
         let outcome = if aborting_before.is_some() && parent.msg_type == "execute_request" {
             Outcome {
                 reply: Some(kernel.reply(&request, &json!({"status": "aborted"}))),
@@ -64,7 +73,10 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             let mut sink = kernel.shell_sink.lock().await;
             router::send("shell", &mut sink, &kernel.session, reply).await;
         }
-        kernel.iopub.status(Some(&parent), ExecutionState::Idle).await;
+        kernel
+            .iopub
+            .status(Some(&parent), ExecutionState::Idle)
+            .await;
         if outcome.shutdown {
             kernel.finish_shutdown();
             return;

@@ -135,7 +135,8 @@ fn publish(
     parent: Option<&str>,
 ) -> PyResult<()> {
     let bridge = bridge()?;
-    let content = validate(msg_type, parse_json(content, "content")?).map_err(PyValueError::new_err)?;
+    let content =
+        validate(msg_type, parse_json(content, "content")?).map_err(PyValueError::new_err)?;
     let metadata = match metadata {
         Some(m) => parse_json(m, "metadata")?,
         None => Value::Object(Default::default()),
@@ -148,13 +149,21 @@ fn publish(
     let parent: Option<Header> = match parent {
         Some(p) => match parse_json(p, "parent")? {
             Value::Object(m) if m.is_empty() => None,
-            v => Some(serde_json::from_value(v).map_err(|e| PyValueError::new_err(format!("parent: {e}")))?),
+            v => Some(
+                serde_json::from_value(v)
+                    .map_err(|e| PyValueError::new_err(format!("parent: {e}")))?,
+            ),
         },
         None => bridge.current().parent,
     };
-    let msg = Outgoing::new(msg_type, &bridge.iopub.session().id, parent.as_ref(), content)
-        .with_metadata(metadata)
-        .with_buffers(buffers);
+    let msg = Outgoing::new(
+        msg_type,
+        &bridge.iopub.session().id,
+        parent.as_ref(),
+        content,
+    )
+    .with_metadata(metadata)
+    .with_buffers(buffers);
     py.allow_threads(|| bridge.iopub.blocking_publish(msg));
     Ok(())
 }
@@ -182,13 +191,17 @@ fn input_request(py: Python<'_>, prompt: String, password: bool) -> PyResult<Str
     let bridge = bridge()?;
     let current = bridge.current();
     let mut rx = py.allow_threads(|| {
-        bridge
-            .stdin
-            .request(&current.identities, current.parent.as_ref(), prompt, password)
+        bridge.stdin.request(
+            &current.identities,
+            current.parent.as_ref(),
+            prompt,
+            password,
+        )
     });
     loop {
         // The receiver is moved in and out: it is Send but not Sync.
-        let (result, back) = py.allow_threads(move || (rx.recv_timeout(Duration::from_millis(50)), rx));
+        let (result, back) =
+            py.allow_threads(move || (rx.recv_timeout(Duration::from_millis(50)), rx));
         rx = back;
         match result {
             Ok(value) => return Ok(value),

@@ -28,11 +28,20 @@ pub unsafe fn initialize(executable: Option<&str>) -> Result<(), PythonError> {
     config.parse_argv = 0;
     let result = (|| {
         if let Some(exe) = executable {
-            let exe = CString::new(exe).map_err(|_| PythonError::Init("NUL in NOTEBOOKOS_PYTHON".into()))?;
+            let exe = CString::new(exe)
+                .map_err(|_| PythonError::Init("NUL in NOTEBOOKOS_PYTHON".into()))?;
             let program_name: *mut *mut libc::wchar_t = &mut config.program_name;
-            check(ffi::PyConfig_SetBytesString(&mut config, program_name, exe.as_ptr()))?;
+            check(ffi::PyConfig_SetBytesString(
+                &mut config,
+                program_name,
+                exe.as_ptr(),
+            ))?;
             let executable: *mut *mut libc::wchar_t = &mut config.executable;
-            check(ffi::PyConfig_SetBytesString(&mut config, executable, exe.as_ptr()))?;
+            check(ffi::PyConfig_SetBytesString(
+                &mut config,
+                executable,
+                exe.as_ptr(),
+            ))?;
         }
         check(ffi::Py_InitializeFromConfig(&config))
     })();
@@ -49,7 +58,9 @@ unsafe fn check(status: ffi::PyStatus) -> Result<(), PythonError> {
     let msg = if status.err_msg.is_null() {
         "unknown error".to_owned()
     } else {
-        CStr::from_ptr(status.err_msg).to_string_lossy().into_owned()
+        CStr::from_ptr(status.err_msg)
+            .to_string_lossy()
+            .into_owned()
     };
     Err(PythonError::Init(msg))
 }

@@ -196,7 +196,9 @@ fn python_main(
     if let Err(e) = signals::unblock_sigint_in_this_thread() {
         tracing::warn!("cannot unblock SIGINT on the Python thread: {e}");
     }
-    let executable = std::env::var("NOTEBOOKOS_PYTHON").ok().filter(|s| !s.is_empty());
+    let executable = std::env::var("NOTEBOOKOS_PYTHON")
+        .ok()
+        .filter(|s| !s.is_empty());
     // SAFETY: the only interpreter initialisation in this process.
     if let Err(e) = unsafe { init::initialize(executable.as_deref()) } {
         let _ = ready.send(Err(e));
@@ -235,7 +237,11 @@ fn python_main(
     serve_jobs(&bridge, &kernel, jobs);
 }
 
-fn serve_jobs(bridge: &Bridge, kernel: &Result<Py<PyAny>, PythonError>, jobs: std_mpsc::Receiver<Job>) {
+fn serve_jobs(
+    bridge: &Bridge,
+    kernel: &Result<Py<PyAny>, PythonError>,
+    jobs: std_mpsc::Receiver<Job>,
+) {
     for job in jobs {
         let result = match kernel {
             Err(e) => Err(e.clone()),
@@ -244,7 +250,11 @@ fn serve_jobs(bridge: &Bridge, kernel: &Result<Py<PyAny>, PythonError>, jobs: st
                 let buffers: Vec<Bound<'_, PyBytes>> =
                     job.buffers.iter().map(|b| PyBytes::new(py, b)).collect();
                 kernel
-                    .call_method1(py, "dispatch", (job.msg_type.as_str(), job.message.as_str(), buffers))
+                    .call_method1(
+                        py,
+                        "dispatch",
+                        (job.msg_type.as_str(), job.message.as_str(), buffers),
+                    )
                     .and_then(|r| r.extract::<Option<String>>(py))
                     .map_err(|e| PythonError::Exception(describe(py, &e)))
             }),

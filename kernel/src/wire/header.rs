@@ -55,9 +55,10 @@ mod tests {
 
     #[test]
     fn header_tolerates_missing_optional_fields() {
-        let h: Header =
-            serde_json::from_str(r#"{"msg_id":"1","session":"s","msg_type":"kernel_info_request"}"#)
-                .unwrap();
+        let h: Header = serde_json::from_str(
+            r#"{"msg_id":"1","session":"s","msg_type":"kernel_info_request"}"#,
+        )
+        .unwrap();
         assert_eq!(h.msg_type, "kernel_info_request");
         assert!(h.username.is_empty());
     }

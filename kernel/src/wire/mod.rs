@@ -304,7 +304,10 @@ mod tests {
         frames.extend(junk.iter().map(|f| Bytes::copy_from_slice(f)));
         assert!(matches!(
             Message::decode(frames, &s, None),
-            Err(WireError::Json { frame: "header", .. })
+            Err(WireError::Json {
+                frame: "header",
+                ..
+            })
         ));
     }
 

@@ -158,9 +158,18 @@ mod tests {
         let s = Signer::new("hmac-sha256", b"key").unwrap();
         let mut sig = s.sign(PARTS).into_bytes();
         sig[0] = if sig[0] == b'0' { b'1' } else { b'0' };
-        assert!(matches!(s.verify(&sig, PARTS), Err(WireError::BadSignature)));
-        assert!(matches!(s.verify(b"", PARTS), Err(WireError::MissingSignature)));
-        assert!(matches!(s.verify(b"zz", PARTS), Err(WireError::BadSignature)));
+        assert!(matches!(
+            s.verify(&sig, PARTS),
+            Err(WireError::BadSignature)
+        ));
+        assert!(matches!(
+            s.verify(b"", PARTS),
+            Err(WireError::MissingSignature)
+        ));
+        assert!(matches!(
+            s.verify(b"zz", PARTS),
+            Err(WireError::BadSignature)
+        ));
         let other = Signer::new("hmac-sha256", b"other").unwrap();
         assert!(other.verify(s.sign(PARTS).as_bytes(), PARTS).is_err());
     }
