@@ -334,6 +334,10 @@ def test_bad_input_is_dropped_and_the_next_message_is_answered(fe):
     s.send_multipart([b"<IDS|MSG>", kc.session.sign(junk)] + junk)
     utf = [b'{"msg_id": "\xff"}', b"{}", b"{}", b"{}"]
     s.send_multipart([b"<IDS|MSG>", kc.session.sign(utf)] + utf)
+    # A JSON bomb (nesting far past any parser's depth limit), correctly signed.
+    bomb = [kc.session.pack(kc.session.msg_header("execute_request")), b"{}", b"{}",
+            b"[" * 200_000 + b"]" * 200_000]
+    s.send_multipart([b"<IDS|MSG>", kc.session.sign(bomb)] + bomb)
     # An unknown message type, correctly signed.
     unknown = kc.session.msg("no_such_request", {})
     s.send_multipart(kc.session.serialize(unknown))
