@@ -17,7 +17,10 @@ pub async fn serve(mut socket: RepSocket) {
                     tracing::debug!("heartbeat send failed: {e}");
                 }
             }
-            Err(e) => tracing::debug!("heartbeat receive failed: {e}"),
+            Err(e) => {
+                tracing::debug!("heartbeat receive failed: {e}");
+                tokio::time::sleep(super::router::RECV_ERROR_BACKOFF).await;
+            }
         }
     }
 }

@@ -137,7 +137,10 @@ impl Publisher {
                 },
                 sub = self.socket.recv() => match sub {
                     Ok(frames) => self.on_subscription(frames).await,
-                    Err(e) => tracing::debug!("iopub subscription read failed: {e}"),
+                    Err(e) => {
+                        tracing::debug!("iopub subscription read failed: {e}");
+                        tokio::time::sleep(super::router::RECV_ERROR_BACKOFF).await;
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.flush_stream().await;

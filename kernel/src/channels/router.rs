@@ -13,6 +13,11 @@ use crate::wire::{Message, Outgoing, ReplayGuard};
 /// Per-socket memory of seen signatures; jupyter_client keeps 2^16.
 const REPLAY_HISTORY: usize = 1 << 16;
 
+/// Pause after a failed receive (a peer that vanished, a broken socket)
+/// before the next: short enough to go unnoticed, long enough that a
+/// socket failing over and over cannot spin a core.
+pub const RECV_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
+
 pub async fn bind(endpoint: &str) -> Result<(RouterSendHalf, RouterRecvHalf), ChannelError> {
     let socket: RouterSocket = super::bind(endpoint).await?;
     Ok(socket.split())
@@ -33,6 +38,8 @@ pub async fn pump(
             Ok(m) => m.into_vec(),
             Err(e) => {
                 tracing::warn!(channel = name, "receive failed: {e}");
+                // A persistent socket error must not become a busy loop.
+                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
                 continue;
             }
         };
