@@ -1,12 +1,14 @@
 """Start-up and trivial-cell round trip: notebookos vs ipykernel, one run.
 
 Usage: python kernel_vs_ipykernel.py [--starts N] [--cells N]
-Needs kernelspecs "notebookos" and "python3" (ipykernel) on JUPYTER_PATH.
+Needs kernelspecs "notebookos", "notebookos-signal" and "python3"
+(ipykernel) on JUPYTER_PATH.
 Start-up = KernelManager.start_kernel() until the first kernel_info_reply
 (jupyter_client's wait_for_ready), as a front-end experiences it. Round
 trip = execute_request("pass") until both its reply and its idle status
 have arrived, measured with a lean pyzmq client. Kernels are started
-alternately so drift affects both alike.
+alternately so drift affects both alike. Interrupt latency = interrupt_kernel()
+until the KeyboardInterrupt reply of a cell in time.sleep(60).
 """
 
 import argparse
@@ -79,10 +81,38 @@ def round_trips(km, n):
     return out
 
 
+def interrupt_latencies(name, n):
+    """Seconds from interrupt_kernel() to the KeyboardInterrupt reply of a
+    cell blocked in time.sleep(60)."""
+    _, km, kc = start(name)
+    out = []
+    try:
+        for _ in range(n):
+            msg_id = kc.execute("import time; time.sleep(60)")
+            while True:
+                m = kc.get_iopub_msg(timeout=30)
+                if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
+                    break
+            time.sleep(0.2)
+            t = time.perf_counter()
+            km.interrupt_kernel()
+            while True:
+                r = kc.get_shell_msg(timeout=30)
+                if r["parent_header"].get("msg_id") == msg_id:
+                    break
+            out.append(time.perf_counter() - t)
+            assert r["content"].get("ename") == "KeyboardInterrupt", r["content"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--starts", type=int, default=10)
     ap.add_argument("--cells", type=int, default=200)
+    ap.add_argument("--interrupts", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     kernels = {"notebookos": "notebookos", "ipykernel": "python3"}
@@ -114,6 +144,15 @@ def main():
               f"{r['roundtrip_p99_ms']:>7.3f} ms")
     print(f"ratio notebookos/ipykernel: start-up {res['ratio']['startup']:.2f}, "
           f"round trip {res['ratio']['roundtrip']:.2f} (target <= 0.5 each)")
+    if args.interrupts:
+        res["interrupt_median_ms"] = {}
+        for label, name in [("notebookos (message)", "notebookos"),
+                            ("notebookos (signal)", "notebookos-signal"),
+                            ("ipykernel (signal)", "python3")]:
+            lat = interrupt_latencies(name, args.interrupts)
+            res["interrupt_median_ms"][label] = statistics.median(lat) * 1e3
+            print(f"interrupt of time.sleep(60), {label}: median {statistics.median(lat) * 1e3:.1f} ms, "
+                  f"max {max(lat) * 1e3:.1f} ms over {len(lat)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -10,12 +10,13 @@ PYO3_PYTHON="$ROOT/.venv/bin/python" cargo build -q --release -p notebookos-kern
 
 SPECS="$(mktemp -d)"
 trap 'rm -rf "$SPECS"' EXIT
-mkdir -p "$SPECS/kernels/notebookos" "$SPECS/kernels/python3"
+mkdir -p "$SPECS/kernels/notebookos" "$SPECS/kernels/notebookos-signal" "$SPECS/kernels/python3"
 cat > "$SPECS/kernels/notebookos/kernel.json" <<JSON
 {"argv": ["$ROOT/target/release/notebookos-kernel", "-f", "{connection_file}"],
  "display_name": "notebookos", "language": "python", "interrupt_mode": "message",
  "env": {"NOTEBOOKOS_PYTHON": "$ROOT/.venv/bin/python"}}
 JSON
+sed 's/"message"/"signal"/' "$SPECS/kernels/notebookos/kernel.json" > "$SPECS/kernels/notebookos-signal/kernel.json"
 cat > "$SPECS/kernels/python3/kernel.json" <<JSON
 {"argv": ["$ROOT/.venv/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
  "display_name": "ipykernel", "language": "python"}
