@@ -40,6 +40,16 @@ pub struct Outcome {
     pub shutdown: bool,
 }
 
+impl Outcome {
+    /// A request answered with a reply and nothing more.
+    pub fn reply(reply: Outgoing) -> Self {
+        Self {
+            reply: Some(reply),
+            ..Default::default()
+        }
+    }
+}
+
 pub struct Kernel {
     pub session: Arc<Session>,
     pub iopub: Iopub,
@@ -172,10 +182,7 @@ impl Kernel {
     pub async fn handle(&self, exec: &Executor, request: &Message) -> Outcome {
         let msg_type = request.header.msg_type.as_str();
         match msg_type {
-            "kernel_info_request" => Outcome {
-                reply: Some(self.kernel_info(request)),
-                ..Default::default()
-            },
+            "kernel_info_request" => Outcome::reply(self.kernel_info(request)),
             "execute_request" => self.execute(exec, request).await,
             "complete_request" => {
                 self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request)
@@ -203,10 +210,7 @@ impl Kernel {
             "comm_msg" => self.notify::<comm::CommMsg>(exec, request).await,
             "comm_close" => self.notify::<comm::CommClose>(exec, request).await,
             "shutdown_request" => self.shutdown(request).await,
-            "connect_request" => Outcome {
-                reply: Some(self.reply(request, &self.connect_reply())),
-                ..Default::default()
-            },
+            "connect_request" => Outcome::reply(self.reply(request, &self.connect_reply())),
             other => {
                 tracing::warn!("unknown message type {other:?}, ignored");
                 Outcome::default()
@@ -218,7 +222,7 @@ impl Kernel {
         let parsed = match request.content_as::<execute::ExecuteRequest>() {
             Ok(r) => r,
             Err(e) => {
-                return self.reply_only(self.error_reply(request, "BadRequest", e.to_string()))
+                return Outcome::reply(self.error_reply(request, "BadRequest", e.to_string()))
             }
         };
         let reply = match exec.call(request).await {
@@ -233,7 +237,7 @@ impl Kernel {
                 reply: Some(self.reply(request, &reply)),
                 shutdown: false,
             },
-            Err(e) => self.reply_only(self.error_reply(request, "KernelError", e.to_string())),
+            Err(e) => Outcome::reply(self.error_reply(request, "KernelError", e.to_string())),
         }
     }
 
@@ -244,7 +248,7 @@ impl Kernel {
         Rep: DeserializeOwned + Serialize,
     {
         if let Err(e) = request.content_as::<Req>() {
-            return self.reply_only(self.error_reply(request, "BadRequest", e.to_string()));
+            return Outcome::reply(self.error_reply(request, "BadRequest", e.to_string()));
         }
         let reply = match exec.call(request).await {
             Ok(Some(json)) => match serde_json::from_str::<Rep>(&json) {
@@ -254,7 +258,7 @@ impl Kernel {
             Ok(None) => self.error_reply(request, "KernelError", "no reply".into()),
             Err(e) => self.error_reply(request, "KernelError", e.to_string()),
         };
-        self.reply_only(reply)
+        Outcome::reply(reply)
     }
 
     /// A message without a reply (comms).
@@ -369,13 +373,6 @@ impl Kernel {
             "hb_port": c.hb_port,
             "control_port": c.control_port,
         })
-    }
-
-    fn reply_only(&self, reply: Outgoing) -> Outcome {
-        Outcome {
-            reply: Some(reply),
-            ..Default::default()
-        }
     }
 }
 

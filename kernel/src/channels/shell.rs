@@ -57,10 +57,7 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             .status(Some(&parent), ExecutionState::Busy)
             .await;
         let outcome = if aborting_before.is_some() && parent.msg_type == "execute_request" {
-            Outcome {
-                reply: Some(kernel.reply(&request, &json!({"status": "aborted"}))),
-                ..Default::default()
-            }
+            Outcome::reply(kernel.reply(&request, &json!({"status": "aborted"})))
         } else {
             kernel.handle(&exec, &request).await
         };
