@@ -20,15 +20,18 @@ KERNEL_BIN = Path(
 _SPEC_DIR = tempfile.mkdtemp(prefix="notebookos-kernelspecs-")
 
 
-def _write_spec(name, interrupt_mode, display_name, env=None):
+def write_spec(name, display_name, interrupt_mode="message", extra_args=(), python=None):
+    """A kernelspec for the kernel under test, in the private JUPYTER_PATH
+    entry; ``python`` is the environment the kernel embeds (default: the
+    one running the tests)."""
     d = Path(_SPEC_DIR) / "kernels" / name
     d.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": [str(KERNEL_BIN), "-f", "{connection_file}"],
+        "argv": [str(KERNEL_BIN), "-f", "{connection_file}", *extra_args],
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": interrupt_mode,
-        "env": {"NOTEBOOKOS_PYTHON": sys.executable, **(env or {})},
+        "env": {"NOTEBOOKOS_PYTHON": str(python or sys.executable)},
     }
     (d / "kernel.json").write_text(json.dumps(spec))
 
@@ -36,8 +39,8 @@ def _write_spec(name, interrupt_mode, display_name, env=None):
 def pytest_configure(config):
     if not KERNEL_BIN.exists():
         raise RuntimeError(f"kernel binary not built: {KERNEL_BIN} (run cargo build)")
-    _write_spec("notebookos", "message", "Python 3 (notebookos)")
-    _write_spec("notebookos-signal", "signal", "Python 3 (notebookos, signal)")
+    write_spec("notebookos", "Python 3 (notebookos)")
+    write_spec("notebookos-signal", "Python 3 (notebookos, signal)", interrupt_mode="signal")
     # Private history so tests neither read nor write the user's.
     os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="notebookos-ipython-")
     os.environ["JUPYTER_PATH"] = os.pathsep.join(

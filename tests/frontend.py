@@ -30,6 +30,14 @@ class Frontend:
             if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
                 return msgs
 
+    def wait_for(self, msg_id, msg_type, timeout=TIMEOUT):
+        """The first iopub message of msg_type whose parent is msg_id."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == msg_type:
+                return m
+
     def shell_reply(self, msg_id, timeout=TIMEOUT):
         deadline = time.monotonic() + timeout
         while True:

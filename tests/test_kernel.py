@@ -46,11 +46,7 @@ def test_stdout_stderr_keep_their_order(fe):
 def test_output_streams_while_the_cell_runs(fe):
     # The first line must arrive before the cell ends, not with its reply.
     msg_id = fe.kc.execute("import time\nprint('early')\ntime.sleep(3)\nprint('late')")
-    first_stream = None
-    while first_stream is None:
-        m = fe.kc.get_iopub_msg(timeout=10)
-        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream":
-            first_stream = m
+    first_stream = fe.wait_for(msg_id, "stream", timeout=10)
     assert first_stream["content"]["text"] == "early\n"
     # The reply cannot have been sent yet: the cell still sleeps.
     with pytest.raises(Exception):
@@ -358,10 +354,7 @@ def test_client_that_disappears_mid_request(fe):
     other.wait_for_ready(timeout=10)
     msg_id = other.execute("import time; time.sleep(1); vanished_done = 1")
     # Gone once the kernel has started the cell: its reply has no taker.
-    while True:
-        m = fe.kc.get_iopub_msg(timeout=10)
-        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
-            break
+    fe.wait_for(msg_id, "execute_input", timeout=10)
     other.stop_channels()
     assert fe.eval("vanished_done") == "1"
 
@@ -398,10 +391,7 @@ def test_interrupt_sleep_and_busy_loop(kernel_name):
         for code in ["import time; time.sleep(60)", "while True: pass"]:
             msg_id = fe.kc.execute(code)
             # Wait until the cell is running.
-            while True:
-                m = fe.kc.get_iopub_msg(timeout=10)
-                if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
-                    break
+            fe.wait_for(msg_id, "execute_input", timeout=10)
             time.sleep(0.3)
             fe.km.interrupt_kernel()
             # Well before the 60 s the cell would take (latency is in bench/).
@@ -467,18 +457,11 @@ def test_restart_gives_a_fresh_namespace():
         fe.close()
 
 
-def test_unknown_command_line_options_are_accepted(tmp_path, monkeypatch):
-    from conftest import KERNEL_BIN
+def test_unknown_command_line_options_are_accepted():
+    from conftest import write_spec
 
-    spec = tmp_path / "kernels" / "nbos-extra"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [str(KERNEL_BIN), "-f", "{connection_file}", "--HistoryManager.hist_file=:memory:",
-                 "--some-unknown-flag"],
-        "display_name": "extra", "language": "python", "interrupt_mode": "message",
-        "env": {"NOTEBOOKOS_PYTHON": sys.executable},
-    }))
-    monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path}{os.pathsep}{os.environ['JUPYTER_PATH']}")
+    write_spec("nbos-extra", "extra",
+               extra_args=["--HistoryManager.hist_file=:memory:", "--some-unknown-flag"])
     fe = Frontend("nbos-extra")
     try:
         assert fe.eval("get_ipython().history_manager.hist_file") == "':memory:'"
@@ -529,21 +512,14 @@ def test_empty_key_in_the_connection_file_disables_signing():
         km.shutdown_kernel(now=True)
 
 
-def test_environment_without_ipython_gets_a_clear_error(tmp_path, monkeypatch):
+def test_environment_without_ipython_gets_a_clear_error(tmp_path):
     import venv
 
-    from conftest import KERNEL_BIN
+    from conftest import write_spec
 
     bare = tmp_path / "bare"
     venv.create(bare, with_pip=False)
-    spec = tmp_path / "kernels" / "nbos-bare"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [str(KERNEL_BIN), "-f", "{connection_file}"],
-        "display_name": "bare", "language": "python", "interrupt_mode": "message",
-        "env": {"NOTEBOOKOS_PYTHON": str(bare / "bin" / "python")},
-    }))
-    monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path}{os.pathsep}{os.environ['JUPYTER_PATH']}")
+    write_spec("nbos-bare", "bare", python=bare / "bin" / "python")
     fe = Frontend("nbos-bare")
     try:
         reply, _ = fe.execute("1+1")
