@@ -130,8 +130,11 @@ class Kernel:
             err = result.error_before_exec or result.error_in_exec
             success = result.success
         except KeyboardInterrupt as e:
-            # An interrupt that landed outside the user's code.
-            signal.signal(signal.SIGINT, between_cells)
+            # An interrupt that landed outside the user's code (only the
+            # main thread receives SIGINT); a second one must not escape
+            # while its traceback is shown.
+            if on_main:
+                signal.signal(signal.SIGINT, between_cells)
             shell.showtraceback()
             err, success = e, False
         finally:
