@@ -281,6 +281,83 @@ async fn put_once(
     }
 }
 
+/// Delivers `data` to `peer`'s mailbox; returns once the peer has queued it for its
+/// application. Messages one task sends to one peer arrive in the order sent.
+pub(crate) async fn send_message(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    addr: &str,
+    data: Bytes,
+) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (send, recv, conn) = transport.open_bi(peer, addr).await?;
+        match message_once(peer, send, recv, &data).await {
+            Err(_) if attempt < 2 && transport.retry_after_failure(peer, &conn) => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn message_once(
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    data: &Bytes,
+) -> Result<()> {
+    send.write_all(&rpc::header(StreamKind::Message))
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    write_sized(&mut send, data).await.map_err(wire(peer))?;
+    send.finish().map_err(|e| wire(peer)(e.into()))?;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status)
+        .await
+        .map_err(|e| wire(peer)(e.into()))?;
+    match status[0] {
+        rpc::STATUS_OK => Ok(()),
+        STATUS_TOO_LARGE => Err(Error::BlobTooLarge {
+            size: data.len() as u64,
+            limit: 0,
+        }),
+        s => Err(Error::Protocol {
+            peer,
+            reason: format!("message refused with status {s}"),
+        }),
+    }
+}
+
+pub(crate) async fn serve_message(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    let Ok(_permit) = transport.blob_streams.clone().acquire_owned().await else {
+        return Ok(());
+    };
+    let data = match read_sized(&mut recv, transport.max_blob_size, false).await {
+        Ok((d, _)) => d,
+        Err(WireError::TooLarge(n)) => {
+            tracing::warn!(peer, bytes = n, "refusing oversized message");
+            let _ = recv.stop(0u32.into());
+            send.write_all(&[STATUS_TOO_LARGE]).await?;
+            send.finish()?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    // Waiting here pushes back on the sender when the application falls behind.
+    let status = match transport.inbox.send((peer, Bytes::from(data))).await {
+        Ok(()) => rpc::STATUS_OK,
+        Err(_) => rpc::STATUS_ERR,
+    };
+    send.write_all(&[status]).await?;
+    send.finish()?;
+    Ok(())
+}
+
 /// Fetches the blob named `hash` from `peer` and checks its content.
 pub(crate) async fn fetch_blob(
     transport: &Arc<Transport>,

@@ -80,6 +80,9 @@ pub(crate) struct Transport {
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) blob_streams: Arc<tokio::sync::Semaphore>,
     pub(crate) max_blob_size: u64,
+    /// Mailbox messages from peers, in arrival order per sender; taken once by the
+    /// application.
+    pub(crate) inbox: tokio::sync::mpsc::Sender<(NodeId, bytes::Bytes)>,
 }
 
 impl Transport {
@@ -88,6 +91,7 @@ impl Transport {
         listen: SocketAddr,
         tuning: TransportTuning,
         max_blob_size: u64,
+        inbox: tokio::sync::mpsc::Sender<(NodeId, bytes::Bytes)>,
     ) -> Result<Arc<Self>> {
         let transport = Arc::new(tuning.quinn_transport()?);
         let server_crypto = QuicServerConfig::try_from(identity.server_config()?)
@@ -118,6 +122,7 @@ impl Transport {
             raft: OnceLock::new(),
             blobs: Arc::new(BlobStore::default()),
             max_blob_size,
+            inbox,
         }))
     }
 

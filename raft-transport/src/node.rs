@@ -23,6 +23,9 @@ use crate::types::{NodeId, Raft, RaftMetrics, TypeConfig};
 /// How long a forwarded proposal may take, end to end.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Mailbox messages queued before the application reads them; beyond this, senders wait.
+const INBOX_DEPTH: usize = 1024;
+
 /// Where a proposed entry landed once it was committed and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Proposed {
@@ -78,6 +81,7 @@ pub struct ReplicaNode {
     transport: Arc<Transport>,
     sm: StateMachineStore,
     accept: JoinHandle<()>,
+    inbox: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(NodeId, Bytes)>>>,
 }
 
 impl ReplicaNode {
@@ -87,11 +91,13 @@ impl ReplicaNode {
     pub async fn start(config: ReplicaConfig) -> Result<Self> {
         let id = config.identity.id;
         let raft_config = Arc::new(config.raft_config()?);
+        let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(INBOX_DEPTH);
         let transport = Transport::bind(
             &config.identity,
             config.listen,
             config.transport.clone(),
             config.max_blob_size,
+            inbox_tx,
         )?;
         let bound = transport.endpoint.local_addr()?;
         let addr = config.advertise.unwrap_or(bound);
@@ -119,6 +125,7 @@ impl ReplicaNode {
             transport,
             sm,
             accept,
+            inbox: std::sync::Mutex::new(Some(inbox_rx)),
         })
     }
 
@@ -167,6 +174,20 @@ impl ReplicaNode {
 
     async fn forward(&self, leader: NodeId, data: Vec<u8>) -> Result<Proposed> {
         let addr = self.peer_addr(leader)?;
+        let proposed = self.forward_to(leader, &addr, data).await?;
+        // Same promise as a local proposal: applied here before we return.
+        self.wait_applied(proposed.index, FORWARD_TIMEOUT).await?;
+        Ok(proposed)
+    }
+
+    /// Proposes through `peer` at `addr`, which must be the leader, without being a member
+    /// of the group yet (a replica asking to join). Returns once the entry is committed;
+    /// nothing is applied here.
+    pub async fn propose_via(&self, peer: NodeId, addr: &str, data: Vec<u8>) -> Result<Proposed> {
+        self.forward_to(peer, addr, data).await
+    }
+
+    async fn forward_to(&self, leader: NodeId, addr: &str, data: Vec<u8>) -> Result<Proposed> {
         let wire = |e: crate::rpc::WireError| Error::Unreachable {
             peer: leader,
             reason: e.to_string(),
@@ -177,7 +198,7 @@ impl ReplicaNode {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let (mut send, mut recv, conn) = self.transport.open_bi(leader, &addr).await?;
+                let (mut send, mut recv, conn) = self.transport.open_bi(leader, addr).await?;
                 let res = async {
                     send.write_all(&buf).await?;
                     send.finish()?;
@@ -196,11 +217,7 @@ impl ReplicaNode {
             .await
             .map_err(|_| Error::Timeout(FORWARD_TIMEOUT))??;
         match reply {
-            crate::rpc::ForwardReply::Committed { index, term } => {
-                // Same promise as a local proposal: applied here before we return.
-                self.wait_applied(index, FORWARD_TIMEOUT).await?;
-                Ok(Proposed { index, term })
-            }
+            crate::rpc::ForwardReply::Committed { index, term } => Ok(Proposed { index, term }),
             crate::rpc::ForwardReply::NotLeader { leader } => {
                 let leader_addr = leader.and_then(|l| self.peer_addr(l).ok());
                 Err(Error::NotLeader {
@@ -302,6 +319,19 @@ impl ReplicaNode {
     pub async fn fetch_blob(&self, peer: NodeId, hash: BlobHash) -> Result<Bytes> {
         let addr = self.peer_addr(peer)?;
         bulk::fetch_blob(&self.transport, peer, &addr, hash).await
+    }
+
+    /// Sends `data` to `peer`'s mailbox ([`ReplicaNode::take_messages`] there); returns
+    /// once the peer has queued it. Messages one task sends to one peer keep their order.
+    pub async fn send_message(&self, peer: NodeId, data: impl Into<Bytes>) -> Result<()> {
+        let addr = self.peer_addr(peer)?;
+        bulk::send_message(&self.transport, peer, &addr, data.into()).await
+    }
+
+    /// The receiving end of this replica's mailbox: `(sender, message)`. There is one;
+    /// later calls return `None`.
+    pub fn take_messages(&self) -> Option<tokio::sync::mpsc::Receiver<(NodeId, Bytes)>> {
+        self.inbox.lock().ok()?.take()
     }
 
     /// Makes a blob available to peers' [`ReplicaNode::fetch_blob`].
@@ -416,5 +446,7 @@ mod tests {
         is_send(node.promote(1));
         is_send(node.remove(1));
         is_send(node.shutdown());
+        is_send(node.send_message(1, vec![]));
+        is_send(node.propose_via(1, "127.0.0.1:1", vec![]));
     }
 }

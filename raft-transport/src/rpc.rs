@@ -40,6 +40,9 @@ pub(crate) enum StreamKind {
     /// A follower forwards a client proposal to the leader: body `Vec<u8>`, answered by
     /// [`ForwardReply`].
     Forward = 7,
+    /// A mailbox message: `[len u64][bytes]`, answered by one status byte once it is
+    /// queued for the application (see [`crate::ReplicaNode::send_message`]).
+    Message = 8,
 }
 
 /// The leader's answer to a forwarded proposal.
@@ -60,6 +63,7 @@ impl StreamKind {
             5 => Self::PutBlob,
             6 => Self::GetBlob,
             7 => Self::Forward,
+            8 => Self::Message,
             _ => return None,
         })
     }
@@ -204,10 +208,10 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in 1..=7u8 {
+        for k in 1..=8u8 {
             assert_eq!(StreamKind::from_u8(k).map(|k| k as u8), Some(k));
         }
         assert!(StreamKind::from_u8(0).is_none());
-        assert!(StreamKind::from_u8(8).is_none());
+        assert!(StreamKind::from_u8(9).is_none());
     }
 }

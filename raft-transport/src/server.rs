@@ -124,6 +124,7 @@ async fn serve_stream(
     match kind {
         StreamKind::PutBlob => return bulk::serve_put(transport, peer, send, recv).await,
         StreamKind::GetBlob => return bulk::serve_get(transport, send, recv).await,
+        StreamKind::Message => return bulk::serve_message(transport, peer, send, recv).await,
         _ => {}
     }
     let Some(raft) = transport.raft.get() else {
@@ -173,6 +174,6 @@ async fn serve_stream(
             rpc::write_response(&mut send, Ok(&reply)).await
         }
         StreamKind::Hello => Err(WireError::Kind(StreamKind::Hello as u8)),
-        StreamKind::PutBlob | StreamKind::GetBlob => Ok(()),
+        StreamKind::PutBlob | StreamKind::GetBlob | StreamKind::Message => Ok(()),
     }
 }

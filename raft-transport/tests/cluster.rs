@@ -461,3 +461,64 @@ async fn restored_ca_signs_for_the_same_kernel_and_remote_keys_work() {
     n1.shutdown().await.unwrap();
     n2.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_messages_arrive_in_order_with_their_sender() {
+    init_tracing();
+    let ca = KernelCa::generate("t-mailbox").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let mut inbox = nodes[&1].take_messages().unwrap();
+    assert!(nodes[&1].take_messages().is_none(), "the mailbox is taken once");
+    for i in 0..200u64 {
+        nodes[&2].send_message(1, payload(i)).await.unwrap();
+    }
+    // Larger than a QUIC stream window, so it crosses in many packets.
+    let big = vec![7u8; 40 << 20];
+    nodes[&3].send_message(1, big.clone()).await.unwrap();
+    let mut from_2 = Vec::new();
+    let mut from_3 = Vec::new();
+    while from_2.len() < 200 || from_3.is_empty() {
+        let (peer, data) = tokio::time::timeout(WAIT, inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match peer {
+            2 => from_2.push(data.to_vec()),
+            3 => from_3.push(data),
+            other => panic!("message from unexpected peer {other}"),
+        }
+    }
+    let expected: Vec<Vec<u8>> = (0..200).map(payload).collect();
+    assert_eq!(from_2, expected);
+    assert_eq!(from_3[0].len(), big.len());
+    assert!(from_3[0].iter().all(|b| *b == 7));
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_outside_the_group_proposes_through_the_leader() {
+    init_tracing();
+    let ca = KernelCa::generate("t-via").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let l = leader(nodes.values()).await;
+    let outsider = start(config(&ca, 9)).await;
+    let proposed = outsider
+        .propose_via(l.id(), &l.addr().to_string(), b"join me".to_vec())
+        .await
+        .unwrap();
+    for n in nodes.values() {
+        n.wait_applied(proposed.index, WAIT).await.unwrap();
+        assert_eq!(applied_payloads(n).await.last().unwrap(), b"join me");
+    }
+    // Asking a follower reports who leads instead of committing.
+    let follower = nodes.values().find(|n| n.id() != l.id()).unwrap();
+    match outsider
+        .propose_via(follower.id(), &follower.addr().to_string(), b"no".to_vec())
+        .await
+    {
+        Err(Error::NotLeader { leader, .. }) => assert_eq!(leader, Some(l.id())),
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    outsider.shutdown().await.unwrap();
+    shutdown_all(nodes).await;
+}
