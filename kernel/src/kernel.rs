@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use pyo3::types::PyAnyMethods;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
@@ -16,6 +17,7 @@ use crate::channels::stdin::Stdin;
 use crate::channels::{control, heartbeat, iopub, router, shell, Session};
 use crate::connection::{Channel, ConnectionInfo};
 use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
+use crate::replica::{self, CellResult, Core};
 use crate::wire::{
     self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell,
 };
@@ -54,7 +56,10 @@ pub struct Kernel {
     pub session: Arc<Session>,
     pub iopub: Iopub,
     pub shell_sink: shell::Sink,
-    python: PythonRuntime,
+    python: Arc<PythonRuntime>,
+    /// The replica group, once formed; `None` inside with a single replica.
+    group: std::sync::OnceLock<Option<Arc<Core>>>,
+    group_known: watch::Sender<bool>,
     connection: ConnectionInfo,
     shutdown: watch::Sender<bool>,
     subshells: Mutex<HashMap<String, mpsc::Sender<Message>>>,
@@ -65,6 +70,8 @@ pub struct Kernel {
 pub struct StartOptions {
     pub connection_file: std::path::PathBuf,
     pub argv: Vec<String>,
+    /// Replicas in the group (`NOTEBOOKOS_REPLICAS`); 1 is the single-process kernel.
+    pub replicas: usize,
 }
 
 pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, KernelError> {
@@ -79,12 +86,25 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let (shell_sink, shell_recv) = router::bind(&info.endpoint(Channel::Shell)).await?;
     let (control_sink, control_recv) = router::bind(&info.endpoint(Channel::Control)).await?;
 
-    let bridge = Bridge::install(iopub.clone(), stdin);
+    let plan = match start.replicas {
+        0 | 1 => None,
+        n => match replica::front::Plan::new(&start.connection_file, n) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!("cannot prepare replicas, running as a single replica: {e}");
+                None
+            }
+        },
+    };
+    let bridge = Bridge::install(iopub.clone(), stdin.clone());
     let options = json!({
         "argv": start.argv,
         "connection_file": start.connection_file.display().to_string(),
     });
-    let python = tokio::task::block_in_place(|| PythonRuntime::start(bridge, options))?;
+    let hash_seed = plan.as_ref().map(|p| p.hash_seed);
+    let python = Arc::new(tokio::task::block_in_place(|| {
+        PythonRuntime::start(bridge.clone(), options, hash_seed)
+    })?);
     tracing::info!(python = %python.versions().python, "kernel started");
 
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
@@ -93,11 +113,47 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         iopub: iopub.clone(),
         shell_sink: Arc::new(tokio::sync::Mutex::new(shell_sink)),
         python,
+        group: std::sync::OnceLock::new(),
+        group_known: watch::channel(false).0,
         connection: info,
         shutdown: shutdown_tx,
         subshells: Mutex::new(HashMap::new()),
     });
     iopub.status(None, ExecutionState::Starting).await;
+    match plan {
+        None => {
+            kernel.set_group(None);
+        }
+        Some(plan) => {
+            // Forms in the background: kernel_info is answered meanwhile, and
+            // requests that need the group wait for it.
+            let kernel = kernel.clone();
+            let (session, argv) = (session.clone(), start.argv.clone());
+            tokio::spawn(async move {
+                let interrupter = kernel.python.clone();
+                let opts = replica::front::FrontOptions {
+                    exec: kernel.python.main().clone(),
+                    iopub: kernel.iopub.clone(),
+                    stdin,
+                    session,
+                    interrupt: Box::new(move || interrupter.interrupt()),
+                    argv,
+                    listen_ip: replica::front::default_listen_ip(),
+                };
+                let core = match replica::Front::start(plan, opts).await {
+                    Ok(core) => {
+                        bridge.set_group(core.clone());
+                        Some(core)
+                    }
+                    Err(e) => {
+                        tracing::error!("replicas could not start; running as a single replica: {e}");
+                        None
+                    }
+                };
+                kernel.set_group(core);
+            });
+        }
+    }
 
     let (shell_tx, shell_rx) = mpsc::channel(1024);
     tokio::spawn(router::pump("shell", shell_recv, session.clone(), shell_tx));
@@ -123,6 +179,9 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         if shutdown_rx.changed().await.is_err() {
             break;
         }
+    }
+    if let Some(Some(core)) = kernel.group.get() {
+        core.stop_group().await;
     }
     iopub.flush().await;
     Ok(0)
@@ -175,7 +234,22 @@ impl Kernel {
     }
 
     pub fn interrupt(&self) {
-        self.python.interrupt();
+        match self.group.get() {
+            Some(Some(core)) => core.interrupt_cell(),
+            _ => self.python.interrupt(),
+        }
+    }
+
+    fn set_group(&self, group: Option<Arc<Core>>) {
+        let _ = self.group.set(group);
+        let _ = self.group_known.send(true);
+    }
+
+    /// The replica group, once it is known whether there is one.
+    async fn group(&self) -> Option<&Arc<Core>> {
+        let mut known = self.group_known.subscribe();
+        let _ = known.wait_for(|k| *k).await;
+        self.group.get().and_then(Option::as_ref)
     }
 
     /// Serves one shell request on the given Python thread.
@@ -207,6 +281,7 @@ impl Kernel {
                     .await
             }
             "comm_open" => self.notify::<comm::CommOpen>(exec, request).await,
+            "comm_msg" | "comm_close" if self.routed_to_owner(request).await => Outcome::default(),
             "comm_msg" => self.notify::<comm::CommMsg>(exec, request).await,
             "comm_close" => self.notify::<comm::CommClose>(exec, request).await,
             "shutdown_request" => self.shutdown(request).await,
@@ -225,7 +300,23 @@ impl Kernel {
                 return Outcome::reply(self.error_reply(request, "BadRequest", e.to_string()))
             }
         };
-        let reply = match exec.call(request).await {
+        // Subshell cells run where they are sent, outside the log (as ipykernel
+        // runs them beside the main shell); main-shell cells go through the group.
+        let group = match request.header.subshell_id {
+            None => self.group().await,
+            Some(_) => None,
+        };
+        let json = match group {
+            Some(core) => match core.execute(request).await {
+                Ok(CellResult::Reply(json)) => Ok(Some(json)),
+                Ok(CellResult::Lost { replica }) => {
+                    return Outcome::reply(self.replica_lost(exec, request, replica).await)
+                }
+                Err(e) => Err(PythonError::Exception(format!("replica group: {e}"))),
+            },
+            None => exec.call(request).await,
+        };
+        let reply = match json {
             Ok(Some(json)) => serde_json::from_str::<execute::ExecuteReply>(&json)
                 .map_err(|e| PythonError::Exception(format!("malformed execute reply: {e}"))),
             Ok(None) => Err(PythonError::Exception("execute returned no reply".into())),
@@ -238,6 +329,40 @@ impl Kernel {
                 shutdown: false,
             },
             Err(e) => Outcome::reply(self.error_reply(request, "KernelError", e.to_string())),
+        }
+    }
+
+    /// The winner died mid-cell: an error the user sees, with the namespace
+    /// as before the cell (its changes never left the dead replica).
+    async fn replica_lost(&self, exec: &Executor, request: &Message, replica: u64) -> Outgoing {
+        let evalue = format!(
+            "replica {replica} was lost while executing; the namespace is as before this cell"
+        );
+        let count = exec
+            .run(|_py, k| k.getattr("shell")?.getattr("execution_count")?.extract::<i64>())
+            .await
+            .unwrap_or(0);
+        let content = crate::wire::error::ErrorContent {
+            ename: "ReplicaLost".into(),
+            evalue: evalue.clone(),
+            traceback: vec![format!("ReplicaLost: {evalue}")],
+        };
+        self.iopub
+            .publish(Outgoing::typed("error", &self.session.id, Some(&request.header), &content))
+            .await;
+        self.reply(
+            request,
+            &json!({"status": "error", "ename": "ReplicaLost", "evalue": evalue,
+                    "traceback": content.traceback, "execution_count": count,
+                    "user_expressions": {}, "payload": []}),
+        )
+    }
+
+    /// A comm message for a comm another replica opened is mailed there.
+    async fn routed_to_owner(&self, request: &Message) -> bool {
+        match self.group.get() {
+            Some(Some(core)) => core.route_comm(request),
+            _ => false,
         }
     }
 
@@ -300,6 +425,11 @@ impl Kernel {
             .is_err()
         {
             tracing::warn!("shell cleanup did not finish in time; exiting anyway");
+        }
+        // A restart must come back with a clean namespace everywhere, so the
+        // other replicas go too (the next replica 1 starts a fresh group).
+        if let Some(Some(core)) = self.group.get() {
+            core.stop_group().await;
         }
         Outcome {
             reply: Some(self.reply(request, &content)),

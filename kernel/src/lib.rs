@@ -11,5 +11,6 @@ pub mod channels;
 pub mod connection;
 pub mod kernel;
 pub mod python;
+pub mod replica;
 pub mod signals;
 pub mod wire;

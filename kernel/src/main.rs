@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use notebookos_kernel::{connection::ConnectionInfo, kernel, signals};
+use notebookos_kernel::{connection::ConnectionInfo, kernel, replica, signals};
 
 fn main() -> anyhow::Result<()> {
     // Before any thread exists, so every later thread inherits the mask.
@@ -20,17 +20,35 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let args = Args::parse(std::env::args().skip(1))?;
-    let info = ConnectionInfo::from_file(&args.connection_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("notebookos-io")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("replica") {
+        argv.next();
+        let bootstrap = match (argv.next().as_deref(), argv.next()) {
+            (Some("--bootstrap"), Some(path)) => PathBuf::from(path),
+            _ => bail!("usage: notebookos-kernel replica --bootstrap FILE"),
+        };
+        let code = runtime.block_on(replica::peer::run(&bootstrap))?;
+        std::process::exit(code)
+    }
+    let args = Args::parse(argv)?;
+    let info = ConnectionInfo::from_file(&args.connection_file)?;
+    let replicas = match std::env::var("NOTEBOOKOS_REPLICAS") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("NOTEBOOKOS_REPLICAS={v:?} is not a number"))?,
+        Err(_) => 3,
+    };
     let start = kernel::StartOptions {
         connection_file: args.connection_file,
         argv: args.passthrough,
+        replicas,
     };
     let code = runtime.block_on(kernel::run(info, start))?;
     // Python is never finalised from another thread: exit directly, after

@@ -155,7 +155,7 @@ class Kernel:
         if not silent:
             self.last_cell = {
                 "execution_count": reply["execution_count"],
-                "replica": self.placement["self"],
+                "replica": placement.current(self.placement)["self"],
                 "wait_s": placement.wait_seconds(parent["header"], started),
             }
         return reply
@@ -274,6 +274,43 @@ class Kernel:
 
     def comm_close(self, content, parent):
         self.comm_manager.comm_close(None, None, parent)
+
+    # -- replicas -----------------------------------------------------------
+    # Called by Rust on the replica's main Python thread (see replica/statesync.rs).
+
+    @property
+    def statesync(self):
+        sync = getattr(self, "_statesync", None)
+        if sync is None:
+            from .statesync import StateSync
+
+            sync = self._statesync = StateSync(self.shell)
+        return sync
+
+    def sync_capture(self, code):
+        """After a cell ran here: its namespace changes, as (header, buffers)."""
+        header, buffers = self.statesync.capture(code)
+        skipped = self.statesync.unpicklable
+        if skipped:
+            names = ", ".join(f"{name} ({why})" for name, why in skipped)
+            sys.stderr.write(
+                f"notebookos: not replicated, lost if this replica fails: {names}\n"
+            )
+            sys.stderr.flush()
+        return header, list(buffers)
+
+    def sync_apply(self, header, buffers):
+        self.statesync.apply(header, buffers)
+
+    def sync_checkpoint(self):
+        header, buffers = self.statesync.checkpoint()
+        return header, list(buffers)
+
+    def sync_restore(self, header, buffers):
+        self.statesync.restore(header, buffers)
+
+    def sync_digest(self):
+        return self.statesync.digest()
 
     # -- lifecycle --------------------------------------------------------
 

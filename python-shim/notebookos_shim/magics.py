@@ -21,6 +21,29 @@ class KernelMagics(Magics):
     @line_magic
     def notebookos(self, arg_s):
         """Show where this kernel runs: its replicas, which one ran the last
-        cell and how long that cell waited to start, and its GPU grant."""
+        cell and how long that cell waited to start, and its GPU grant.
+
+        ``%notebookos verify`` checks that every replica holds the same
+        namespace (a digest of each name's pickled value, compared)."""
         kernel = self.shell.kernel
-        print(placement.report(kernel.placement, kernel.last_cell, placement.visible_gpus()))
+        if arg_s.strip() == "verify":
+            print(verify(kernel))
+            return
+        where = placement.current(kernel.placement)
+        print(placement.report(where, kernel.last_cell, placement.visible_gpus()))
+
+
+def verify(kernel):
+    import _notebookos
+
+    mine = kernel.sync_digest()
+    me = placement.current(kernel.placement)["self"]
+    digests = sorted([(me, mine), *_notebookos.peer_digests()])
+    lines = [f"replica {rid}: {digest}" for rid, digest in digests]
+    if len(digests) == 1:
+        verdict = "1 replica: nothing to compare"
+    elif all(d == mine for _, d in digests):
+        verdict = f"all {len(digests)} replicas hold the same namespace"
+    else:
+        verdict = "replicas DIFFER"
+    return "\n".join([verdict, *lines])

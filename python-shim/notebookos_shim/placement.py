@@ -1,12 +1,12 @@
 """Where the kernel runs: its replicas, its GPU binding, and what the last
 cell waited for; the ``%notebookos`` magic shows it to the user.
 
-notebookos runs as a single replica today (Raft replication is not built)
-and no GPU agent grants GPUs, so ``local()`` describes this one process.
-The shapes are what the Rust side will fill in once it knows more: the
-kernel holds a ``placement`` dict and the magic only formats it.
+With replicas, the Rust side describes the group (``_notebookos.placement()``);
+a single-replica kernel (``NOTEBOOKOS_REPLICAS=1``) is described by ``local()``.
+No GPU agent grants GPUs yet, so cells run on CPU unless the user picks a GPU.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -29,6 +29,32 @@ def local():
             }
         ],
         "gpu": {"grant": None, "reason": "no GPU agent on this host; cells run on CPU"},
+    }
+
+
+def current(single):
+    """The group's placement when there are replicas, else ``single``."""
+    import _notebookos
+
+    group = _notebookos.placement()
+    if group is None:
+        return single
+    group = json.loads(group)
+    host = socket.gethostname()
+    return {
+        "self": group["self"],
+        "replicas": [
+            {
+                "id": r["id"],
+                # Replicas start on this host unless a cluster places them (not built yet).
+                "host": host,
+                "pid": r.get("pid") or "?",
+                "role": r["role"] + (", Raft leader" if r.get("leader") else ""),
+                "state": r["state"],
+            }
+            for r in group["replicas"]
+        ],
+        "gpu": single["gpu"],
     }
 
 
@@ -85,7 +111,7 @@ def report(placement, last_cell, gpus):
     replicas = placement["replicas"]
     lines = [f"notebookos: {len(replicas)} replica{'s' if len(replicas) != 1 else ''}"]
     if len(replicas) == 1:
-        lines[0] += " (replication is not built yet: this process is the whole kernel)"
+        lines[0] += " (NOTEBOOKOS_REPLICAS=1: this process is the whole kernel)"
     lines.append("Replicas:")
     by_id = {}
     for r in replicas:

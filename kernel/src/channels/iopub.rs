@@ -93,19 +93,42 @@ pub async fn bind(
     session: Arc<Session>,
 ) -> Result<(Iopub, Publisher), ChannelError> {
     let socket: XPubSocket = super::bind(endpoint).await?;
+    Ok(publisher(Sink::Zmq(socket), session))
+}
+
+/// What a relaying iopub hands on: messages, and flush points that complete
+/// once everything before them has been handed on.
+#[derive(Debug)]
+pub enum Relayed {
+    Message(Box<Outgoing>),
+    Flushed(oneshot::Sender<()>),
+}
+
+/// An iopub whose messages, stream batching included, go to `out` instead of
+/// a socket: a replica that does not face Jupyter hands them to the one that does.
+pub fn relay(out: mpsc::Sender<Relayed>, session: Arc<Session>) -> (Iopub, Publisher) {
+    publisher(Sink::Relay(out), session)
+}
+
+fn publisher(sink: Sink, session: Arc<Session>) -> (Iopub, Publisher) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    Ok((
+    (
         Iopub {
             tx,
             session: session.clone(),
         },
         Publisher {
-            socket,
+            sink,
             rx,
             session,
             pending: None,
         },
-    ))
+    )
+}
+
+enum Sink {
+    Zmq(XPubSocket),
+    Relay(mpsc::Sender<Relayed>),
 }
 
 struct PendingStream {
@@ -116,8 +139,16 @@ struct PendingStream {
 }
 
 /// The task side; run it with [`Publisher::run`].
+/// Subscription frames from XPUB; a relay has none.
+async fn subscription(sink: &mut Sink) -> Result<ZmqMessage, zeromq::ZmqError> {
+    match sink {
+        Sink::Zmq(socket) => socket.recv().await,
+        Sink::Relay(_) => std::future::pending().await,
+    }
+}
+
 pub struct Publisher {
-    socket: XPubSocket,
+    sink: Sink,
     rx: mpsc::Receiver<Event>,
     session: Arc<Session>,
     pending: Option<PendingStream>,
@@ -135,7 +166,7 @@ impl Publisher {
                         return;
                     }
                 },
-                sub = self.socket.recv() => match sub {
+                sub = subscription(&mut self.sink) => match sub {
                     Ok(frames) => self.on_subscription(frames).await,
                     Err(e) => {
                         tracing::debug!("iopub subscription read failed: {e}");
@@ -185,7 +216,19 @@ impl Publisher {
             Event::Flush(done) => {
                 self.flush_stream().await;
                 if let Some(done) = done {
-                    let _ = done.send(());
+                    match &self.sink {
+                        // Flushed only once the relay has delivered what came before.
+                        Sink::Relay(out) => {
+                            if let Err(mpsc::error::SendError(Relayed::Flushed(done))) =
+                                out.send(Relayed::Flushed(done)).await
+                            {
+                                let _ = done.send(());
+                            }
+                        }
+                        Sink::Zmq(_) => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             }
         }
@@ -220,6 +263,13 @@ impl Publisher {
     }
 
     async fn write(&mut self, msg: Outgoing) {
+        let socket = match &mut self.sink {
+            Sink::Zmq(socket) => socket,
+            Sink::Relay(out) => {
+                let _ = out.send(Relayed::Message(Box::new(msg))).await;
+                return;
+            }
+        };
         // Topic frame like ipykernel's `kernel.<id>.<msg_type>`; clients
         // subscribe to everything, so it is informational.
         let topic = format!("kernel.{}.{}", self.session.id, msg.header.msg_type);
@@ -228,7 +278,7 @@ impl Publisher {
         let Ok(zmsg) = ZmqMessage::try_from(frames) else {
             return;
         };
-        if let Err(e) = self.socket.send(zmsg).await {
+        if let Err(e) = socket.send(zmsg).await {
             tracing::warn!("iopub send of {} failed: {e}", msg.header.msg_type);
         }
     }

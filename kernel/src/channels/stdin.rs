@@ -61,10 +61,12 @@ impl Stdin {
             None => tracing::warn!("input_reply with no pending input_request, ignored"),
         }
     }
+}
 
+impl crate::python::InputChannel for Stdin {
     /// Sends an input_request from a non-runtime thread; the reply arrives
     /// on the returned channel.
-    pub fn request(
+    fn request(
         &self,
         identities: &[Bytes],
         parent: Option<&Header>,
@@ -89,7 +91,7 @@ impl Stdin {
         rx
     }
 
-    pub fn cancel(&self) {
+    fn cancel(&self) {
         if let Ok(mut w) = self.waiter.lock() {
             w.take();
         }

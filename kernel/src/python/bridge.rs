@@ -13,13 +13,36 @@ use pyo3::types::PyBytes;
 use serde_json::Value;
 
 use crate::channels::iopub::Iopub;
-use crate::channels::stdin::Stdin;
 use crate::wire::{self, Header, Outgoing};
+
+/// Where `input()` asks: Jupyter's stdin socket, or the replica facing it.
+pub trait InputChannel: Send + Sync {
+    /// Sends an input request; the answer arrives on the returned receiver.
+    fn request(
+        &self,
+        identities: &[Bytes],
+        parent: Option<&Header>,
+        prompt: String,
+        password: bool,
+    ) -> std::sync::mpsc::Receiver<String>;
+    /// The pending request was interrupted.
+    fn cancel(&self);
+}
+
+/// What the shim asks of the replica group (absent with a single replica).
+pub trait Group: Send + Sync {
+    /// Namespace digests of the other replicas, computed at the same point of the
+    /// log as `own` (this replica's, taken by the caller).
+    fn peer_digests(&self) -> Result<Vec<(u64, String)>, String>;
+    /// Replicas, roles and the last cell's winner, as JSON for `%notebookos`.
+    fn placement(&self) -> String;
+}
 
 /// What the Python side reaches; set once before the interpreter starts.
 pub struct Bridge {
     pub iopub: Iopub,
-    pub stdin: Arc<Stdin>,
+    pub stdin: Arc<dyn InputChannel>,
+    group: OnceLock<Arc<dyn Group>>,
     current: Mutex<HashMap<ThreadId, Current>>,
     main_thread: OnceLock<ThreadId>,
 }
@@ -37,15 +60,20 @@ struct Current {
 static BRIDGE: OnceLock<Arc<Bridge>> = OnceLock::new();
 
 impl Bridge {
-    pub fn install(iopub: Iopub, stdin: Arc<Stdin>) -> Arc<Self> {
+    pub fn install(iopub: Iopub, stdin: Arc<dyn InputChannel>) -> Arc<Self> {
         let bridge = Arc::new(Self {
             iopub,
             stdin,
+            group: OnceLock::new(),
             current: Mutex::new(HashMap::new()),
             main_thread: OnceLock::new(),
         });
         // A second install (tests) keeps the first: one interpreter per process.
         BRIDGE.get_or_init(|| bridge.clone()).clone()
+    }
+
+    pub fn set_group(&self, group: Arc<dyn Group>) {
+        let _ = self.group.set(group);
     }
 
     pub fn set_main_thread(&self) {
@@ -218,8 +246,29 @@ fn input_request(py: Python<'_>, prompt: String, password: bool) -> PyResult<Str
     }
 }
 
+/// The other replicas' namespace digests, for checking that they agree; an
+/// empty list with a single replica.
+#[pyfunction]
+fn peer_digests(py: Python<'_>) -> PyResult<Vec<(u64, String)>> {
+    let bridge = bridge()?;
+    match bridge.group.get() {
+        None => Ok(Vec::new()),
+        Some(g) => py
+            .allow_threads(|| g.peer_digests())
+            .map_err(PyRuntimeError::new_err),
+    }
+}
+
+/// The group's placement as JSON, or None with a single replica.
+#[pyfunction]
+fn placement() -> PyResult<Option<String>> {
+    Ok(bridge()?.group.get().map(|g| g.placement()))
+}
+
 #[pymodule]
 pub fn _notebookos(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(peer_digests, m)?)?;
+    m.add_function(wrap_pyfunction!(placement, m)?)?;
     m.add_function(wrap_pyfunction!(publish, m)?)?;
     m.add_function(wrap_pyfunction!(stream, m)?)?;
     m.add_function(wrap_pyfunction!(flush, m)?)?;

@@ -18,7 +18,7 @@ use super::PythonError;
 ///
 /// # Safety
 /// Call once per process, before any other use of Python.
-pub unsafe fn initialize(executable: Option<&str>) -> Result<(), PythonError> {
+pub unsafe fn initialize(executable: Option<&str>, hash_seed: Option<u32>) -> Result<(), PythonError> {
     let mut config = MaybeUninit::<ffi::PyConfig>::uninit();
     ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
     let mut config = config.assume_init();
@@ -26,6 +26,10 @@ pub unsafe fn initialize(executable: Option<&str>) -> Result<(), PythonError> {
     // once it can tell whether a cell is running.
     config.install_signal_handlers = 0;
     config.parse_argv = 0;
+    if let Some(seed) = hash_seed.filter(|_| std::env::var_os("PYTHONHASHSEED").is_none()) {
+        config.use_hash_seed = 1;
+        config.hash_seed = seed as libc::c_ulong;
+    }
     let result = (|| {
         if let Some(exe) = executable {
             let exe = CString::new(exe)

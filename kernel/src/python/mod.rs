@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
-pub use bridge::Bridge;
+pub use bridge::{Bridge, Group, InputChannel};
 
 use crate::signals::{self, ThreadInterrupter};
 use crate::wire::{Header, Message};
@@ -37,13 +37,15 @@ pub struct Versions {
     pub ipython: String,
 }
 
+/// Work for a Python thread: runs with the GIL held and the shim's kernel object.
+type Work = Box<dyn for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) + Send>;
+
 struct Job {
-    header: Header,
-    identities: Vec<Bytes>,
-    msg_type: String,
-    message: String,
-    buffers: Vec<Bytes>,
-    reply: oneshot::Sender<Result<Option<String>, PythonError>>,
+    /// The request whose outputs this job's Python code produces, if any.
+    current: Option<(Header, Vec<Bytes>)>,
+    work: Work,
+    /// Told when the shim failed to start, instead of running `work`.
+    failed: Box<dyn FnOnce(PythonError) + Send>,
 }
 
 /// The shim's kernel object, set once the main thread has built it.
@@ -100,15 +102,55 @@ impl Executor {
             "content": msg.content,
         })
         .to_string();
-        let (tx, rx) = oneshot::channel();
+        let msg_type = msg.header.msg_type.clone();
+        let buffers = msg.buffers.clone();
+        self.submit(Some((msg.header.clone(), msg.identities.clone())), move |py, kernel| {
+            let buffers: Vec<Bound<'_, PyBytes>> =
+                buffers.iter().map(|b| PyBytes::new(py, b)).collect();
+            kernel
+                .call_method1("dispatch", (msg_type.as_str(), message.as_str(), buffers))
+                .and_then(|r| r.extract::<Option<String>>())
+        })
+        .await
+    }
+
+    /// Runs `f` on this executor's Python thread with the shim's kernel object.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, PythonError>
+    where
+        T: Send + 'static,
+        F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
+    {
+        self.submit(None, f).await
+    }
+
+    async fn submit<T, F>(
+        &self,
+        current: Option<(Header, Vec<Bytes>)>,
+        f: F,
+    ) -> Result<T, PythonError>
+    where
+        T: Send + 'static,
+        F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, PythonError>>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let on_fail = tx.clone();
+        let work: Work = Box::new(move |py, kernel| {
+            let result = f(py, kernel).map_err(|e| PythonError::Exception(describe(py, &e)));
+            if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(result);
+            }
+        });
+        let failed = Box::new(move |e: PythonError| {
+            if let Some(tx) = on_fail.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(Err(e));
+            }
+        });
         self.jobs
             .send(Job {
-                header: msg.header.clone(),
-                identities: msg.identities.clone(),
-                msg_type: msg.header.msg_type.clone(),
-                message,
-                buffers: msg.buffers.clone(),
-                reply: tx,
+                current,
+                work,
+                failed,
             })
             .map_err(|_| PythonError::Gone)?;
         rx.await.map_err(|_| PythonError::Gone)?
@@ -127,7 +169,13 @@ pub struct PythonRuntime {
 impl PythonRuntime {
     /// Starts the interpreter and returns once it is initialised (IPython
     /// is still being imported in the background: requests queue behind it).
-    pub fn start(bridge: Arc<Bridge>, options: serde_json::Value) -> Result<Self, PythonError> {
+    /// `hash_seed` fixes Python's string hashing (unless PYTHONHASHSEED is set), so
+    /// that replicas iterate sets alike.
+    pub fn start(
+        bridge: Arc<Bridge>,
+        options: serde_json::Value,
+        hash_seed: Option<u32>,
+    ) -> Result<Self, PythonError> {
         pyo3::append_to_inittab!(_notebookos_module);
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -137,7 +185,9 @@ impl PythonRuntime {
             .name("python".into())
             // CPython's recursion limit assumes a main-thread-sized stack.
             .stack_size(64 << 20)
-            .spawn(move || python_main(thread_bridge, thread_kernel, options, ready_tx, jobs_rx))
+            .spawn(move || {
+                python_main(thread_bridge, thread_kernel, options, hash_seed, ready_tx, jobs_rx)
+            })
             .map_err(|e| PythonError::Init(e.to_string()))?;
         let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
         Ok(Self {
@@ -190,6 +240,7 @@ fn python_main(
     bridge: Arc<Bridge>,
     kernel_cell: Arc<KernelCell>,
     options: serde_json::Value,
+    hash_seed: Option<u32>,
     ready: std_mpsc::Sender<Result<(ThreadInterrupter, Versions), PythonError>>,
     jobs: std_mpsc::Receiver<Job>,
 ) {
@@ -200,7 +251,7 @@ fn python_main(
         .ok()
         .filter(|s| !s.is_empty());
     // SAFETY: the only interpreter initialisation in this process.
-    if let Err(e) = unsafe { init::initialize(executable.as_deref()) } {
+    if let Err(e) = unsafe { init::initialize(executable.as_deref(), hash_seed) } {
         let _ = ready.send(Err(e));
         return;
     }
@@ -243,23 +294,15 @@ fn serve_jobs(
     jobs: std_mpsc::Receiver<Job>,
 ) {
     for job in jobs {
-        let result = match kernel {
-            Err(e) => Err(e.clone()),
+        match kernel {
+            Err(e) => (job.failed)(e.clone()),
             Ok(kernel) => Python::with_gil(|py| {
-                bridge.set_current(&job.header, &job.identities);
-                let buffers: Vec<Bound<'_, PyBytes>> =
-                    job.buffers.iter().map(|b| PyBytes::new(py, b)).collect();
-                kernel
-                    .call_method1(
-                        py,
-                        "dispatch",
-                        (job.msg_type.as_str(), job.message.as_str(), buffers),
-                    )
-                    .and_then(|r| r.extract::<Option<String>>(py))
-                    .map_err(|e| PythonError::Exception(describe(py, &e)))
+                if let Some((header, identities)) = &job.current {
+                    bridge.set_current(header, identities);
+                }
+                (job.work)(py, kernel.bind(py));
             }),
-        };
-        let _ = job.reply.send(result);
+        }
     }
 }
 

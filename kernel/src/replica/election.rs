@@ -1,0 +1,213 @@
+//! Who runs a cell, decided from the log alone so every replica agrees.
+//!
+//! Each replica answers a `Request` with a `Bid`: LEAD if it can run the cell
+//! now, YIELD if not. The first LEAD applied for a cell wins; later bids are
+//! ignored. Bids from replicas already declared down are ignored too. A cell
+//! ends exactly once: by its winner's `Done`, or because its winner went down.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use raft_transport::NodeId;
+
+use super::entry::{CellId, Frames};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BidOutcome {
+    /// This bid decided the election.
+    Won(NodeId),
+    /// Every live voter has yielded and nobody leads yet: the cell is queued.
+    AllYielded,
+    /// Still waiting for bids.
+    Open,
+    /// The cell is decided, finished or unknown; the bid changes nothing.
+    Ignored,
+}
+
+#[derive(Debug)]
+pub struct Cell {
+    pub request: Frames,
+    pub winner: Option<NodeId>,
+    yielded: BTreeSet<NodeId>,
+}
+
+/// How a cell ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Done { replica: NodeId },
+    /// Its winner went down mid-cell.
+    Lost { replica: NodeId },
+}
+
+#[derive(Debug, Default)]
+pub struct Elections {
+    open: HashMap<CellId, Cell>,
+    finished: HashSet<CellId>,
+    down: BTreeSet<NodeId>,
+}
+
+impl Elections {
+    pub fn open(&mut self, cell: CellId, request: Frames) {
+        if self.finished.contains(&cell) {
+            return;
+        }
+        self.open.entry(cell).or_insert(Cell {
+            request,
+            winner: None,
+            yielded: BTreeSet::new(),
+        });
+    }
+
+    pub fn get(&self, cell: &str) -> Option<&Cell> {
+        self.open.get(cell)
+    }
+
+    /// Applies a bid; `voters` are the members expected to bid.
+    pub fn bid(
+        &mut self,
+        cell: &str,
+        replica: NodeId,
+        lead: bool,
+        voters: &BTreeSet<NodeId>,
+    ) -> BidOutcome {
+        if self.down.contains(&replica) {
+            return BidOutcome::Ignored;
+        }
+        let Some(c) = self.open.get_mut(cell) else {
+            return BidOutcome::Ignored;
+        };
+        if c.winner.is_some() {
+            return BidOutcome::Ignored;
+        }
+        if lead {
+            c.winner = Some(replica);
+            return BidOutcome::Won(replica);
+        }
+        c.yielded.insert(replica);
+        let live: BTreeSet<_> = voters.difference(&self.down).copied().collect();
+        if !live.is_empty() && live.is_subset(&c.yielded) {
+            BidOutcome::AllYielded
+        } else {
+            BidOutcome::Open
+        }
+    }
+
+    /// Ends a cell once; `None` if it already ended (or never existed).
+    pub fn finish(&mut self, cell: &str, replica: NodeId) -> Option<Cell> {
+        let c = self.open.remove(cell)?;
+        if c.winner != Some(replica) {
+            // A Done from a replica that did not win cannot happen unless the log
+            // is corrupt; keep the cell open for its real winner.
+            self.open.insert(cell.to_owned(), c);
+            return None;
+        }
+        self.finished.insert(cell.to_owned());
+        Some(c)
+    }
+
+    /// Marks a replica down; returns the cells it was running, now lost.
+    pub fn replica_down(&mut self, replica: NodeId) -> Vec<(CellId, Cell)> {
+        self.down.insert(replica);
+        let lost: Vec<CellId> = self
+            .open
+            .iter()
+            .filter(|(_, c)| c.winner == Some(replica))
+            .map(|(id, _)| id.clone())
+            .collect();
+        lost.into_iter()
+            .filter_map(|id| {
+                let c = self.open.remove(&id)?;
+                self.finished.insert(id.clone());
+                Some((id, c))
+            })
+            .collect()
+    }
+
+    pub fn is_down(&self, replica: NodeId) -> bool {
+        self.down.contains(&replica)
+    }
+
+    /// Open cells still without a winner (a replica that yielded re-bids on these).
+    pub fn undecided(&self) -> Vec<CellId> {
+        self.open
+            .iter()
+            .filter(|(_, c)| c.winner.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The replica running `cell`, if decided and still open.
+    pub fn winner(&self, cell: &str) -> Option<NodeId> {
+        self.open.get(cell).and_then(|c| c.winner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Frames {
+        Frames {
+            identities: vec![],
+            header: "{}".into(),
+            parent_header: "{}".into(),
+            metadata: "{}".into(),
+            content: "{}".into(),
+            buffers: vec![],
+        }
+    }
+
+    fn voters() -> BTreeSet<NodeId> {
+        BTreeSet::from([1, 2, 3])
+    }
+
+    #[test]
+    fn first_lead_wins_and_later_bids_are_ignored() {
+        let mut e = Elections::default();
+        e.open("c".into(), frames());
+        assert_eq!(e.bid("c", 2, false, &voters()), BidOutcome::Open);
+        assert_eq!(e.bid("c", 3, true, &voters()), BidOutcome::Won(3));
+        assert_eq!(e.bid("c", 1, true, &voters()), BidOutcome::Ignored);
+        assert_eq!(e.winner("c"), Some(3));
+    }
+
+    #[test]
+    fn all_yield_queues_until_someone_leads() {
+        let mut e = Elections::default();
+        e.open("c".into(), frames());
+        assert_eq!(e.bid("c", 1, false, &voters()), BidOutcome::Open);
+        assert_eq!(e.bid("c", 2, false, &voters()), BidOutcome::Open);
+        assert_eq!(e.bid("c", 3, false, &voters()), BidOutcome::AllYielded);
+        assert_eq!(e.undecided(), vec!["c".to_string()]);
+        assert_eq!(e.bid("c", 2, true, &voters()), BidOutcome::Won(2));
+        assert!(e.undecided().is_empty());
+    }
+
+    #[test]
+    fn a_cell_ends_once_and_only_by_its_winner() {
+        let mut e = Elections::default();
+        e.open("c".into(), frames());
+        e.bid("c", 2, true, &voters());
+        assert!(e.finish("c", 3).is_none(), "not the winner");
+        assert!(e.finish("c", 2).is_some());
+        assert!(e.finish("c", 2).is_none(), "already done");
+        // A late duplicate Request does not reopen it.
+        e.open("c".into(), frames());
+        assert!(e.get("c").is_none());
+    }
+
+    #[test]
+    fn a_downed_winner_loses_its_cell_and_cannot_bid() {
+        let mut e = Elections::default();
+        e.open("a".into(), frames());
+        e.open("b".into(), frames());
+        e.bid("a", 2, true, &voters());
+        let lost = e.replica_down(2);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].0, "a");
+        assert!(e.finish("a", 2).is_none(), "a late Done is ignored");
+        assert_eq!(e.bid("b", 2, true, &voters()), BidOutcome::Ignored);
+        // With 2 down, the two live voters yielding is everyone.
+        assert_eq!(e.bid("b", 1, false, &voters()), BidOutcome::Open);
+        assert_eq!(e.bid("b", 3, false, &voters()), BidOutcome::AllYielded);
+    }
+}

@@ -1,0 +1,224 @@
+//! What replicas put in the Raft log ([`Entry`]) and send each other directly
+//! ([`Mail`]). Both are postcard-encoded; JSON parts travel as strings because
+//! postcard cannot carry `serde_json::Value`.
+
+use bytes::Bytes;
+use raft_transport::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{Header, Message, Outgoing};
+
+/// A kernel-wide unique id for one replicated request (a cell), chosen by the
+/// replica facing Jupyter.
+pub type CellId = String;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Entry {
+    /// A shell request that one replica must run.
+    Request { cell: CellId, request: Frames },
+    /// A replica's answer to a Request: it can run it now (`lead`) or not.
+    Bid {
+        cell: CellId,
+        replica: NodeId,
+        lead: bool,
+    },
+    /// The winner finished: its reply and the namespace changes.
+    Done {
+        cell: CellId,
+        replica: NodeId,
+        reply: String,
+        delta: Delta,
+    },
+    /// A replica is gone (process exited, host lost); whatever it was running ends.
+    MemberDown { replica: NodeId },
+    /// A new replica joins and must be brought up to date by a checkpoint.
+    MemberJoin {
+        replica: NodeId,
+        addr: String,
+        /// It faces Jupyter (a restarted replica 1).
+        front: bool,
+    },
+    /// The whole namespace for `replica`, pushed to it as a blob by `from`.
+    Checkpoint {
+        replica: NodeId,
+        from: NodeId,
+        blob: [u8; 32],
+    },
+    /// Every replica computes its namespace digest and mails it to `from`.
+    Verify { nonce: String, from: NodeId },
+    /// The kernel is shutting down: every replica exits.
+    Shutdown,
+}
+
+/// Namespace changes of one cell: small ones inline, large ones as a blob each
+/// replica received before the entry was proposed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Delta {
+    Inline(Bytes),
+    Blob { hash: [u8; 32], len: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Mail {
+    /// iopub messages a replica produced, for the replica facing Jupyter.
+    Iopub(Vec<Frames>),
+    /// `input()` on a replica: ask the front-end.
+    InputRequest {
+        request: Frames,
+    },
+    /// The front-end's answer, back to the replica that asked.
+    InputReply { value: String },
+    /// Interrupt the cell running on the receiving replica.
+    Interrupt,
+    /// A comm message from the front-end for the comm's owner.
+    Comm { request: Frames },
+    /// A namespace digest answering [`Entry::Verify`].
+    Digest {
+        nonce: String,
+        replica: NodeId,
+        digest: String,
+    },
+}
+
+/// A Jupyter message without its signature, JSON parts kept as text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frames {
+    pub identities: Vec<Bytes>,
+    pub header: String,
+    pub parent_header: String,
+    pub metadata: String,
+    pub content: String,
+    pub buffers: Vec<Bytes>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("undecodable replica message: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("malformed message JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
+impl Frames {
+    pub fn from_message(m: &Message) -> Self {
+        Self {
+            identities: m.identities.clone(),
+            header: json(&m.header),
+            parent_header: m.parent_header.as_ref().map_or("{}".into(), json),
+            metadata: json(&m.metadata),
+            content: json(&m.content),
+            buffers: m.buffers.clone(),
+        }
+    }
+
+    pub fn from_outgoing(m: &Outgoing) -> Self {
+        Self {
+            identities: m.identities.clone(),
+            header: json(&m.header),
+            parent_header: m.parent_header.as_ref().map_or("{}".into(), json),
+            metadata: json(&m.metadata),
+            content: json(&m.content),
+            buffers: m.buffers.clone(),
+        }
+    }
+
+    fn parent(&self) -> Result<Option<Header>, EntryError> {
+        let v: serde_json::Value = serde_json::from_str(&self.parent_header)?;
+        Ok(match v {
+            serde_json::Value::Object(m) if m.is_empty() => None,
+            serde_json::Value::Null => None,
+            v => Some(serde_json::from_value(v)?),
+        })
+    }
+
+    pub fn to_message(&self) -> Result<Message, EntryError> {
+        let metadata = match serde_json::from_str(&self.metadata)? {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        Ok(Message {
+            identities: self.identities.clone(),
+            header: serde_json::from_str(&self.header)?,
+            parent_header: self.parent()?,
+            metadata,
+            content: serde_json::from_str(&self.content)?,
+            buffers: self.buffers.clone(),
+            received: std::time::Instant::now(),
+        })
+    }
+
+    pub fn to_outgoing(&self) -> Result<Outgoing, EntryError> {
+        Ok(Outgoing {
+            identities: self.identities.clone(),
+            header: serde_json::from_str(&self.header)?,
+            parent_header: self.parent()?,
+            metadata: serde_json::from_str(&self.metadata)?,
+            content: serde_json::from_str(&self.content)?,
+            buffers: self.buffers.clone(),
+        })
+    }
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, EntryError> {
+        Ok(postcard::from_bytes(data)?)
+    }
+}
+
+impl Mail {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, EntryError> {
+        Ok(postcard::from_bytes(data)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn entries_round_trip() {
+        let out = Outgoing::new("execute_request", "s", None, json!({"code": "1+1"}))
+            .to(&[Bytes::from_static(b"id")])
+            .with_buffers(vec![Bytes::from_static(b"buf")]);
+        let frames = Frames::from_outgoing(&out);
+        let e = Entry::Request {
+            cell: "c1".into(),
+            request: frames.clone(),
+        };
+        assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
+        let m = frames.to_message().unwrap();
+        assert_eq!(m.content["code"], "1+1");
+        assert_eq!(m.identities, vec![Bytes::from_static(b"id")]);
+        assert!(m.parent_header.is_none());
+        assert_eq!(m.header.msg_type, "execute_request");
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(Entry::decode(&[0xff, 0xff, 0xff]).is_err());
+        assert!(Mail::decode(&[]).is_err());
+        let bad = Frames {
+            identities: vec![],
+            header: "{".into(),
+            parent_header: "{}".into(),
+            metadata: "{}".into(),
+            content: "{}".into(),
+            buffers: vec![],
+        };
+        assert!(bad.to_message().is_err());
+    }
+}

@@ -1,0 +1,454 @@
+//! What only the replica facing Jupyter does: forms (or rejoins) the group,
+//! proposes the client's requests, publishes what the winner relays, answers
+//! relayed `input()`, and replaces replicas that die.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft_transport::{KernelCa, NodeId, ReplicaConfig, ReplicaNode};
+
+use super::entry::{Entry, Frames, Mail};
+use super::group::{self, Bootstrap, GroupError, GroupState, Member, StateDir};
+use super::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
+use super::{lock, CellResult, Core, CoreConfig};
+use crate::channels::iopub::Iopub;
+use crate::channels::Session;
+use crate::python::{Executor, InputChannel};
+use crate::wire::stream::Stream;
+use crate::wire::Outgoing;
+
+/// How long a starting replica may take to listen (Python and IPython load first).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    #[error("replica group: {0}")]
+    Transport(#[from] raft_transport::Error),
+    #[error("no surviving replica accepted this one back: {0}")]
+    Rejoin(String),
+}
+
+/// Decided before Python starts: whether we rejoin survivors, and the hash seed.
+pub struct Plan {
+    state: StateDir,
+    prior: Option<GroupState>,
+    pub hash_seed: u32,
+    replicas: usize,
+}
+
+impl Plan {
+    pub fn new(connection_file: &Path, replicas: usize) -> Result<Self, FrontError> {
+        let state = StateDir::for_connection(connection_file)?;
+        let prior = match state.load() {
+            Ok(p) => p.filter(|g| {
+                g.members.iter().any(|m| m.id != g.front && group::pid_alive(m.pid))
+            }),
+            Err(e) => {
+                tracing::warn!("ignoring unreadable replica state: {e}");
+                None
+            }
+        };
+        if prior.is_none() {
+            // Stale state from a kernel whose replicas are all gone.
+            state.remove();
+        }
+        let state = StateDir::for_connection(connection_file)?;
+        let hash_seed = match &prior {
+            Some(g) => g.hash_seed,
+            None => u32::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into().unwrap_or([0; 4])),
+        };
+        Ok(Self { state, prior, hash_seed, replicas })
+    }
+}
+
+pub struct FrontOptions {
+    pub exec: Executor,
+    pub iopub: Iopub,
+    pub stdin: Arc<dyn InputChannel>,
+    pub session: Arc<Session>,
+    pub interrupt: Box<dyn Fn() + Send + Sync>,
+    pub argv: Vec<String>,
+    pub listen_ip: String,
+}
+
+pub struct Front {
+    iopub: Iopub,
+    stdin: Arc<dyn InputChannel>,
+    session: Arc<Session>,
+    state: StateDir,
+    group: Mutex<GroupState>,
+    processes: Mutex<BTreeMap<NodeId, Box<dyn ReplicaProcess>>>,
+    spawner: LocalSpawner,
+    /// Which replica owns each comm (the one whose Python opened it).
+    comm_owners: Mutex<HashMap<String, NodeId>>,
+    argv: Vec<String>,
+    listen_ip: String,
+    replicas: usize,
+    stopping: AtomicBool,
+}
+
+impl Front {
+    /// Forms the group (or rejoins the survivors) and returns this replica's core.
+    pub async fn start(plan: Plan, opts: FrontOptions) -> Result<Arc<Core>, FrontError> {
+        let program = std::env::current_exe().map_err(|e| GroupError::Start(e.to_string()))?;
+        let (ca, mut gstate) = match &plan.prior {
+            Some(g) => (KernelCa::from_pem(&g.kernel_id, &g.ca_pem).map_err(GroupError::from)?, g.clone()),
+            None => {
+                let kernel_id = uuid::Uuid::new_v4().to_string();
+                let ca = KernelCa::generate(&kernel_id).map_err(GroupError::from)?;
+                let g = GroupState {
+                    kernel_id: kernel_id.clone(),
+                    ca_pem: ca.to_pem(),
+                    hash_seed: plan.hash_seed,
+                    front: 1,
+                    members: Vec::new(),
+                    next_id: 1,
+                };
+                (ca, g)
+            }
+        };
+        let me = gstate.next_id;
+        gstate.next_id += 1;
+        let identity = ca.issue_identity(me).map_err(GroupError::from)?;
+        let listen: SocketAddr = format!("{}:0", opts.listen_ip)
+            .parse()
+            .map_err(|e| GroupError::Start(format!("replica listen address: {e}")))?;
+        let node = ReplicaNode::start(ReplicaConfig::new(identity, listen)).await?;
+        let my_addr = node.addr().to_string();
+        let rejoin = plan.prior.is_some();
+        let old_front = gstate.front;
+
+        let front = Arc::new(Front {
+            iopub: opts.iopub.clone(),
+            stdin: opts.stdin,
+            session: opts.session,
+            state: plan.state.clone(),
+            group: Mutex::new(gstate.clone()),
+            processes: Mutex::new(BTreeMap::new()),
+            spawner: LocalSpawner {
+                state: plan.state.clone(),
+                program,
+                hash_seed: plan.hash_seed,
+            },
+            comm_owners: Mutex::new(HashMap::new()),
+            argv: opts.argv,
+            listen_ip: opts.listen_ip,
+            replicas: plan.replicas,
+            stopping: AtomicBool::new(false),
+        });
+        let core = Core::new(CoreConfig {
+            node,
+            exec: opts.exec,
+            iopub: opts.iopub,
+            interrupt: opts.interrupt,
+            front_id: me,
+            joining: rejoin,
+        });
+        let _ = core.front.set(front.clone());
+        core.start().await;
+
+        if rejoin {
+            front.rejoin(&core, old_front, &my_addr).await?;
+        } else {
+            front.form(&core, &ca, &my_addr).await?;
+        }
+        tokio::spawn(front.clone().supervise(core.clone(), ca));
+        Ok(core)
+    }
+
+    async fn form(&self, core: &Arc<Core>, ca: &KernelCa, my_addr: &str) -> Result<(), FrontError> {
+        let mut members = BTreeMap::new();
+        members.insert(core.id, my_addr.parse().map_err(|e| GroupError::Start(format!("{e}")))?);
+        let mut started = Vec::new();
+        for _ in 1..self.replicas {
+            let (id, process) = self.launch(ca, false)?;
+            started.push((id, process));
+        }
+        for (id, process) in started {
+            let addr = spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
+            members.insert(id, addr.parse().map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")))?);
+            self.adopt(id, addr, process);
+        }
+        {
+            let mut g = lock(&self.group);
+            g.front = core.id;
+            g.members.push(Member { id: core.id, addr: my_addr.to_owned(), pid: std::process::id() });
+            g.members.sort_by_key(|m| m.id);
+        }
+        self.save();
+        core.node.initialize(members).await?;
+        core.node.wait_for_leader(Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    /// Jupyter restarted us after replica 1 died: join the survivors, drop the dead front.
+    async fn rejoin(&self, core: &Arc<Core>, old_front: NodeId, my_addr: &str) -> Result<(), FrontError> {
+        let survivors: Vec<Member> = {
+            let g = lock(&self.group);
+            g.members.iter().filter(|m| m.id != old_front && group::pid_alive(m.pid)).cloned().collect()
+        };
+        let join = Entry::MemberJoin { replica: core.id, addr: my_addr.to_owned(), front: true };
+        let down = Entry::MemberDown { replica: old_front };
+        for entry in [down, join] {
+            propose_via_any(&core.node, &survivors, entry.encode()).await?;
+        }
+        for m in &survivors {
+            self.adopt(m.id, m.addr.clone(), Box::new(AdoptedProcess { pid: m.pid }));
+        }
+        {
+            let mut g = lock(&self.group);
+            g.front = core.id;
+            g.members.retain(|m| m.id != old_front);
+            g.members.push(Member { id: core.id, addr: my_addr.to_owned(), pid: std::process::id() });
+        }
+        self.save();
+        tracing::info!(id = core.id, "rejoined the replica group; waiting for a checkpoint");
+        Ok(())
+    }
+
+    fn launch(&self, ca: &KernelCa, joining: bool) -> Result<(NodeId, Box<dyn ReplicaProcess>), FrontError> {
+        let (id, front) = {
+            let mut g = lock(&self.group);
+            let id = g.next_id;
+            g.next_id += 1;
+            (id, g.front)
+        };
+        self.save();
+        let identity = ca.issue_identity(id).map_err(GroupError::from)?;
+        let mut argv = self.argv.clone();
+        // The front's history holds every cell (stored when deltas are applied); a
+        // second writer to the same history file would duplicate them.
+        argv.push("--HistoryManager.hist_file=:memory:".into());
+        let bootstrap = Bootstrap {
+            id,
+            kernel_id: lock(&self.group).kernel_id.clone(),
+            identity_pem: identity.to_pem(),
+            front,
+            joining,
+            addr_file: self.state.addr_file(id),
+            argv,
+            listen: format!("{}:0", self.listen_ip),
+        };
+        let process = self.spawner.spawn(&bootstrap)?;
+        Ok((id, process))
+    }
+
+    fn adopt(&self, id: NodeId, addr: String, process: Box<dyn ReplicaProcess>) {
+        let pid = process.pid();
+        lock(&self.processes).insert(id, process);
+        let mut g = lock(&self.group);
+        g.members.retain(|m| m.id != id);
+        g.members.push(Member { id, addr, pid });
+        g.members.sort_by_key(|m| m.id);
+    }
+
+    fn save(&self) {
+        let g = lock(&self.group).clone();
+        if let Err(e) = self.state.save(&g) {
+            tracing::warn!("cannot save replica state: {e}");
+        }
+    }
+
+    /// Replaces replicas whose process is gone.
+    async fn supervise(self: Arc<Self>, core: Arc<Core>, ca: KernelCa) {
+        loop {
+            tokio::time::sleep(SUPERVISE_INTERVAL).await;
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let dead: Vec<NodeId> = lock(&self.processes)
+                .iter()
+                .filter(|(_, p)| !p.alive())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in dead {
+                lock(&self.processes).remove(&id);
+                tracing::warn!(replica = id, "replica process is gone; replacing it");
+                if let Err(e) = core.propose(&Entry::MemberDown { replica: id }).await {
+                    tracing::error!(replica = id, error = %e, "could not report a dead replica");
+                }
+                lock(&self.group).members.retain(|m| m.id != id);
+                self.save();
+                if let Err(e) = self.replace(&core, &ca).await {
+                    tracing::error!("could not start a replacement replica: {e}");
+                }
+            }
+        }
+    }
+
+    async fn replace(&self, core: &Arc<Core>, ca: &KernelCa) -> Result<(), FrontError> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (id, process) = self.launch(ca, true)?;
+        let addr = spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
+        self.adopt(id, addr.clone(), process);
+        self.save();
+        core.propose(&Entry::MemberJoin { replica: id, addr, front: false }).await?;
+        Ok(())
+    }
+
+    /// Clean shutdown: the replicas exit, their state goes.
+    pub async fn stop(&self, core: &Core) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await;
+        let processes: Vec<_> = std::mem::take(&mut *lock(&self.processes)).into_values().collect();
+        tokio::task::spawn_blocking(move || {
+            // Give them a moment to exit on the Shutdown entry, then make sure.
+            std::thread::sleep(Duration::from_millis(300));
+            for p in processes {
+                p.kill();
+            }
+        })
+        .await
+        .ok();
+        self.state.remove();
+        let _ = core.node.shutdown().await;
+    }
+
+    pub fn pids(&self) -> HashMap<NodeId, u32> {
+        lock(&self.group).members.iter().map(|m| (m.id, m.pid)).collect()
+    }
+
+    pub async fn report_queued(&self, request: &Frames) {
+        let parent = request.to_message().ok().map(|m| m.header);
+        let content = Stream {
+            name: "stderr".into(),
+            text: "notebookos: no replica can run this cell now; it is queued until one can\n".into(),
+        };
+        self.iopub.publish(Outgoing::typed("stream", &self.session.id, parent.as_ref(), &content)).await;
+    }
+
+    pub fn member_down(&self, replica: NodeId) {
+        lock(&self.comm_owners).retain(|_, owner| *owner != replica);
+    }
+
+    /// The comm's owner, if another replica opened it.
+    pub fn comm_owner(&self, comm_id: &str) -> Option<NodeId> {
+        lock(&self.comm_owners).get(comm_id).copied()
+    }
+
+    pub async fn publish_relayed(&self, from: NodeId, msgs: Vec<Frames>) {
+        for frames in msgs {
+            let mut msg = match frames.to_outgoing() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(from, "dropping malformed relayed message: {e}");
+                    continue;
+                }
+            };
+            msg.header.session = self.session.id.clone();
+            let comm_id = msg.content.get("comm_id").and_then(|c| c.as_str()).map(str::to_owned);
+            match (msg.header.msg_type.as_str(), comm_id) {
+                ("comm_open", Some(id)) => {
+                    lock(&self.comm_owners).insert(id, from);
+                }
+                ("comm_close", Some(id)) => {
+                    lock(&self.comm_owners).remove(&id);
+                }
+                _ => {}
+            }
+            self.iopub.publish(msg).await;
+        }
+    }
+
+    /// A replica's `input()`: ask the front-end on stdin, mail the answer back.
+    pub fn relay_input(&self, core: Arc<Core>, from: NodeId, request: Frames) {
+        let stdin = self.stdin.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(msg) = request.to_outgoing() else {
+                tracing::warn!(from, "malformed relayed input request");
+                return;
+            };
+            let prompt = msg.content.get("prompt").and_then(|p| p.as_str()).unwrap_or("").to_owned();
+            let password = msg.content.get("password").and_then(|p| p.as_bool()).unwrap_or(false);
+            let rx = stdin.request(&msg.identities, msg.parent_header.as_ref(), prompt, password);
+            // An interrupted input on the winner is cancelled there; the front-end's
+            // late answer is then mailed to a waiter that is gone, which is harmless.
+            let Ok(value) = rx.recv() else {
+                return;
+            };
+            let rt = core.runtime.clone();
+            rt.block_on(core.mail(from, &Mail::InputReply { value }));
+        });
+    }
+}
+
+/// Proposes through any reachable survivor, following leader hints.
+async fn propose_via_any(node: &ReplicaNode, survivors: &[Member], data: Vec<u8>) -> Result<(), FrontError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = String::from("no survivors");
+    while tokio::time::Instant::now() < deadline {
+        for m in survivors {
+            match node.propose_via(m.id, &m.addr, data.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(FrontError::Rejoin(last))
+}
+
+impl Core {
+    /// Runs a request on whichever replica wins it; the front waits here.
+    pub async fn execute(self: &Arc<Self>, request: &crate::wire::Message) -> Result<CellResult, raft_transport::Error> {
+        self.wait_ready().await;
+        let cell = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiters).insert(cell.clone(), tx);
+        let entry = Entry::Request { cell: cell.clone(), request: Frames::from_message(request) };
+        if let Err(e) = self.propose(&entry).await {
+            lock(&self.waiters).remove(&cell);
+            return Err(e);
+        }
+        rx.await.map_err(|_| raft_transport::Error::Shutdown)
+    }
+
+    /// Routes an interrupt to the replica running the cell.
+    pub fn interrupt_cell(self: &Arc<Self>) {
+        match self.running_on() {
+            Some(w) if w != self.id => {
+                let core = self.clone();
+                tokio::spawn(async move { core.mail(w, &Mail::Interrupt).await });
+            }
+            _ => (self.interrupt)(),
+        }
+    }
+
+    /// A comm message for a comm another replica owns goes there; `false` if it is ours.
+    pub fn route_comm(self: &Arc<Self>, request: &crate::wire::Message) -> bool {
+        let Some(front) = self.front.get() else {
+            return false;
+        };
+        let Some(comm_id) = request.content.get("comm_id").and_then(|c| c.as_str()) else {
+            return false;
+        };
+        match front.comm_owner(comm_id) {
+            Some(owner) if owner != self.id => {
+                let core = self.clone();
+                let mail = Mail::Comm { request: Frames::from_message(request) };
+                tokio::spawn(async move { core.mail(owner, &mail).await });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub async fn stop_group(&self) {
+        if let Some(front) = self.front.get() {
+            front.stop(self).await;
+        }
+    }
+}
+
+pub fn default_listen_ip() -> String {
+    std::env::var("NOTEBOOKOS_REPLICA_IP").unwrap_or_else(|_| "127.0.0.1".into())
+}

@@ -1,0 +1,690 @@
+//! The replicated kernel: every replica is this process's code with its own
+//! Python; cells go through the Raft log of a [`raft_transport::ReplicaNode`]
+//! group. See docs/architecture.md for the per-cell sequence.
+//!
+//! * [`entry`]: what goes in the log and in the replicas' mailboxes.
+//! * [`election`]: who runs a cell, decided from the log alone.
+//! * `core` (this file): the applier every replica runs, the winner's side of a
+//!   cell, and the hooks the shim calls (`%notebookos`, digests).
+//! * `front`: what only the replica facing Jupyter does: proposes requests,
+//!   publishes relayed output, supervises the other replicas.
+//! * `peer`: the `notebookos-kernel replica` process.
+//! * `relay`: a peer's iopub and stdin, carried to the front.
+//! * [`group`], [`spawn`]: on-disk group state and starting replicas.
+//! * `statesync`: packing namespace deltas and checkpoints.
+
+pub mod election;
+pub mod entry;
+pub mod front;
+pub mod group;
+pub mod peer;
+mod relay;
+pub mod spawn;
+mod statesync;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::types::PyAnyMethods;
+use raft_transport::{BlobHash, NodeId, ReplicaNode};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::channels::iopub::Iopub;
+use crate::python::{Executor, Group};
+use crate::wire::Message;
+use election::{BidOutcome, Elections};
+use entry::{CellId, Delta, Entry, Frames, Mail};
+
+pub use front::{Front, FrontError};
+
+/// Deltas up to this size travel inside the log entry; larger ones as blobs.
+const INLINE_DELTA: usize = 64 << 10;
+/// How often a replica that yielded checks whether it can lead now.
+const REBID_INTERVAL: Duration = Duration::from_millis(200);
+/// How long proposals are retried while leadership moves.
+const PROPOSE_PATIENCE: Duration = Duration::from_secs(20);
+
+/// How a replicated cell ended, as the front reports it.
+#[derive(Debug, Clone)]
+pub enum CellResult {
+    /// The winner's reply content (JSON).
+    Reply(String),
+    /// The winner died while running it.
+    Lost { replica: NodeId },
+}
+
+/// A replica joining a running group takes no part until a checkpoint arrives.
+#[derive(Debug)]
+enum Restore {
+    Current,
+    /// Waiting; after our own MemberJoin, deltas are kept to replay on the checkpoint.
+    Waiting { joined: bool, buffered: Vec<(NodeId, Delta)> },
+}
+
+/// What every replica runs.
+pub struct Core {
+    pub id: NodeId,
+    pub node: ReplicaNode,
+    exec: Executor,
+    iopub: Iopub,
+    interrupt: Box<dyn Fn() + Send + Sync>,
+    runtime: tokio::runtime::Handle,
+    elections: Mutex<Elections>,
+    /// The replica facing Jupyter.
+    front_id: Mutex<NodeId>,
+    restore: Mutex<Restore>,
+    ready: watch::Sender<bool>,
+    /// A file listing replica ids that must yield: stands in for "no free
+    /// resources on this replica's host" until the GPU agent decides that.
+    yield_file: Option<PathBuf>,
+    /// Cells the front is waiting for.
+    waiters: Mutex<HashMap<CellId, oneshot::Sender<CellResult>>>,
+    /// Digest requests of `%notebookos verify` running here.
+    digests: Mutex<HashMap<String, mpsc::UnboundedSender<(NodeId, String)>>>,
+    /// Our last delta blob, kept so a replica that joins mid-way can fetch it.
+    last_blob: Mutex<Option<BlobHash>>,
+    /// The last decided cell's winner.
+    last_winner: Mutex<Option<NodeId>>,
+    /// Set on the replica facing Jupyter.
+    front: OnceLock<Arc<Front>>,
+    /// The peer's stdin, answered through the mailbox.
+    remote_stdin: OnceLock<Arc<relay::RemoteStdin>>,
+    stop: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-updated in a way that matters.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct CoreConfig {
+    pub node: ReplicaNode,
+    pub exec: Executor,
+    pub iopub: Iopub,
+    pub interrupt: Box<dyn Fn() + Send + Sync>,
+    pub front_id: NodeId,
+    pub joining: bool,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Arc<Self> {
+        let restore = if cfg.joining {
+            Restore::Waiting { joined: false, buffered: Vec::new() }
+        } else {
+            Restore::Current
+        };
+        let (ready, _) = watch::channel(!cfg.joining);
+        Arc::new(Self {
+            id: cfg.node.id(),
+            node: cfg.node,
+            exec: cfg.exec,
+            iopub: cfg.iopub,
+            interrupt: cfg.interrupt,
+            runtime: tokio::runtime::Handle::current(),
+            elections: Mutex::new(Elections::default()),
+            front_id: Mutex::new(cfg.front_id),
+            restore: Mutex::new(restore),
+            ready,
+            yield_file: std::env::var_os("NOTEBOOKOS_YIELD_FILE").map(PathBuf::from),
+            waiters: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
+            last_blob: Mutex::new(None),
+            last_winner: Mutex::new(None),
+            front: OnceLock::new(),
+            remote_stdin: OnceLock::new(),
+            stop: watch::channel(false).0,
+        })
+    }
+
+    /// Starts the applier and the mailbox reader.
+    pub async fn start(self: &Arc<Self>) {
+        // The baseline for the first cell's changes, taken before any cell runs.
+        if let Err(e) = self.exec.run(|_py, k| k.getattr("statesync").map(drop)).await {
+            tracing::error!("cannot start namespace replication: {e}");
+        }
+        tokio::spawn(self.clone().apply_loop());
+        if let Some(inbox) = self.node.take_messages() {
+            tokio::spawn(self.clone().mail_loop(inbox));
+        }
+    }
+
+    pub fn front_id(&self) -> NodeId {
+        *lock(&self.front_id)
+    }
+
+    fn is_restoring(&self) -> bool {
+        !matches!(*lock(&self.restore), Restore::Current)
+    }
+
+    /// Resolves once this replica holds the current namespace.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Resolves when the group told this replica to stop.
+    pub async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        let m = self.node.metrics();
+        m.voters.union(&m.learners).copied().collect()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.metrics().leader == Some(self.id)
+    }
+
+    /// Proposes, retrying while no leader is known or leadership moves.
+    /// Every entry is idempotent, so a retry that duplicates one is harmless.
+    pub async fn propose(&self, entry: &Entry) -> Result<(), raft_transport::Error> {
+        let data = entry.encode();
+        let deadline = tokio::time::Instant::now() + PROPOSE_PATIENCE;
+        loop {
+            match self.node.propose(data.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "proposal failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn must_yield(&self) -> bool {
+        if self.is_restoring() {
+            return true;
+        }
+        let Some(path) = &self.yield_file else {
+            return false;
+        };
+        std::fs::read_to_string(path)
+            .map(|s| s.split_whitespace().any(|w| w.parse() == Ok(self.id)))
+            .unwrap_or(false)
+    }
+
+    async fn apply_loop(self: Arc<Self>) {
+        let mut committed = self.node.subscribe_committed();
+        while let Some(e) = committed.next().await {
+            match Entry::decode(&e.data) {
+                Ok(entry) => self.apply(entry).await,
+                Err(err) => tracing::warn!(index = e.index, "skipping log entry: {err}"),
+            }
+            if *self.stop.borrow() {
+                return;
+            }
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, entry: Entry) {
+        match entry {
+            Entry::Request { cell, request } => {
+                lock(&self.elections).open(cell.clone(), request);
+                if !self.is_restoring() {
+                    tokio::spawn(self.clone().bid(cell));
+                }
+            }
+            Entry::Bid { cell, replica, lead } => {
+                let voters = self.node.metrics().voters;
+                let outcome = lock(&self.elections).bid(&cell, replica, lead, &voters);
+                match outcome {
+                    BidOutcome::Won(winner) => {
+                        *lock(&self.last_winner) = Some(winner);
+                        if winner == self.id {
+                            let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
+                            if let Some(request) = request {
+                                tokio::spawn(self.clone().run_cell(cell, request));
+                            }
+                        }
+                    }
+                    BidOutcome::AllYielded => {
+                        if let Some(front) = self.front.get() {
+                            let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
+                            if let Some(request) = request {
+                                front.report_queued(&request).await;
+                            }
+                        }
+                    }
+                    BidOutcome::Open | BidOutcome::Ignored => {}
+                }
+            }
+            Entry::Done { cell, replica, reply, delta } => {
+                if lock(&self.elections).finish(&cell, replica).is_none() {
+                    return;
+                }
+                if replica != self.id {
+                    self.take_delta(replica, delta).await;
+                }
+                self.resolve(&cell, CellResult::Reply(reply));
+            }
+            Entry::MemberDown { replica } => {
+                tracing::info!(replica, "replica down");
+                let lost = lock(&self.elections).replica_down(replica);
+                for (cell, _) in lost {
+                    self.resolve(&cell, CellResult::Lost { replica });
+                }
+                if replica == self.id {
+                    tracing::error!("this replica was declared down; exiting");
+                    let _ = self.stop.send(true);
+                    return;
+                }
+                if self.is_leader() {
+                    let core = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = core.node.remove(replica).await {
+                            tracing::warn!(replica, error = %e, "could not remove replica");
+                        }
+                    });
+                }
+                if let Some(front) = self.front.get() {
+                    front.member_down(replica);
+                }
+            }
+            Entry::MemberJoin { replica, addr, front } => {
+                if front {
+                    *lock(&self.front_id) = replica;
+                }
+                if replica == self.id {
+                    if let Restore::Waiting { joined, .. } = &mut *lock(&self.restore) {
+                        *joined = true;
+                    }
+                } else if self.is_leader() {
+                    tokio::spawn(self.clone().add_member(replica, addr));
+                }
+            }
+            Entry::Checkpoint { replica, from, blob } => {
+                let hash = BlobHash(blob);
+                if replica == self.id && self.is_restoring() {
+                    self.restore_from(from, hash).await;
+                } else {
+                    self.node.remove_blob(&hash);
+                }
+            }
+            Entry::Verify { nonce, from } => {
+                if from != self.id && !self.is_restoring() {
+                    tokio::spawn(self.clone().answer_verify(nonce, from));
+                }
+            }
+            Entry::Shutdown => {
+                if self.front.get().is_none() {
+                    let _ = self.stop.send(true);
+                }
+            }
+        }
+    }
+
+    async fn bid(self: Arc<Self>, cell: CellId) {
+        let lead = !self.must_yield();
+        let bid = Entry::Bid { cell: cell.clone(), replica: self.id, lead };
+        if let Err(e) = self.propose(&bid).await {
+            tracing::warn!(error = %e, "could not bid");
+            return;
+        }
+        if lead {
+            return;
+        }
+        // Yielded: lead as soon as we can, unless someone else does first.
+        loop {
+            tokio::time::sleep(REBID_INTERVAL).await;
+            let open = {
+                let e = lock(&self.elections);
+                e.get(&cell).is_some_and(|c| c.winner.is_none())
+            };
+            if !open || *self.stop.borrow() {
+                return;
+            }
+            if !self.must_yield() {
+                let bid = Entry::Bid { cell, replica: self.id, lead: true };
+                if let Err(e) = self.propose(&bid).await {
+                    tracing::warn!(error = %e, "could not bid");
+                }
+                return;
+            }
+        }
+    }
+
+    /// The winner's side: run, capture what changed, ship it, report Done.
+    async fn run_cell(self: Arc<Self>, cell: CellId, request: Frames) {
+        let reply = match request.to_message() {
+            Ok(msg) => self.execute_here(&msg).await,
+            Err(e) => error_reply("BadRequest", &e.to_string()),
+        };
+        let code = request_code(&request);
+        let packed = match statesync::capture_delta(&self.exec, code).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Other replicas keep the namespace as before this cell.
+                tracing::error!("capturing the namespace changes failed: {e}");
+                statesync::pack(b"", &[])
+            }
+        };
+        // Everything the cell printed reaches the front before its Done does.
+        self.iopub.flush().await;
+        let delta = self.ship_delta(packed).await;
+        let done = Entry::Done { cell, replica: self.id, reply, delta };
+        if let Err(e) = self.propose(&done).await {
+            tracing::error!(error = %e, "could not report a finished cell");
+        }
+    }
+
+    async fn execute_here(&self, msg: &Message) -> String {
+        match self.exec.call(msg).await {
+            Ok(Some(json)) => json,
+            Ok(None) => error_reply("KernelError", "execute returned no reply"),
+            Err(e) => error_reply("KernelError", &e.to_string()),
+        }
+    }
+
+    async fn ship_delta(&self, packed: Vec<u8>) -> Delta {
+        if packed.len() <= INLINE_DELTA {
+            return Delta::Inline(Bytes::from(packed));
+        }
+        let data = Bytes::from(packed);
+        let len = data.len() as u64;
+        let hash = self.node.publish_blob(data.clone());
+        if let Some(old) = lock(&self.last_blob).replace(hash) {
+            if old != hash {
+                self.node.remove_blob(&old);
+            }
+        }
+        let peers: Vec<NodeId> = self.members().into_iter().filter(|p| *p != self.id).collect();
+        let sends = peers.into_iter().map(|p| {
+            let data = data.clone();
+            async move { (p, self.node.send_blob(p, data).await) }
+        });
+        for (peer, res) in join_all(sends).await {
+            if let Err(e) = res {
+                // It fetches from us when it applies the entry, or is replaced.
+                tracing::warn!(peer, error = %e, "could not push a state delta");
+            }
+        }
+        Delta::Blob { hash: hash.0, len }
+    }
+
+    /// The bytes of a delta, local or fetched from the replica that made it.
+    async fn delta_bytes(&self, from: NodeId, delta: Delta) -> Option<Bytes> {
+        match delta {
+            Delta::Inline(b) => Some(b),
+            Delta::Blob { hash, .. } => {
+                let hash = BlobHash(hash);
+                if let Some(b) = self.node.remove_blob(&hash) {
+                    return Some(b);
+                }
+                match self.node.fetch_blob(from, hash).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::error!(from, error = %e, "state delta unavailable");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    async fn take_delta(&self, from: NodeId, delta: Delta) {
+        {
+            let mut restore = lock(&self.restore);
+            match &mut *restore {
+                Restore::Current => {}
+                // Before our MemberJoin the checkpoint covers it.
+                Restore::Waiting { joined: false, .. } => return,
+                Restore::Waiting { joined: true, buffered } => {
+                    buffered.push((from, delta));
+                    return;
+                }
+            }
+        }
+        self.apply_delta(from, delta).await;
+    }
+
+    async fn apply_delta(&self, from: NodeId, delta: Delta) {
+        let applied = match self.delta_bytes(from, delta).await {
+            Some(data) => statesync::apply_delta(&self.exec, data).await.map_err(|e| e.to_string()),
+            None => Err("delta unavailable".into()),
+        };
+        if let Err(e) = applied {
+            // Our namespace now differs from the group's: leave, to be replaced.
+            tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
+            let _ = self.stop.send(true);
+        }
+    }
+
+    fn resolve(&self, cell: &str, result: CellResult) {
+        if let Some(tx) = lock(&self.waiters).remove(cell) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Leader: bring a new replica in: learner, checkpoint, voter.
+    async fn add_member(self: Arc<Self>, replica: NodeId, addr: String) {
+        let Ok(sock) = addr.parse() else {
+            tracing::warn!(replica, addr, "new replica has an unusable address");
+            return;
+        };
+        if let Err(e) = self.node.add_learner(replica, sock).await {
+            tracing::warn!(replica, error = %e, "could not add replica");
+            return;
+        }
+        let packed = match statesync::checkpoint(&self.exec).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(replica, "checkpoint failed: {e}");
+                return;
+            }
+        };
+        let data = Bytes::from(packed);
+        let hash = match self.node.send_blob(replica, data).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(replica, error = %e, "could not send checkpoint");
+                return;
+            }
+        };
+        let entry = Entry::Checkpoint { replica, from: self.id, blob: hash.0 };
+        if let Err(e) = self.propose(&entry).await {
+            tracing::warn!(replica, error = %e, "could not propose checkpoint");
+            return;
+        }
+        if let Err(e) = self.node.promote(replica).await {
+            tracing::warn!(replica, error = %e, "could not promote replica");
+        }
+        tracing::info!(replica, "replica joined");
+    }
+
+    async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash) {
+        let data = match self.node.remove_blob(&hash) {
+            Some(d) => Ok(d),
+            None => self.node.fetch_blob(from, hash).await.map_err(|e| e.to_string()),
+        };
+        let restored = match data {
+            Ok(d) => statesync::restore_checkpoint(&self.exec, d).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restored {
+            tracing::error!("restoring the checkpoint failed ({e}); leaving");
+            let _ = self.stop.send(true);
+            return;
+        }
+        let buffered = match std::mem::replace(&mut *lock(&self.restore), Restore::Current) {
+            Restore::Waiting { buffered, .. } => buffered,
+            Restore::Current => Vec::new(),
+        };
+        for (from, delta) in buffered {
+            self.apply_delta(from, delta).await;
+        }
+        tracing::info!(id = self.id, "caught up from checkpoint");
+        let _ = self.ready.send(true);
+        // Cells that were waiting for bids while we restored.
+        let undecided = lock(&self.elections).undecided();
+        for cell in undecided {
+            tokio::spawn(self.clone().bid(cell));
+        }
+    }
+
+    async fn answer_verify(self: Arc<Self>, nonce: String, to: NodeId) {
+        let digest = match statesync::digest(&self.exec).await {
+            Ok(d) => d,
+            Err(e) => format!("error: {e}"),
+        };
+        let mail = Mail::Digest { nonce, replica: self.id, digest };
+        if to == self.id {
+            self.on_mail(self.id, mail).await;
+        } else if let Err(e) = self.node.send_message(to, mail.encode()).await {
+            tracing::warn!(to, error = %e, "could not send digest");
+        }
+    }
+
+    async fn mail_loop(self: Arc<Self>, mut inbox: mpsc::Receiver<(NodeId, Bytes)>) {
+        while let Some((from, data)) = inbox.recv().await {
+            match Mail::decode(&data) {
+                Ok(mail) => self.on_mail(from, mail).await,
+                Err(e) => tracing::warn!(from, "dropping mail: {e}"),
+            }
+        }
+    }
+
+    async fn on_mail(self: &Arc<Self>, from: NodeId, mail: Mail) {
+        match mail {
+            Mail::Iopub(msgs) => match self.front.get() {
+                Some(front) => front.publish_relayed(from, msgs).await,
+                None => tracing::warn!(from, "iopub relayed to a replica that does not face Jupyter"),
+            },
+            Mail::InputRequest { request } => match self.front.get() {
+                Some(front) => front.relay_input(self.clone(), from, request),
+                None => tracing::warn!(from, "input request sent to a replica that does not face Jupyter"),
+            },
+            Mail::InputReply { value } => match self.remote_stdin.get() {
+                Some(stdin) => stdin.answer(value),
+                None => tracing::warn!(from, "input reply with no input pending"),
+            },
+            Mail::Interrupt => (self.interrupt)(),
+            Mail::Comm { request } => match request.to_message() {
+                Ok(msg) => {
+                    if let Err(e) = self.exec.call(&msg).await {
+                        tracing::warn!("{} failed: {e}", msg.header.msg_type);
+                    }
+                    self.iopub.flush().await;
+                }
+                Err(e) => tracing::warn!(from, "malformed relayed comm message: {e}"),
+            },
+            Mail::Digest { nonce, replica, digest } => {
+                if let Some(tx) = lock(&self.digests).get(&nonce) {
+                    let _ = tx.send((replica, digest));
+                }
+            }
+        }
+    }
+
+    /// Sends mail to a replica; failures are logged (the receiver may be gone).
+    pub async fn mail(&self, to: NodeId, mail: &Mail) {
+        if let Err(e) = self.node.send_message(to, mail.encode()).await {
+            tracing::warn!(to, error = %e, "could not deliver mail");
+        }
+    }
+
+    /// The running cell's winner, if any (for interrupts).
+    pub fn running_on(&self) -> Option<NodeId> {
+        *lock(&self.last_winner)
+    }
+}
+
+impl Group for Core {
+    fn peer_digests(&self) -> Result<Vec<(u64, String)>, String> {
+        let nonce = uuid::Uuid::new_v4().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        lock(&self.digests).insert(nonce.clone(), tx);
+        let want = self.members().len().saturating_sub(1);
+        let entry = Entry::Verify { nonce: nonce.clone(), from: self.id };
+        let result = self.runtime.block_on(async {
+            self.propose(&entry).await.map_err(|e| e.to_string())?;
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while got.len() < want {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(d)) => got.push(d),
+                    _ => break,
+                }
+            }
+            got.sort();
+            Ok(got)
+        });
+        lock(&self.digests).remove(&nonce);
+        result
+    }
+
+    fn placement(&self) -> String {
+        let m = self.node.metrics();
+        let front = self.front_id();
+        let processes = self.front.get().map(|f| f.pids()).unwrap_or_default();
+        let replicas: Vec<_> = m
+            .voters
+            .iter()
+            .map(|id| (id, "voter"))
+            .chain(m.learners.iter().map(|id| (id, "catching up")))
+            .map(|(id, state)| {
+                json!({
+                    "id": id,
+                    "role": if *id == front { "talks to Jupyter" } else { "peer" },
+                    "state": state,
+                    "leader": m.leader == Some(*id),
+                    "pid": processes.get(id),
+                })
+            })
+            .collect();
+        json!({
+            "self": self.id,
+            "front": front,
+            "replicas": replicas,
+            "last_winner": *lock(&self.last_winner),
+        })
+        .to_string()
+    }
+}
+
+fn error_reply(ename: &str, evalue: &str) -> String {
+    json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": [], "execution_count": null})
+        .to_string()
+}
+
+fn request_code(request: &Frames) -> String {
+    serde_json::from_str::<serde_json::Value>(&request.content)
+        .ok()
+        .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Awaits all futures concurrently.
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Small fan-outs (two peers): sequential polling via select would gain nothing
+    // over awaiting each, since every send is already in flight once polled.
+    let mut pending = handles;
+    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (f, r) in pending.iter_mut().zip(results.iter_mut()) {
+            if r.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *r = Some(v),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}

@@ -1,0 +1,132 @@
+//! Starting replicas. The embedded default starts them as local processes of
+//! this binary; a cluster starts them through host agents (another issue)
+//! behind the same [`Spawner`] interface.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use raft_transport::NodeId;
+
+use super::group::{self, Bootstrap, GroupError, StateDir};
+
+/// A started replica process, as its supervisor sees it.
+pub trait ReplicaProcess: Send + Sync {
+    fn pid(&self) -> u32;
+    /// Whether it still runs.
+    fn alive(&self) -> bool;
+    /// Stops it (SIGKILL: a replica holds nothing that needs a clean exit).
+    fn kill(&self);
+}
+
+pub trait Spawner: Send + Sync {
+    fn spawn(&self, bootstrap: &Bootstrap) -> Result<Box<dyn ReplicaProcess>, GroupError>;
+}
+
+/// Replicas as child processes of this one, in their own session so that
+/// Jupyter killing replica 1's process group leaves them to be rejoined.
+pub struct LocalSpawner {
+    pub state: StateDir,
+    pub program: PathBuf,
+    pub hash_seed: u32,
+}
+
+struct LocalProcess {
+    pid: u32,
+}
+
+impl ReplicaProcess for LocalProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn alive(&self) -> bool {
+        // Reaps it if it exited, so a dead child is not a zombie that looks alive.
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with WNOHANG does not block.
+        let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if r == self.pid as libc::pid_t {
+            return false;
+        }
+        group::pid_alive(self.pid)
+    }
+
+    fn kill(&self) {
+        // SAFETY: plain signal to a pid we started.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };
+    }
+}
+
+/// A replica this process did not start (found in the state of a previous replica 1).
+pub struct AdoptedProcess {
+    pub pid: u32,
+}
+
+impl ReplicaProcess for AdoptedProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn alive(&self) -> bool {
+        group::pid_alive(self.pid)
+    }
+
+    fn kill(&self) {
+        // SAFETY: plain signal.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+impl Spawner for LocalSpawner {
+    fn spawn(&self, bootstrap: &Bootstrap) -> Result<Box<dyn ReplicaProcess>, GroupError> {
+        let file = self.state.bootstrap_file(bootstrap.id);
+        let data = serde_json::to_vec(bootstrap).unwrap_or_default();
+        group::write_private(&file, &data)?;
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.arg("replica")
+            .arg("--bootstrap")
+            .arg(&file)
+            .env("PYTHONHASHSEED", self.hash_seed.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|e| GroupError::Start(format!(
+            "cannot start replica {} ({}): {e}",
+            bootstrap.id,
+            self.program.display()
+        )))?;
+        tracing::info!(id = bootstrap.id, pid = child.id(), "replica started");
+        Ok(Box::new(LocalProcess { pid: child.id() }))
+    }
+}
+
+/// Waits for a starting replica to publish its address.
+pub async fn wait_for_addr(
+    state: &StateDir,
+    id: NodeId,
+    process: &dyn ReplicaProcess,
+    timeout: std::time::Duration,
+) -> Result<String, GroupError> {
+    let file = state.addr_file(id);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(&file) {
+            let _ = std::fs::remove_file(&file);
+            return Ok(addr.trim().to_owned());
+        }
+        if !process.alive() {
+            return Err(GroupError::Start(format!("replica {id} exited while starting")));
+        }
+        if tokio::time::Instant::now() > deadline {
+            process.kill();
+            return Err(GroupError::Start(format!("replica {id} did not start in {timeout:?}")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,163 @@
+//! Moving namespace changes between replicas. The shim's `StateSync` pickles
+//! (protocol 5, large buffers out of band); this side packs its header and
+//! buffers into one byte string for the log or the bulk stream, and unpacks
+//! them on the other replicas as writable buffers for unpickling.
+//!
+//! Layout: `[count u32][header len u64][buffer lens u64 × count][header][buffers]`.
+
+use bytes::Bytes;
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyList};
+
+use crate::python::{Executor, PythonError};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("corrupt state delta: {0}")]
+pub struct CorruptDelta(&'static str);
+
+/// One pickled namespace change (or a whole checkpoint), packed.
+pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
+    let total = 4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    for b in buffers {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    }
+    out.extend_from_slice(header);
+    for b in buffers {
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+/// The header and buffers, as slices of `data` (no copy).
+pub fn unpack(data: &Bytes) -> Result<(Bytes, Vec<Bytes>), CorruptDelta> {
+    let word = |at: usize, n: usize| data.get(at..at + n).ok_or(CorruptDelta("truncated table"));
+    let count = u32::from_le_bytes(word(0, 4)?.try_into().map_err(|_| CorruptDelta("count"))?) as usize;
+    // Each length takes 8 bytes, so a count larger than the data is a lie.
+    if count > data.len() / 8 {
+        return Err(CorruptDelta("buffer count"));
+    }
+    let mut lens = Vec::with_capacity(count + 1);
+    for i in 0..=count {
+        let raw = word(4 + 8 * i, 8)?;
+        let len = u64::from_le_bytes(raw.try_into().map_err(|_| CorruptDelta("length"))?);
+        lens.push(usize::try_from(len).map_err(|_| CorruptDelta("length"))?);
+    }
+    let mut at = 4 + 8 * (count + 1);
+    let mut parts = Vec::with_capacity(count + 1);
+    for len in lens {
+        let end = at.checked_add(len).ok_or(CorruptDelta("length"))?;
+        if end > data.len() {
+            return Err(CorruptDelta("truncated data"));
+        }
+        parts.push(data.slice(at..end));
+        at = end;
+    }
+    if at != data.len() {
+        return Err(CorruptDelta("trailing bytes"));
+    }
+    let header = parts.remove(0);
+    Ok((header, parts))
+}
+
+/// Calls `method` on the shim's kernel (returning `(header, [buffers])`) and packs the result.
+fn capture<'py>(
+    kernel: &Bound<'py, PyAny>,
+    method: &str,
+    args: impl IntoPyObject<'py, Target = pyo3::types::PyTuple>,
+) -> PyResult<Vec<u8>> {
+    let result = kernel.call_method1(method, args)?;
+    let (header, buffers): (Bound<'_, PyBytes>, Bound<'_, PyList>) = result.extract()?;
+    let py = kernel.py();
+    let mut held = Vec::with_capacity(buffers.len());
+    for b in buffers.iter() {
+        held.push(PyBuffer::<u8>::get(&b)?);
+    }
+    let mut copies = Vec::with_capacity(held.len());
+    for buf in &held {
+        if buf.is_c_contiguous() {
+            // SAFETY: the buffer is C-contiguous, of u8, and kept alive (and the GIL held)
+            // while the slice is read.
+            let slice = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+            copies.push(std::borrow::Cow::Borrowed(slice));
+        } else {
+            copies.push(std::borrow::Cow::Owned(buf.to_vec(py)?));
+        }
+    }
+    let refs: Vec<&[u8]> = copies.iter().map(|c| c.as_ref()).collect();
+    Ok(pack(header.as_bytes(), &refs))
+}
+
+fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: &Bytes) -> PyResult<()> {
+    let (header, buffers) =
+        unpack(data).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    let py = kernel.py();
+    let header = PyBytes::new(py, &header);
+    // Writable, so numpy arrays come back writable.
+    let list = PyList::empty(py);
+    for b in &buffers {
+        let arr = PyByteArray::new_with(py, b.len(), |dst| {
+            dst.copy_from_slice(b);
+            Ok(())
+        })?;
+        list.append(arr)?;
+    }
+    kernel.call_method1(method, (header, list))?;
+    Ok(())
+}
+
+/// After a cell on the winner: what changed, packed.
+pub async fn capture_delta(exec: &Executor, code: String) -> Result<Vec<u8>, PythonError> {
+    exec.run(move |_py, kernel| capture(kernel, "sync_capture", (code,))).await
+}
+
+pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
+    exec.run(move |_py, kernel| restore(kernel, "sync_apply", &data)).await
+}
+
+pub async fn checkpoint(exec: &Executor) -> Result<Vec<u8>, PythonError> {
+    exec.run(|_py, kernel| capture(kernel, "sync_checkpoint", ())).await
+}
+
+pub async fn restore_checkpoint(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
+    exec.run(move |_py, kernel| restore(kernel, "sync_restore", &data)).await
+}
+
+pub async fn digest(exec: &Executor) -> Result<String, PythonError> {
+    exec.run(|_py, kernel| kernel.call_method0("sync_digest")?.extract::<String>()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip() {
+        let data = Bytes::from(pack(b"head", &[b"one", b"", b"three"]));
+        let (h, bufs) = unpack(&data).unwrap();
+        assert_eq!(&h[..], b"head");
+        assert_eq!(bufs.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), vec![b"one".to_vec(), vec![], b"three".to_vec()]);
+        let empty = Bytes::from(pack(b"", &[]));
+        assert_eq!(unpack(&empty).unwrap().1.len(), 0);
+    }
+
+    #[test]
+    fn corrupt_input_is_an_error() {
+        let good = pack(b"head", &[b"one"]);
+        for cut in 0..good.len() {
+            assert!(unpack(&Bytes::from(good[..cut].to_vec())).is_err(), "cut at {cut}");
+        }
+        let mut extra = good.clone();
+        extra.push(0);
+        assert!(unpack(&Bytes::from(extra)).is_err());
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack(&Bytes::from(huge)).is_err());
+        let mut long = good;
+        long[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(unpack(&Bytes::from(long)).is_err());
+    }
+}
