@@ -242,7 +242,7 @@ impl Kernel {
 
     fn set_group(&self, group: Option<Arc<Core>>) {
         let _ = self.group.set(group);
-        let _ = self.group_known.send(true);
+        self.group_known.send_replace(true);
     }
 
     /// The replica group, once it is known whether there is one.
@@ -302,6 +302,7 @@ impl Kernel {
         };
         // Subshell cells run where they are sent, outside the log (as ipykernel
         // runs them beside the main shell); main-shell cells go through the group.
+        tracing::debug!("execute: waiting for the group");
         let group = match request.header.subshell_id {
             None => self.group().await,
             Some(_) => None,
@@ -489,7 +490,7 @@ impl Kernel {
     }
 
     pub fn finish_shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
     }
 
     /// Deprecated but still part of the spec (and ipykernel's tests).

@@ -164,6 +164,20 @@ impl Frames {
 }
 
 impl Entry {
+    /// The variant's name, for logs (entries can hold megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Entry::Request { .. } => "Request",
+            Entry::Bid { .. } => "Bid",
+            Entry::Done { .. } => "Done",
+            Entry::MemberDown { .. } => "MemberDown",
+            Entry::MemberJoin { .. } => "MemberJoin",
+            Entry::Checkpoint { .. } => "Checkpoint",
+            Entry::Verify { .. } => "Verify",
+            Entry::Shutdown => "Shutdown",
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Encoding plain data into a Vec cannot fail.
         postcard::to_stdvec(self).unwrap_or_default()

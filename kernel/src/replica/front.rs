@@ -310,6 +310,7 @@ impl Front {
         .await
         .ok();
         self.state.remove();
+        core.stop.send_replace(true);
         let _ = core.node.shutdown().await;
     }
 
@@ -402,6 +403,7 @@ impl Core {
     pub async fn execute(self: &Arc<Self>, request: &crate::wire::Message) -> Result<CellResult, raft_transport::Error> {
         self.wait_ready().await;
         let cell = uuid::Uuid::new_v4().to_string();
+        tracing::debug!(cell, "proposing request");
         let (tx, rx) = tokio::sync::oneshot::channel();
         lock(&self.waiters).insert(cell.clone(), tx);
         let entry = Entry::Request { cell: cell.clone(), request: Frames::from_message(request) };

@@ -184,12 +184,15 @@ impl Core {
     /// Proposes, retrying while no leader is known or leadership moves.
     /// Every entry is idempotent, so a retry that duplicates one is harmless.
     pub async fn propose(&self, entry: &Entry) -> Result<(), raft_transport::Error> {
+        use raft_transport::Error as E;
         let data = entry.encode();
         let deadline = tokio::time::Instant::now() + PROPOSE_PATIENCE;
         loop {
             match self.node.propose(data.clone()).await {
                 Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() < deadline => {
+                Err(e @ (E::NotLeader { .. } | E::Unreachable { .. } | E::Timeout(_) | E::UnknownPeer(_)))
+                    if tokio::time::Instant::now() < deadline && !*self.stop.borrow() =>
+                {
                     tracing::debug!(error = %e, "proposal failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -214,7 +217,10 @@ impl Core {
         let mut committed = self.node.subscribe_committed();
         while let Some(e) = committed.next().await {
             match Entry::decode(&e.data) {
-                Ok(entry) => self.apply(entry).await,
+                Ok(entry) => {
+                    tracing::debug!(index = e.index, entry = entry.kind(), "apply");
+                    self.apply(entry).await
+                }
                 Err(err) => tracing::warn!(index = e.index, "skipping log entry: {err}"),
             }
             if *self.stop.borrow() {
@@ -272,7 +278,7 @@ impl Core {
                 }
                 if replica == self.id {
                     tracing::error!("this replica was declared down; exiting");
-                    let _ = self.stop.send(true);
+                    self.stop.send_replace(true);
                     return;
                 }
                 if self.is_leader() {
@@ -314,7 +320,7 @@ impl Core {
             }
             Entry::Shutdown => {
                 if self.front.get().is_none() {
-                    let _ = self.stop.send(true);
+                    self.stop.send_replace(true);
                 }
             }
         }
@@ -452,7 +458,7 @@ impl Core {
         if let Err(e) = applied {
             // Our namespace now differs from the group's: leave, to be replaced.
             tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
-            let _ = self.stop.send(true);
+            self.stop.send_replace(true);
         }
     }
 
@@ -509,7 +515,7 @@ impl Core {
         };
         if let Err(e) = restored {
             tracing::error!("restoring the checkpoint failed ({e}); leaving");
-            let _ = self.stop.send(true);
+            self.stop.send_replace(true);
             return;
         }
         let buffered = match std::mem::replace(&mut *lock(&self.restore), Restore::Current) {
@@ -520,7 +526,7 @@ impl Core {
             self.apply_delta(from, delta).await;
         }
         tracing::info!(id = self.id, "caught up from checkpoint");
-        let _ = self.ready.send(true);
+        self.ready.send_replace(true);
         // Cells that were waiting for bids while we restored.
         let undecided = lock(&self.elections).undecided();
         for cell in undecided {
@@ -649,7 +655,7 @@ impl Group for Core {
 }
 
 fn error_reply(ename: &str, evalue: &str) -> String {
-    json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": [], "execution_count": null})
+    json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": [], "execution_count": 0})
         .to_string()
 }
 

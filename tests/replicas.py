@@ -1,0 +1,115 @@
+"""A replicated kernel under test: a front-end plus control over which
+replica may run the next cell, the replicas' pids, and namespace checks."""
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from frontend import Frontend, stream_text
+
+VERIFY_OK = re.compile(r"^all (\d+) replicas hold the same namespace")
+
+
+class ReplicatedKernel:
+    """notebookos with 3 replicas, its group state in ``tmp``.
+
+    ``steer(r)`` makes every replica but ``r`` yield (the NOTEBOOKOS_YIELD_FILE
+    knob stands in for "no free GPU on that host"), so the next cell runs on ``r``.
+    """
+
+    def __init__(self, tmp, kernel_name="notebookos", replicas=3):
+        self.tmp = Path(tmp)
+        self.yield_file = self.tmp / "yield"
+        self.yield_file.write_text("")
+        self.state = self.tmp / "state"
+        env = {
+            **os.environ,
+            "NOTEBOOKOS_YIELD_FILE": str(self.yield_file),
+            "NOTEBOOKOS_STATE_DIR": str(self.state),
+            "NOTEBOOKOS_REPLICAS": str(replicas),
+        }
+        self.fe = Frontend(kernel_name=kernel_name, env=env)
+        self.seen_pids = set()
+        self.wait_members(replicas)
+
+    def close(self):
+        self.fe.close()
+
+    def group(self):
+        """The group state replica 1 keeps for its connection file."""
+        files = list(self.state.glob("*/group.json"))
+        assert len(files) == 1, files
+        g = json.loads(files[0].read_text())
+        self.seen_pids.update(m["pid"] for m in g["members"])
+        return g
+
+    def pid(self, replica):
+        return {m["id"]: m["pid"] for m in self.group()["members"]}[replica]
+
+    def peers(self):
+        g = self.group()
+        return [m["id"] for m in g["members"] if m["id"] != g["front"]]
+
+    def front(self):
+        return self.group()["front"]
+
+    def steer(self, replica):
+        ids = {m["id"] for m in self.group()["members"]}
+        self.yield_file.write_text(" ".join(str(i) for i in sorted(ids - {replica})))
+
+    def unsteer(self):
+        self.yield_file.write_text("")
+
+    def kill(self, replica):
+        os.kill(self.pid(replica), signal.SIGKILL)
+
+    def placement(self):
+        reply, msgs = self.fe.execute("%notebookos", silent=True)
+        assert reply["status"] == "ok", reply
+        return stream_text(msgs)
+
+    def wait_members(self, n, timeout=90):
+        """Until n replicas are voters (replacements have caught up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.placement()
+            if len(re.findall(r"\bvoter\b", text)) == n and "catching up" not in text:
+                return text
+            assert time.monotonic() < deadline, text
+            time.sleep(0.5)
+
+    def verify(self, replicas=3):
+        """Every replica's namespace digest is the same."""
+        reply, msgs = self.fe.execute("%notebookos verify", silent=True, timeout=90)
+        assert reply["status"] == "ok", reply
+        text = stream_text(msgs)
+        m = VERIFY_OK.match(text)
+        assert m and int(m[1]) == replicas, text
+        return text
+
+    def pid_of_next_cell(self):
+        """The pid of the process that runs a cell now."""
+        reply, msgs = self.fe.execute("import os as _os; print(_os.getpid())", silent=True)
+        assert reply["status"] == "ok", reply
+        return int(stream_text(msgs))
+
+
+def outputs(reply, msgs):
+    """What a user sees of a cell, comparable across kernels."""
+    seen = []
+    for m in msgs:
+        t, c = m["msg_type"], m["content"]
+        if t == "stream":
+            if seen and seen[-1][0] == c["name"]:
+                seen[-1] = (c["name"], seen[-1][1] + c["text"])
+            else:
+                seen.append((c["name"], c["text"]))
+        elif t in ("execute_result", "display_data"):
+            seen.append((t, c["data"].get("text/plain")))
+        elif t == "error":
+            seen.append(("error", c["ename"], c["evalue"]))
+    status = (reply["status"], reply.get("execution_count"), reply.get("ename"))
+    return status, seen
