@@ -72,13 +72,17 @@ class ReplicatedKernel:
         return stream_text(msgs)
 
     def wait_members(self, n, timeout=90):
-        """Until n replicas are voters (replacements have caught up)."""
+        """Until the group is n live replicas, all voters: dead ones removed,
+        replacements caught up."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.placement()
-            if len(re.findall(r"\bvoter\b", text)) == n and "catching up" not in text:
+            voters = {int(v) for v in re.findall(r"replica (\d+): .*\bvoter\b", text)}
+            members = {m["id"]: m["pid"] for m in self.group()["members"]}
+            live = {i for i, pid in members.items() if _alive(pid)}
+            if len(voters) == n and voters == live == set(members) and "catching up" not in text:
                 return text
-            assert time.monotonic() < deadline, text
+            assert time.monotonic() < deadline, (text, members)
             time.sleep(0.5)
 
     def verify(self, replicas=3):
@@ -90,11 +94,31 @@ class ReplicatedKernel:
         assert m and int(m[1]) == replicas, text
         return text
 
+    def eval(self, expr):
+        """The repr of an expression, from a silent cell (no execution count used)."""
+        reply, _ = self.fe.execute("pass", silent=True, user_expressions={"v": expr})
+        v = reply["user_expressions"]["v"]
+        assert v["status"] == "ok", v
+        return v["data"]["text/plain"]
+
     def pid_of_next_cell(self):
         """The pid of the process that runs a cell now."""
         reply, msgs = self.fe.execute("import os as _os; print(_os.getpid())", silent=True)
         assert reply["status"] == "ok", reply
         return int(stream_text(msgs))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
 
 
 def outputs(reply, msgs):

@@ -477,3 +477,22 @@ def test_aliases_of_a_checked_name_are_checked_too():
         other.sync.apply(header, received(buffers))
     assert set(payload(header, received(buffers))["set"]) == {"big", "alias"}
     assert other.ns["alias"][0] == 5 and other.ns["alias"] is other.ns["big"]
+
+
+def test_cached_functions_and_by_name_wrappers(tmp_path):
+    winner = Replica()
+    cells = [
+        "import functools\n"
+        "@functools.lru_cache(maxsize=None)\n"
+        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+        "first = fib(20)",
+        # A callable object whose class pickles it by its notebook name.
+        "class ByName:\n    __module__ = '__main__'\n"
+        "    def __call__(self):\n        return 1\n"
+        "    def __reduce__(self):\n        return 'wrapped'\n"
+        "wrapped = ByName()\nkept = 2",
+    ]
+    steps = [("apply", *winner.run(code)) for code in cells]
+    assert [n for n, _ in winner.sync.unpicklable] == ["wrapped"]
+    out = run_receiver(tmp_path, steps, "result = [fib(25), first, kept, 'wrapped' in dir()]")
+    assert out["result"] == [75025, 6765, 2, False]

@@ -63,11 +63,13 @@ trust each other.
 """
 
 import ast
+import functools
 import hashlib
 import io
 import pickle
 import re
 import sys
+import types
 
 import cloudpickle
 
@@ -131,12 +133,38 @@ class _Pickler(cloudpickle.Pickler):
         # its contents: not the same object, so report it instead.
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.StringIO, io.BytesIO)):
             raise _Unpicklable("closed file" if obj.closed else "open file")
+        if isinstance(obj, functools._lru_cache_wrapper):
+            # Pickled by name as `__main__.<name>`, which a replica receiving
+            # the function for the first time cannot resolve: send the wrapped
+            # function and wrap it again there (with an empty cache).
+            params = obj.cache_parameters()
+            return (_lru_cached, (obj.__wrapped__, params["maxsize"], params["typed"]))
+        if _by_name_in_notebook(obj):
+            raise _Unpicklable("pickled by name from the notebook, not by value")
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
             reduced = _tensor_reduce(torch, obj)
             if reduced is not None:
                 return reduced
         return super().reducer_override(obj)
+
+
+def _lru_cached(func, maxsize, typed):
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+def _by_name_in_notebook(obj):
+    """Callables other than functions and classes (which cloudpickle sends by
+    value) that pickle as a reference to a notebook name: decorator wrappers
+    such as functools.cache objects or numba dispatchers."""
+    if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return False
+    if not callable(obj) or getattr(obj, "__module__", None) != "__main__":
+        return False
+    try:
+        return isinstance(obj.__reduce_ex__(5), str)
+    except Exception:
+        return False
 
 
 def _tensor_reduce(torch, tensor):

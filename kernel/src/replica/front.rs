@@ -250,6 +250,9 @@ impl Front {
     }
 
     fn save(&self) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
         let g = lock(&self.group).clone();
         if let Err(e) = self.state.save(&g) {
             tracing::warn!("cannot save replica state: {e}");

@@ -434,7 +434,7 @@ impl Core {
         }
     }
 
-    async fn take_delta(&self, from: NodeId, delta: Delta) {
+    async fn take_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
         {
             let mut restore = lock(&self.restore);
             match &mut *restore {
@@ -450,16 +450,28 @@ impl Core {
         self.apply_delta(from, delta).await;
     }
 
-    async fn apply_delta(&self, from: NodeId, delta: Delta) {
+    async fn apply_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
         let applied = match self.delta_bytes(from, delta).await {
             Some(data) => statesync::apply_delta(&self.exec, data).await.map_err(|e| e.to_string()),
             None => Err("delta unavailable".into()),
         };
         if let Err(e) = applied {
-            // Our namespace now differs from the group's: leave, to be replaced.
             tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
-            self.stop.send_replace(true);
+            self.leave();
         }
+    }
+
+    /// Our namespace differs from the group's: stop bidding, and ask to be
+    /// removed (and so replaced). Through the log rather than by exiting, so that
+    /// replicas failing alike leave one at a time and the rest keep a quorum.
+    fn leave(self: &Arc<Self>) {
+        *lock(&self.restore) = Restore::Waiting { joined: false, buffered: Vec::new() };
+        let core = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = core.propose(&Entry::MemberDown { replica: core.id }).await {
+                tracing::error!(error = %e, "could not ask to leave the group");
+            }
+        });
     }
 
     fn resolve(&self, cell: &str, result: CellResult) {
@@ -514,8 +526,8 @@ impl Core {
             Err(e) => Err(e),
         };
         if let Err(e) = restored {
-            tracing::error!("restoring the checkpoint failed ({e}); leaving");
-            self.stop.send_replace(true);
+            tracing::error!("restoring the checkpoint failed ({e}); this replica leaves the group");
+            self.leave();
             return;
         }
         let buffered = match std::mem::replace(&mut *lock(&self.restore), Restore::Current) {
