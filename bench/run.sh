@@ -10,13 +10,14 @@ PYO3_PYTHON="$ROOT/.venv/bin/python" cargo build -q --release -p notebookos-kern
 
 SPECS="$(mktemp -d)"
 trap 'rm -rf "$SPECS"' EXIT
-mkdir -p "$SPECS/kernels/notebookos" "$SPECS/kernels/notebookos-signal" "$SPECS/kernels/python3"
+mkdir -p "$SPECS/kernels/notebookos" "$SPECS/kernels/notebookos-signal" "$SPECS/kernels/notebookos-single" "$SPECS/kernels/python3"
 cat > "$SPECS/kernels/notebookos/kernel.json" <<JSON
 {"argv": ["$ROOT/target/release/notebookos-kernel", "-f", "{connection_file}"],
  "display_name": "notebookos", "language": "python", "interrupt_mode": "message",
  "env": {"NOTEBOOKOS_PYTHON": "$ROOT/.venv/bin/python"}}
 JSON
 sed 's/"message"/"signal"/' "$SPECS/kernels/notebookos/kernel.json" > "$SPECS/kernels/notebookos-signal/kernel.json"
+sed 's/"env": {/"env": {"NOTEBOOKOS_REPLICAS": "1", /' "$SPECS/kernels/notebookos/kernel.json" > "$SPECS/kernels/notebookos-single/kernel.json"
 cat > "$SPECS/kernels/python3/kernel.json" <<JSON
 {"argv": ["$ROOT/.venv/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
  "display_name": "ipykernel", "language": "python"}
@@ -24,3 +25,5 @@ JSON
 mkdir -p bench/results
 export JUPYTER_PATH="$SPECS" IPYTHONDIR="$SPECS/ipython"
 .venv/bin/python bench/kernel_vs_ipykernel.py --json bench/results/kernel_vs_ipykernel.json "$@"
+# Time until all replicas hold a 1 GiB array a cell created.
+.venv/bin/python bench/replica_sync.py --json bench/results/replica_sync.json

@@ -3,7 +3,8 @@
 The kernel binary is ``$NOTEBOOKOS_KERNEL_BIN`` or the workspace's debug
 build; its Python is the one running the tests (which has python-shim
 installed). Two specs are made: ``notebookos`` (interrupts by message, as
-installed) and ``notebookos-signal`` (interrupts by SIGINT).
+installed), ``notebookos-signal`` (interrupts by SIGINT) and
+``notebookos-single`` (NOTEBOOKOS_REPLICAS=1: one process, no replicas).
 """
 
 import json
@@ -20,7 +21,7 @@ KERNEL_BIN = Path(
 _SPEC_DIR = tempfile.mkdtemp(prefix="notebookos-kernelspecs-")
 
 
-def write_spec(name, display_name, interrupt_mode="message", extra_args=(), python=None):
+def write_spec(name, display_name, interrupt_mode="message", extra_args=(), python=None, env=None):
     """A kernelspec for the kernel under test, in the private JUPYTER_PATH
     entry; ``python`` is the environment the kernel embeds (default: the
     one running the tests)."""
@@ -31,7 +32,7 @@ def write_spec(name, display_name, interrupt_mode="message", extra_args=(), pyth
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": interrupt_mode,
-        "env": {"NOTEBOOKOS_PYTHON": str(python or sys.executable)},
+        "env": {"NOTEBOOKOS_PYTHON": str(python or sys.executable), **(env or {})},
     }
     (d / "kernel.json").write_text(json.dumps(spec))
 
@@ -41,6 +42,7 @@ def pytest_configure(config):
         raise RuntimeError(f"kernel binary not built: {KERNEL_BIN} (run cargo build)")
     write_spec("notebookos", "Python 3 (notebookos)")
     write_spec("notebookos-signal", "Python 3 (notebookos, signal)", interrupt_mode="signal")
+    write_spec("notebookos-single", "Python 3 (notebookos, 1 replica)", env={"NOTEBOOKOS_REPLICAS": "1"})
     # Private history so tests neither read nor write the user's.
     os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="notebookos-ipython-")
     os.environ["JUPYTER_PATH"] = os.pathsep.join(

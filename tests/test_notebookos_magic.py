@@ -13,7 +13,8 @@ from frontend import Frontend, stream_text
 
 @pytest.fixture
 def fe():
-    f = Frontend()
+    # One process: what %notebookos says of a replica group is tested in test_replicas.
+    f = Frontend("notebookos-single")
     yield f
     f.close()
 
@@ -37,7 +38,7 @@ def execute_sent_at(fe, code, date):
 def test_shows_this_process_as_the_only_replica(fe):
     pid = fe.km.provisioner.pid
     out = notebookos(fe)
-    assert out.startswith("notebookos: 1 replica (replication is not built yet"), out
+    assert out.startswith("notebookos: 1 replica (NOTEBOOKOS_REPLICAS=1"), out
     assert re.search(
         rf"replica 1: talks to Jupyter\s+host {re.escape(socket.gethostname())}\s+pid {pid}\s+running"
         r"\s+<- this process", out), out

@@ -100,6 +100,15 @@ def test_kill_each_replica_in_turn_loses_nothing(rk, ipykernel_outputs):
     rk.verify()
 
 
+def test_notebookos_magic_lists_the_group(rk):
+    text = rk.placement()
+    assert text.startswith("notebookos: 3 replicas"), text
+    g = rk.group()
+    for m in g["members"]:
+        role = "talks to Jupyter" if m["id"] == g["front"] else "peer"
+        assert f"replica {m['id']}: {role}" in text and f"pid {m['pid']}" in text, text
+
+
 def test_shutdown_leaves_no_replicas_or_state(tmp_path):
     rk = ReplicatedKernel(tmp_path)
     rk.fe.execute("x = 1")
@@ -187,16 +196,23 @@ def test_remote_input_round_trip(on_peer):
     assert fe.eval("name") == "'Ada'"
 
 
-def test_remote_interrupt(on_peer):
-    fe = on_peer.fe
-    msg_id = fe.kc.execute("import time; time.sleep(60)")
-    fe.wait_for(msg_id, "execute_input", timeout=10)
-    time.sleep(0.3)
-    fe.km.interrupt_kernel()
-    reply = fe.shell_reply(msg_id, timeout=10)["content"]
-    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
-    fe.iopub_until_idle(msg_id)
-    assert fe.eval("'alive'") == "'alive'"
+@pytest.mark.parametrize("kernel_name", ["notebookos", "notebookos-signal"])
+def test_remote_interrupt(tmp_path, kernel_name):
+    rk = ReplicatedKernel(tmp_path, kernel_name=kernel_name)
+    try:
+        rk.steer(rk.peers()[0])
+        fe = rk.fe
+        msg_id = fe.kc.execute("import time; time.sleep(60)")
+        fe.wait_for(msg_id, "execute_input", timeout=10)
+        time.sleep(0.3)
+        fe.km.interrupt_kernel()
+        reply = fe.shell_reply(msg_id, timeout=10)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+        fe.iopub_until_idle(msg_id)
+        assert rk.pid_of_next_cell() == rk.pid(rk.peers()[0])
+        assert fe.eval("'alive'") == "'alive'"
+    finally:
+        rk.close()
 
 
 def test_remote_matplotlib_and_widget(on_peer):

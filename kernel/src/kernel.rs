@@ -97,9 +97,18 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         },
     };
     let bridge = Bridge::install(iopub.clone(), stdin.clone());
+    // With replicas, a SIGINT (signal-mode interrupt) must also reach a cell
+    // running on another replica: Python reports every signal on this pipe.
+    let wakeup = match plan {
+        Some(_) => crate::signals::wakeup_pipe()
+            .map_err(|e| tracing::warn!("no SIGINT forwarding to replicas: {e}"))
+            .ok(),
+        None => None,
+    };
     let options = json!({
         "argv": start.argv,
         "connection_file": start.connection_file.display().to_string(),
+        "sigint_wakeup_fd": wakeup.as_ref().map(|(_, w)| std::os::fd::AsRawFd::as_raw_fd(w)),
     });
     let hash_seed = plan.as_ref().map(|p| p.hash_seed);
     let python = Arc::new(tokio::task::block_in_place(|| {
@@ -120,6 +129,16 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         subshells: Mutex::new(HashMap::new()),
     });
     iopub.status(None, ExecutionState::Starting).await;
+    if let Some((read, write)) = wakeup {
+        // Python holds the write end for the life of the process.
+        std::mem::forget(write);
+        let kernel = kernel.clone();
+        crate::signals::watch_sigint(read, move || {
+            if let Some(Some(core)) = kernel.group.get() {
+                core.forward_interrupt();
+            }
+        });
+    }
     match plan {
         None => {
             kernel.set_group(None);

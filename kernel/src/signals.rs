@@ -66,3 +66,50 @@ impl ThreadInterrupter {
         Ok(())
     }
 }
+
+/// A pipe for Python's `signal.set_wakeup_fd`: CPython's C-level handler
+/// writes the signal number to it the moment a signal lands, even while no
+/// Python code runs. Returns (read end, write end); the write end is
+/// non-blocking, as Python requires.
+pub fn wakeup_pipe() -> io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors on success; we own them after.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = libc::fcntl(fds[1], libc::F_GETFL);
+        libc::fcntl(fds[1], libc::F_SETFL, flags | libc::O_NONBLOCK);
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Calls `on_sigint` for every SIGINT written to the wakeup pipe, on a
+/// thread of its own, until the pipe closes.
+pub fn watch_sigint(mut pipe: std::fs::File, on_sigint: impl Fn() + Send + 'static) {
+    use std::io::Read;
+    let spawned = std::thread::Builder::new()
+        .name("sigint-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if buf[..n].contains(&(libc::SIGINT as u8)) {
+                            on_sigint();
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch for SIGINT: {e}");
+    }
+}

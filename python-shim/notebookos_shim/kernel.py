@@ -386,4 +386,8 @@ def start(options):
     builtins.input = kernel.raw_input
     getpass.getpass = kernel.getpass
     signal.signal(signal.SIGINT, _ignore_sigint)
+    wakeup_fd = options.get("sigint_wakeup_fd")
+    if wakeup_fd is not None:
+        # Rust forwards interrupts to a cell running on another replica.
+        signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     return kernel

@@ -428,6 +428,15 @@ impl Core {
         }
     }
 
+    /// A SIGINT reached this process: if the cell runs elsewhere, pass it on
+    /// (one running here got the signal itself).
+    pub fn forward_interrupt(self: &Arc<Self>) {
+        if let Some(w) = self.running_on().filter(|w| *w != self.id) {
+            let core = self.clone();
+            self.runtime.spawn(async move { core.mail(w, &Mail::Interrupt).await });
+        }
+    }
+
     /// A comm message for a comm another replica owns goes there; `false` if it is ours.
     pub fn route_comm(self: &Arc<Self>, request: &crate::wire::Message) -> bool {
         let Some(front) = self.front.get() else {
