@@ -65,7 +65,7 @@ echo "installed: $DEST"
 
 if [ "$DEMO" = 1 ]; then
     echo "==> Running docs/demo.ipynb through the notebookos kernel (nbclient)"
-    "$PY" -m pip install -q --disable-pip-version-check "nbclient>=0.10" "nbformat>=5"
+    "$PY" -m pip install -q --disable-pip-version-check "nbclient>=0.10" "nbformat>=5" numpy
     "$PY" - "$ROOT/docs/demo.ipynb" <<'PY'
 import sys
 
@@ -87,6 +87,10 @@ for cell in nb.cells:
             text = out.get("data", {}).get("text/plain", "")
         for line in str(text).rstrip().splitlines():
             print(f"    {line}")
-print("demo: all cells ran")
+verdicts = [o.text for c in nb.cells if c.cell_type == "code" and "%notebookos verify" in c.source
+            for o in c.outputs if o.output_type == "stream"]
+if not verdicts or not verdicts[0].startswith("all 3 replicas hold the same namespace"):
+    sys.exit(f"demo: the replicas do not agree: {verdicts}")
+print("demo: all cells ran; all 3 replicas hold the same namespace")
 PY
 fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the wire parser (not part of the default test run).
+# Bounded fuzzing of the wire parser and the replica decoders (not part of
+# the default test run).
 #   fuzz/run.sh [SECONDS]      # default 60 per target
 # Needs cargo-fuzz (installed here if missing). It runs libFuzzer with
 # sanitizers, which need nightly features: RUSTC_BOOTSTRAP lets the one
@@ -13,7 +14,7 @@ PY="${PYO3_PYTHON:-$(command -v python3)}"
 export LD_LIBRARY_PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYO3_PYTHON="$PY" RUSTC_BOOTSTRAP=1
 cd "$HERE/.."
-for target in wire_decode; do
+for target in wire_decode replica_decode; do
     # New corpus entries go to a scratch dir; the committed corpus stays small.
     scratch="$(mktemp -d)"
     cargo fuzz run "$target" "$scratch" "fuzz/corpus/$target" -- \

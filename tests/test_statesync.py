@@ -496,3 +496,12 @@ def test_cached_functions_and_by_name_wrappers(tmp_path):
     assert [n for n, _ in winner.sync.unpicklable] == ["wrapped"]
     out = run_receiver(tmp_path, steps, "result = [fib(25), first, kept, 'wrapped' in dir()]")
     assert out["result"] == [75025, 6765, 2, False]
+
+
+def test_class_digest_does_not_depend_on_pickling_an_instance(tmp_path):
+    winner = Replica()
+    steps = [("apply", *winner.run("class Base:\n    pass\nclass Child(Base):\n    kind = 'c'\n")),
+             # Pickling an instance caches __slotnames__ on the class, here only.
+             ("apply", *winner.run("child = Child()"))]
+    out = run_receiver(tmp_path, steps)
+    assert out["digest"] == winner.sync.digest()

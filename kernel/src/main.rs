@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NOTEBOOKOS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // openraft logs every transient RPC timeout at ERROR; replica health is
+                // reported by our own warnings instead.
+                .unwrap_or_else(|_| "warn,openraft=off".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

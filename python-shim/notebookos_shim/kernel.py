@@ -310,7 +310,8 @@ class Kernel:
         self.statesync.restore(header, buffers)
 
     def sync_digest(self):
-        return self.statesync.digest()
+        """Per-name value digests, as JSON (what `%notebookos verify` compares)."""
+        return json.dumps(self.statesync.name_digests())
 
     # -- lifecycle --------------------------------------------------------
 

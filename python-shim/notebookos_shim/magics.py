@@ -34,16 +34,25 @@ class KernelMagics(Magics):
 
 
 def verify(kernel):
+    import json
+
     import _notebookos
 
-    mine = kernel.sync_digest()
+    from .statesync import namespace_digest
+
     me = placement.current(kernel.placement)["self"]
-    digests = sorted([(me, mine), *_notebookos.peer_digests()])
-    lines = [f"replica {rid}: {digest}" for rid, digest in digests]
-    if len(digests) == 1:
-        verdict = "1 replica: nothing to compare"
-    elif all(d == mine for _, d in digests):
-        verdict = f"all {len(digests)} replicas hold the same namespace"
-    else:
-        verdict = "replicas DIFFER"
-    return "\n".join([verdict, *lines])
+    names = {me: json.loads(kernel.sync_digest())}
+    for rid, digests in _notebookos.peer_digests():
+        try:
+            names[rid] = json.loads(digests)
+        except ValueError:
+            names[rid] = {"<error>": digests}
+    totals = {rid: namespace_digest(d) for rid, d in names.items()}
+    lines = [f"replica {rid}: {totals[rid]}" for rid in sorted(totals)]
+    if len(totals) == 1:
+        return "\n".join(["1 replica: nothing to compare", *lines])
+    if len(set(totals.values())) == 1:
+        return "\n".join([f"all {len(totals)} replicas hold the same namespace", *lines])
+    mine = names[me]
+    differ = sorted({n for d in names.values() for n in set(d) | set(mine) if d.get(n) != mine.get(n)})
+    return "\n".join(["replicas DIFFER", *lines, "names that differ: " + ", ".join(differ)])

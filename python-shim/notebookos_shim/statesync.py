@@ -149,6 +149,14 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
+def namespace_digest(name_digests):
+    """One digest over every name and its value digest."""
+    h = hashlib.sha256()
+    for name, digest in sorted(name_digests.items()):
+        h.update(f"{name}\0{digest}\0".encode())
+    return h.hexdigest()
+
+
 def _lru_cached(func, maxsize, typed):
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
@@ -193,10 +201,34 @@ def _tensor_reduce(torch, tensor):
 class _CanonicalPickler(_Pickler):
     """The form ``digest`` hashes, the same for equal values in any process:
     sets in sorted order (their order follows the process's string hash
-    seed), and numpy dtypes by name, unmemoized (whether two arrays share a
-    dtype object does not survive a pickle round trip)."""
+    seed), numpy dtypes by name, unmemoized (whether two arrays share a
+    dtype object does not survive a pickle round trip), strings by value
+    (never as a reference to an equal one seen before), and notebook classes
+    with their attributes sorted and without the ``__slotnames__`` cache."""
+
+    def reducer_override(self, obj):
+        reduced = super().reducer_override(obj)
+        if not (isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2):
+            return reduced
+        make, args, state, *rest = reduced
+        if isinstance(args, tuple) and len(args) == 6:
+            # (metaclass, name, bases, type kwargs, tracker id, None): the tracker
+            # id is random per class and process.
+            args = (*args[:4], None, args[5])
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):
+            # Attribute order follows how the class was built here; __module__
+            # travels in the type kwargs too; the __slotnames__ cache exists only
+            # once this process pickled an instance.
+            skip = ("__slotnames__", "__module__")
+            clsdict = {k: v for k, v in sorted(state[0].items()) if k not in skip}
+            state = (clsdict, *state[1:])
+        return (make, args, state, *rest)
 
     def persistent_id(self, obj):
+        if type(obj) is str:
+            # By value every time: whether two equal strings are one object (and so
+            # pickled once, then referenced) differs between processes.
+            return b"s" + obj.encode("utf-8", "surrogatepass")
         if type(obj) in (set, frozenset):
             return (type(obj).__name__, sorted(_value_digest(e, self._user_ns) for e in obj))
         numpy = sys.modules.get("numpy")
@@ -363,16 +395,18 @@ class StateSync:
         self._rebase(payload)
 
     def digest(self):
-        h = hashlib.sha256()
-        for name, value in sorted(self._user_names().items()):
-            h.update(name.encode() + b"\0")
+        return namespace_digest(self.name_digests())
+
+    def name_digests(self):
+        """Each user name's value digest (hex), to tell which names differ."""
+        out = {}
+        for name, value in self._user_names().items():
             try:
-                h.update(_value_digest(value, self.shell.user_ns))
+                out[name] = _value_digest(value, self.shell.user_ns).hex()
             except Exception:
                 t = type(value)
-                h.update(f"unpicklable {t.__module__}.{t.__qualname__}".encode())
-            h.update(b"\0")
-        return h.hexdigest()
+                out[name] = f"unpicklable {t.__module__}.{t.__qualname__}"
+        return out
 
     # -- internals ----------------------------------------------------------
 

@@ -81,7 +81,7 @@ async function kernel(status) {
 }
 
 function pidOf(notebookosOutput) {
-  const m = /replica 1: talks to Jupyter\s+host \S+\s+pid (\d+)/.exec(notebookosOutput);
+  const m = /replica \d+: talks to Jupyter[^\n]*?\spid (\d+)/.exec(notebookosOutput);
   if (!m) throw new Error(`no replica line in %notebookos output:\n${notebookosOutput}`);
   return Number(m[1]);
 }

@@ -14,8 +14,14 @@ pub type CellId = String;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Entry {
-    /// A shell request that one replica must run.
-    Request { cell: CellId, request: Frames },
+    /// A shell request that one replica must run. `lead` carries the
+    /// proposer's own LEAD bid, committed with the request (it is then the
+    /// first LEAD, so it wins); without it every replica bids.
+    Request {
+        cell: CellId,
+        request: Frames,
+        lead: Option<NodeId>,
+    },
     /// A replica's answer to a Request: it can run it now (`lead`) or not.
     Bid {
         cell: CellId,
@@ -212,6 +218,7 @@ mod tests {
         let e = Entry::Request {
             cell: "c1".into(),
             request: frames.clone(),
+            lead: Some(1),
         };
         assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
         let m = frames.to_message().unwrap();
@@ -234,5 +241,29 @@ mod tests {
             buffers: vec![],
         };
         assert!(bad.to_message().is_err());
+    }
+}
+
+/// `cargo test -p notebookos-kernel write_fuzz_seeds -- --ignored` refreshes
+/// the replica_decode fuzz corpus with one encoding of each kind.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/replica_decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Outgoing::new("execute_request", "s", None, serde_json::json!({"code": "x = 1"}))
+        .to(&[Bytes::from_static(b"id")]);
+    let frames = Frames::from_outgoing(&out);
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("request", Entry::Request { cell: "c".into(), request: frames.clone(), lead: Some(1) }.encode()),
+        ("bid", Entry::Bid { cell: "c".into(), replica: 2, lead: false }.encode()),
+        ("done", Entry::Done { cell: "c".into(), replica: 2, reply: "{}".into(), delta: Delta::Inline(Bytes::from_static(b"d")) }.encode()),
+        ("join", Entry::MemberJoin { replica: 4, addr: "127.0.0.1:1".into(), front: false }.encode()),
+        ("iopub", Mail::Iopub(vec![frames]).encode()),
+        ("delta", crate::replica::statesync::pack(b"header", &[b"buffer"])),
+    ];
+    for (name, data) in seeds {
+        std::fs::write(dir.join(name), data).unwrap();
     }
 }

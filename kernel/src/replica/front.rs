@@ -409,7 +409,9 @@ impl Core {
         tracing::debug!(cell, "proposing request");
         let (tx, rx) = tokio::sync::oneshot::channel();
         lock(&self.waiters).insert(cell.clone(), tx);
-        let entry = Entry::Request { cell: cell.clone(), request: Frames::from_message(request) };
+        // Leading in the request itself saves a commit when this replica can run it.
+        let lead = (!self.must_yield()).then_some(self.id);
+        let entry = Entry::Request { cell: cell.clone(), request: Frames::from_message(request), lead };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);
             return Err(e);

@@ -20,7 +20,7 @@ pub mod group;
 pub mod peer;
 mod relay;
 pub mod spawn;
-mod statesync;
+pub mod statesync;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -201,7 +201,7 @@ impl Core {
         }
     }
 
-    fn must_yield(&self) -> bool {
+    pub(crate) fn must_yield(&self) -> bool {
         if self.is_restoring() {
             return true;
         }
@@ -231,36 +231,17 @@ impl Core {
 
     async fn apply(self: &Arc<Self>, entry: Entry) {
         match entry {
-            Entry::Request { cell, request } => {
+            Entry::Request { cell, request, lead } => {
                 lock(&self.elections).open(cell.clone(), request);
-                if !self.is_restoring() {
-                    tokio::spawn(self.clone().bid(cell));
+                match lead {
+                    Some(replica) => self.on_bid(cell, replica, true).await,
+                    None if !self.is_restoring() => {
+                        tokio::spawn(self.clone().bid(cell));
+                    }
+                    None => {}
                 }
             }
-            Entry::Bid { cell, replica, lead } => {
-                let voters = self.node.metrics().voters;
-                let outcome = lock(&self.elections).bid(&cell, replica, lead, &voters);
-                match outcome {
-                    BidOutcome::Won(winner) => {
-                        *lock(&self.last_winner) = Some(winner);
-                        if winner == self.id {
-                            let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
-                            if let Some(request) = request {
-                                tokio::spawn(self.clone().run_cell(cell, request));
-                            }
-                        }
-                    }
-                    BidOutcome::AllYielded => {
-                        if let Some(front) = self.front.get() {
-                            let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
-                            if let Some(request) = request {
-                                front.report_queued(&request).await;
-                            }
-                        }
-                    }
-                    BidOutcome::Open | BidOutcome::Ignored => {}
-                }
-            }
+            Entry::Bid { cell, replica, lead } => self.on_bid(cell, replica, lead).await,
             Entry::Done { cell, replica, reply, delta } => {
                 if lock(&self.elections).finish(&cell, replica).is_none() {
                     return;
@@ -326,6 +307,31 @@ impl Core {
         }
     }
 
+    async fn on_bid(self: &Arc<Self>, cell: CellId, replica: NodeId, lead: bool) {
+        let voters = self.node.metrics().voters;
+        let outcome = lock(&self.elections).bid(&cell, replica, lead, &voters);
+        match outcome {
+            BidOutcome::Won(winner) => {
+                *lock(&self.last_winner) = Some(winner);
+                if winner == self.id {
+                    let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
+                    if let Some(request) = request {
+                        tokio::spawn(self.clone().run_cell(cell, request));
+                    }
+                }
+            }
+            BidOutcome::AllYielded => {
+                if let Some(front) = self.front.get() {
+                    let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
+                    if let Some(request) = request {
+                        front.report_queued(&request).await;
+                    }
+                }
+            }
+            BidOutcome::Open | BidOutcome::Ignored => {}
+        }
+    }
+
     async fn bid(self: Arc<Self>, cell: CellId) {
         let lead = !self.must_yield();
         let bid = Entry::Bid { cell: cell.clone(), replica: self.id, lead };
@@ -363,6 +369,7 @@ impl Core {
             Err(e) => error_reply("BadRequest", &e.to_string()),
         };
         let code = request_code(&request);
+        let t = std::time::Instant::now();
         let packed = match statesync::capture_delta(&self.exec, code).await {
             Ok(p) => p,
             Err(e) => {
@@ -371,9 +378,12 @@ impl Core {
                 statesync::pack(b"", &[])
             }
         };
+        let captured = t.elapsed();
+        let bytes = packed.len();
         // Everything the cell printed reaches the front before its Done does.
         self.iopub.flush().await;
         let delta = self.ship_delta(packed).await;
+        tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
         let done = Entry::Done { cell, replica: self.id, reply, delta };
         if let Err(e) = self.propose(&done).await {
             tracing::error!(error = %e, "could not report a finished cell");
@@ -388,18 +398,19 @@ impl Core {
         }
     }
 
-    async fn ship_delta(&self, packed: Vec<u8>) -> Delta {
+    async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> Delta {
         if packed.len() <= INLINE_DELTA {
             return Delta::Inline(Bytes::from(packed));
         }
         let data = Bytes::from(packed);
         let len = data.len() as u64;
-        let hash = self.node.publish_blob(data.clone());
-        if let Some(old) = lock(&self.last_blob).replace(hash) {
-            if old != hash {
-                self.node.remove_blob(&old);
-            }
-        }
+        // Kept here too, for a replica that joins mid-way and fetches it; hashing a
+        // large delta takes a while, so not on a runtime thread.
+        let core = self.clone();
+        let published = tokio::task::spawn_blocking({
+            let data = data.clone();
+            move || core.node.publish_blob(data)
+        });
         let peers: Vec<NodeId> = self.members().into_iter().filter(|p| *p != self.id).collect();
         let sends = peers.into_iter().map(|p| {
             let data = data.clone();
@@ -409,6 +420,15 @@ impl Core {
             if let Err(e) = res {
                 // It fetches from us when it applies the entry, or is replaced.
                 tracing::warn!(peer, error = %e, "could not push a state delta");
+            }
+        }
+        let hash = match published.await {
+            Ok(h) => h,
+            Err(_) => BlobHash::of(&data),
+        };
+        if let Some(old) = lock(&self.last_blob).replace(hash) {
+            if old != hash {
+                self.node.remove_blob(&old);
             }
         }
         Delta::Blob { hash: hash.0, len }
@@ -451,10 +471,12 @@ impl Core {
     }
 
     async fn apply_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
+        let t = std::time::Instant::now();
         let applied = match self.delta_bytes(from, delta).await {
             Some(data) => statesync::apply_delta(&self.exec, data).await.map_err(|e| e.to_string()),
             None => Err("delta unavailable".into()),
         };
+        tracing::debug!(elapsed = ?t.elapsed(), "state delta applied");
         if let Err(e) = applied {
             tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
             self.leave();
@@ -678,13 +700,10 @@ fn request_code(request: &Frames) -> String {
         .unwrap_or_default()
 }
 
-/// Awaits all futures concurrently.
+/// Awaits all futures concurrently (sends to every peer at once).
 async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Small fan-outs (two peers): sequential polling via select would gain nothing
-    // over awaiting each, since every send is already in flight once polled.
-    let mut pending = handles;
+    let mut pending: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(pending.len());
     let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         let mut waiting = false;

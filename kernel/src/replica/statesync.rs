@@ -5,6 +5,9 @@
 //!
 //! Layout: `[count u32][header len u64][buffer lens u64 × count][header][buffers]`.
 
+use std::cell::UnsafeCell;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
@@ -91,22 +94,76 @@ fn capture<'py>(
     Ok(pack(header.as_bytes(), &refs))
 }
 
-fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: &Bytes) -> PyResult<()> {
-    let (header, buffers) =
-        unpack(data).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()> {
+    let (header_bytes, buffers) =
+        unpack(&data).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
     let py = kernel.py();
-    let header = PyBytes::new(py, &header);
-    // Writable, so numpy arrays come back writable.
+    let header = PyBytes::new(py, &header_bytes);
+    // Every slice must be gone for `data` to be ours alone.
+    drop(header_bytes);
+    let offsets: Vec<(usize, usize)> = buffers
+        .iter()
+        .map(|b| (b.as_ptr() as usize - data.as_ptr() as usize, b.len()))
+        .collect();
+    drop(buffers);
     let list = PyList::empty(py);
-    for b in &buffers {
-        let arr = PyByteArray::new_with(py, b.len(), |dst| {
-            dst.copy_from_slice(b);
-            Ok(())
-        })?;
-        list.append(arr)?;
+    match data.try_into_mut() {
+        // Usually ours alone: hand Python writable views of it, no copy.
+        Ok(owned) => {
+            let owned = Arc::new(Received(UnsafeCell::new(owned)));
+            for (start, len) in offsets {
+                list.append(Bound::new(py, DeltaBuffer { owned: owned.clone(), start, len })?)?;
+            }
+        }
+        Err(shared) => {
+            for (start, len) in offsets {
+                let arr = PyByteArray::new_with(py, len, |dst| {
+                    dst.copy_from_slice(&shared[start..start + len]);
+                    Ok(())
+                })?;
+                list.append(arr)?;
+            }
+        }
     }
     kernel.call_method1(method, (header, list))?;
     Ok(())
+}
+
+/// A received delta, owned once; [`DeltaBuffer`]s are disjoint windows on it.
+struct Received(UnsafeCell<bytes::BytesMut>);
+
+// SAFETY: the bytes are only reached through DeltaBuffers, each a disjoint
+// range, and Python accesses them with the GIL held.
+unsafe impl Sync for Received {}
+
+/// One out-of-band pickle buffer of a received delta, exposed to Python as a
+/// writable buffer (numpy arrays built on it stay writable), without a copy.
+#[pyclass(frozen)]
+struct DeltaBuffer {
+    owned: Arc<Received>,
+    start: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl DeltaBuffer {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        // SAFETY: start..start+len lies within the allocation (checked by unpack),
+        // and the Arc keeps it alive as long as this object, which the view references.
+        let ptr = (*this.owned.0.get()).as_mut_ptr().add(this.start);
+        let len = isize::try_from(this.len).map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
+        if pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
 }
 
 /// After a cell on the winner: what changed, packed.
@@ -115,7 +172,7 @@ pub async fn capture_delta(exec: &Executor, code: String) -> Result<Vec<u8>, Pyt
 }
 
 pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
-    exec.run(move |_py, kernel| restore(kernel, "sync_apply", &data)).await
+    exec.run(move |_py, kernel| restore(kernel, "sync_apply", data)).await
 }
 
 pub async fn checkpoint(exec: &Executor) -> Result<Vec<u8>, PythonError> {
@@ -123,7 +180,7 @@ pub async fn checkpoint(exec: &Executor) -> Result<Vec<u8>, PythonError> {
 }
 
 pub async fn restore_checkpoint(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
-    exec.run(move |_py, kernel| restore(kernel, "sync_restore", &data)).await
+    exec.run(move |_py, kernel| restore(kernel, "sync_restore", data)).await
 }
 
 pub async fn digest(exec: &Executor) -> Result<String, PythonError> {
