@@ -22,6 +22,7 @@ class ReplicatedKernel:
 
     def __init__(self, tmp, kernel_name="notebookos", replicas=3):
         self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.yield_file = self.tmp / "yield"
         self.yield_file.write_text("")
         self.state = self.tmp / "state"

@@ -7,8 +7,10 @@
 //! is also Python's main thread, so signals and `signal.signal` behave as
 //! they do in a normal interpreter.
 
+pub mod agent;
 pub mod channels;
 pub mod connection;
+pub mod gpu;
 pub mod kernel;
 pub mod python;
 pub mod replica;

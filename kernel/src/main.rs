@@ -29,6 +29,12 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("agent") {
+        argv.next();
+        let opts = agent_options(argv)?;
+        runtime.block_on(notebookos_kernel::agent::run(opts))?;
+        return Ok(());
+    }
     if argv.peek().map(String::as_str) == Some("replica") {
         argv.next();
         let bootstrap = match (argv.next().as_deref(), argv.next()) {
@@ -56,6 +62,26 @@ fn main() -> anyhow::Result<()> {
     // Python is never finalised from another thread: exit directly, after
     // the shell ran its own shutdown (history, atexit) on its thread.
     std::process::exit(code)
+}
+
+/// `agent [--socket PATH] [--fake-gpus N] [--metrics ADDR]`.
+fn agent_options(args: impl Iterator<Item = String>) -> anyhow::Result<notebookos_kernel::agent::AgentOptions> {
+    let mut opts = notebookos_kernel::agent::AgentOptions {
+        socket: notebookos_kernel::agent::default_socket(),
+        fake_gpus: None,
+        metrics: None,
+    };
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--socket" => opts.socket = PathBuf::from(value()?),
+            "--fake-gpus" => opts.fake_gpus = Some(value()?.parse().context("--fake-gpus N")?),
+            "--metrics" => opts.metrics = Some(value()?),
+            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] (unknown {other})"),
+        }
+    }
+    Ok(opts)
 }
 
 struct Args {

@@ -313,6 +313,16 @@ class Kernel:
         """Per-name value digests, as JSON (what `%notebookos verify` compares)."""
         return json.dumps(self.statesync.name_digests())
 
+    def gpu_bind(self, gpus, fake):
+        from . import gpu
+
+        return gpu.bind(self.shell, list(gpus), bool(fake))
+
+    def gpu_unbind(self):
+        from . import gpu
+
+        return gpu.unbind(self.shell)
+
     # -- lifecycle --------------------------------------------------------
 
     def shutdown_request(self, content, parent):

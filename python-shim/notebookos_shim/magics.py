@@ -1,6 +1,6 @@
 """Magics a kernel adds on top of IPython's own."""
 
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import placement
 
@@ -11,6 +11,14 @@ class KernelMagics(Magics):
     def clear(self, arg_s):
         """Clear the output of the current cell."""
         self.shell.display_pub.clear_output()
+
+    @cell_magic
+    def gpus(self, line, cell):
+        """``%%gpus N``: run this cell with N GPUs. The kernel reads N before
+        the cell runs (only a replica granted N GPUs may run it); here the
+        body just runs."""
+        result = self.shell.run_cell(cell)
+        result.raise_error()
 
     @line_magic
     def connect_info(self, arg_s):

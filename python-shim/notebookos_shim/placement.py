@@ -54,8 +54,17 @@ def current(single):
             }
             for r in group["replicas"]
         ],
-        "gpu": single["gpu"],
+        "gpu": _grant_now(single["gpu"]),
+        "gpu_usage": group.get("gpu_usage"),
     }
+
+
+def _grant_now(single):
+    """The GPUs granted to the cell running now (`%%gpus N`), if any."""
+    granted = os.environ.get("NOTEBOOKOS_GPUS_GRANTED")
+    if granted is None:
+        return {"grant": None, "reason": "this cell asked for no GPU (use %%gpus N); it runs on CPU"}
+    return {"grant": f"GPU {granted} of this host, for this cell", "reason": None}
 
 
 def visible_gpus():
@@ -129,6 +138,13 @@ def report(placement, last_cell, gpus):
         lines.append(
             f"Last cell: [{last_cell['execution_count']}] ran on replica {last_cell['replica']}"
             f" (host {r['host']}, pid {r['pid']}); waited {waited} from request to start"
+        )
+    usage = placement.get("gpu_usage")
+    if usage:
+        lines.append(
+            f"GPU-seconds for this kernel: {usage['held_gpu_seconds']:.1f} held, "
+            f"{usage['used_gpu_seconds']:.1f} used ({usage['grants']} grants, "
+            f"{usage['expired']} expired)"
         )
     grant = placement["gpu"]["grant"]
     if grant is None:

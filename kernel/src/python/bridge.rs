@@ -261,8 +261,9 @@ fn peer_digests(py: Python<'_>) -> PyResult<Vec<(u64, String)>> {
 
 /// The group's placement as JSON, or None with a single replica.
 #[pyfunction]
-fn placement() -> PyResult<Option<String>> {
-    Ok(bridge()?.group.get().map(|g| g.placement()))
+fn placement(py: Python<'_>) -> PyResult<Option<String>> {
+    let bridge = bridge()?;
+    Ok(py.allow_threads(|| bridge.group.get().map(|g| g.placement())))
 }
 
 #[pymodule]

@@ -144,6 +144,7 @@ impl Front {
             stopping: AtomicBool::new(false),
         });
         let core = Core::new(CoreConfig {
+            kernel_id: gstate.kernel_id.clone(),
             node,
             exec: opts.exec,
             iopub: opts.iopub,
@@ -410,8 +411,9 @@ impl Core {
         let (tx, rx) = tokio::sync::oneshot::channel();
         lock(&self.waiters).insert(cell.clone(), tx);
         // Leading in the request itself saves a commit when this replica can run it.
-        let lead = (!self.must_yield()).then_some(self.id);
-        let entry = Entry::Request { cell: cell.clone(), request: Frames::from_message(request), lead };
+        let frames = Frames::from_message(request);
+        let lead = self.try_lead(&cell, &frames).await.then_some(self.id);
+        let entry = Entry::Request { cell: cell.clone(), request: frames, lead };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);
             return Err(e);

@@ -68,6 +68,7 @@ enum Restore {
 /// What every replica runs.
 pub struct Core {
     pub id: NodeId,
+    kernel_id: String,
     pub node: ReplicaNode,
     exec: Executor,
     iopub: Iopub,
@@ -91,6 +92,8 @@ pub struct Core {
     last_winner: Mutex<Option<NodeId>>,
     /// Set on the replica facing Jupyter.
     front: OnceLock<Arc<Front>>,
+    /// GPU grants this replica holds, per cell it bid to lead.
+    gpu: crate::gpu::Grants,
     /// The peer's stdin, answered through the mailbox.
     remote_stdin: OnceLock<Arc<relay::RemoteStdin>>,
     stop: watch::Sender<bool>,
@@ -102,6 +105,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub struct CoreConfig {
+    /// The kernel's id (the group's), under which the GPU agent accounts.
+    pub kernel_id: String,
     pub node: ReplicaNode,
     pub exec: Executor,
     pub iopub: Iopub,
@@ -120,6 +125,7 @@ impl Core {
         let (ready, _) = watch::channel(!cfg.joining);
         Arc::new(Self {
             id: cfg.node.id(),
+            kernel_id: cfg.kernel_id,
             node: cfg.node,
             exec: cfg.exec,
             iopub: cfg.iopub,
@@ -135,6 +141,7 @@ impl Core {
             last_blob: Mutex::new(None),
             last_winner: Mutex::new(None),
             front: OnceLock::new(),
+            gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
             stop: watch::channel(false).0,
         })
@@ -313,6 +320,10 @@ impl Core {
         match outcome {
             BidOutcome::Won(winner) => {
                 *lock(&self.last_winner) = Some(winner);
+                if winner != self.id {
+                    // Lost the election: the GPUs we took for it go back.
+                    self.gpu.release(&cell, std::time::Duration::ZERO).await;
+                }
                 if winner == self.id {
                     let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
                     if let Some(request) = request {
@@ -328,12 +339,31 @@ impl Core {
                     }
                 }
             }
+            BidOutcome::Ignored if replica == self.id && lead => {
+                self.gpu.release(&cell, std::time::Duration::ZERO).await;
+            }
             BidOutcome::Open | BidOutcome::Ignored => {}
         }
     }
 
+    /// Whether this replica can run `cell` now: not told to yield, not catching
+    /// up, and (for a cell that needs GPUs) granted them by the agent; the grant
+    /// is then held for the cell until it ends or the election is lost.
+    pub(crate) async fn try_lead(self: &Arc<Self>, cell: &str, request: &Frames) -> bool {
+        if self.must_yield() {
+            return false;
+        }
+        let wanted = crate::gpu::wanted(&request_code(request), self.gpu.default_gpus());
+        if wanted == 0 {
+            return true;
+        }
+        self.gpu.acquire(&self.kernel_id, self.id, cell, wanted).await
+    }
+
     async fn bid(self: Arc<Self>, cell: CellId) {
-        let lead = !self.must_yield();
+        let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
+        let Some(request) = request else { return };
+        let lead = self.try_lead(&cell, &request).await;
         let bid = Entry::Bid { cell: cell.clone(), replica: self.id, lead };
         if let Err(e) = self.propose(&bid).await {
             tracing::warn!(error = %e, "could not bid");
@@ -352,7 +382,7 @@ impl Core {
             if !open || *self.stop.borrow() {
                 return;
             }
-            if !self.must_yield() {
+            if self.try_lead(&cell, &request).await {
                 let bid = Entry::Bid { cell, replica: self.id, lead: true };
                 if let Err(e) = self.propose(&bid).await {
                     tracing::warn!(error = %e, "could not bid");
@@ -364,10 +394,19 @@ impl Core {
 
     /// The winner's side: run, capture what changed, ship it, report Done.
     async fn run_cell(self: Arc<Self>, cell: CellId, request: Frames) {
+        let binding = self.gpu.bind(&cell, &self.exec).await;
+        let started = std::time::Instant::now();
         let reply = match request.to_message() {
             Ok(msg) => self.execute_here(&msg).await,
             Err(e) => error_reply("BadRequest", &e.to_string()),
         };
+        let used = started.elapsed();
+        // Device state goes to host memory before it is pickled for the others,
+        // and the GPUs go back to the agent: bound only while the cell ran.
+        if let Some(binding) = binding {
+            binding.unbind(&self.exec).await;
+        }
+        self.gpu.release(&cell, used).await;
         let code = request_code(&request);
         let t = std::time::Instant::now();
         let packed = match statesync::capture_delta(&self.exec, code).await {
@@ -678,11 +717,19 @@ impl Group for Core {
                 })
             })
             .collect();
+        let usage = self.runtime.block_on(async {
+            let status = tokio::time::timeout(Duration::from_secs(1), self.gpu.agent_status()).await;
+            match status {
+                Ok(Some(s)) => s.usage.get(&self.kernel_id).cloned(),
+                _ => None,
+            }
+        });
         json!({
             "self": self.id,
             "front": front,
             "replicas": replicas,
             "last_winner": *lock(&self.last_winner),
+            "gpu_usage": usage,
         })
         .to_string()
     }

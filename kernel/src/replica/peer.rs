@@ -56,6 +56,7 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
 
     let interrupter = python.clone();
     let core = Core::new(CoreConfig {
+        kernel_id: b.kernel_id.clone(),
         node,
         exec: python.main().clone(),
         iopub,

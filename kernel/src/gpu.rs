@@ -1,0 +1,197 @@
+//! GPUs for the cells a replica runs. A replica that bids to lead a cell that
+//! needs GPUs first gets them from its host's agent (a lease, renewed while
+//! held); the winner binds them for the cell (the primary CUDA context, shared
+//! with PyTorch/CuPy in this process, and the shim makes the device current),
+//! moves device state to host memory after it, and gives them back.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::types::PyAnyMethods;
+use tokio::task::JoinHandle;
+
+use crate::agent::client::{AgentClient, AgentGrant};
+use crate::python::Executor;
+
+/// How long a grant lives without renewal: a killed replica's GPUs are free
+/// again this long after its last renewal.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// GPUs a cell asks for: `%%gpus N` on its first line, else the kernel's default
+/// (`NOTEBOOKOS_GPUS`, 0 when unset).
+pub fn wanted(code: &str, default: u32) -> u32 {
+    let first = code.lines().next().unwrap_or("").trim();
+    match first.strip_prefix("%%gpus") {
+        Some(rest) => rest.trim().parse().unwrap_or(default),
+        None => default,
+    }
+}
+
+struct Held {
+    grant: AgentGrant,
+    renew: JoinHandle<()>,
+}
+
+pub struct Grants {
+    socket: PathBuf,
+    default: u32,
+    agent: tokio::sync::OnceCell<Option<Arc<AgentClient>>>,
+    held: Mutex<HashMap<String, Held>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Grants {
+    pub fn from_env() -> Self {
+        Self {
+            socket: crate::agent::default_socket(),
+            default: std::env::var("NOTEBOOKOS_GPUS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0),
+            agent: tokio::sync::OnceCell::new(),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn default_gpus(&self) -> u32 {
+        self.default
+    }
+
+    async fn agent(&self) -> Option<Arc<AgentClient>> {
+        self.agent
+            .get_or_init(|| async {
+                match AgentClient::ensure(self.socket.clone()).await {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::error!("no GPU agent: {e}; cells run on CPU");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// The host agent's status, if one is running (never starts one).
+    pub async fn agent_status(&self) -> Option<crate::agent::protocol::Status> {
+        let client = match self.agent.get() {
+            Some(Some(c)) => c.clone(),
+            _ => Arc::new(AgentClient::new(self.socket.clone())),
+        };
+        client.status().await.ok()
+    }
+
+    /// Takes `n` GPUs for `cell` if the agent can grant them now. A host with
+    /// no GPUs (or no agent) runs the cell on CPU, so that counts as success.
+    pub async fn acquire(&self, kernel: &str, replica: u64, cell: &str, n: u32) -> bool {
+        if lock(&self.held).contains_key(cell) {
+            return true;
+        }
+        let Some(agent) = self.agent().await else { return true };
+        match agent.grant(kernel, replica, n, LEASE).await {
+            Ok(Some(grant)) => {
+                let renew = tokio::spawn(renew_loop(agent.clone(), grant.id));
+                lock(&self.held).insert(cell.to_owned(), Held { grant, renew });
+                true
+            }
+            Ok(None) => match agent.status().await {
+                Ok(s) if s.gpus.is_empty() => true,
+                _ => false,
+            },
+            Err(e) => {
+                tracing::warn!("GPU grant failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gives back `cell`'s GPUs; `used` is how long a cell ran on them.
+    pub async fn release(&self, cell: &str, used: Duration) {
+        let Some(held) = lock(&self.held).remove(cell) else { return };
+        held.renew.abort();
+        if let Some(agent) = self.agent.get().cloned().flatten() {
+            if let Err(e) = agent.release(held.grant.id, used).await {
+                tracing::warn!(grant = held.grant.id, "GPU release failed ({e}); the lease will expire");
+            }
+        }
+    }
+
+    /// Binds `cell`'s GPUs for the cell about to run here, if it has any.
+    pub async fn bind(&self, cell: &str, exec: &Executor) -> Option<Binding> {
+        let grant = lock(&self.held).get(cell).map(|h| h.grant.clone())?;
+        let contexts = if grant.fake { Vec::new() } else { retain_primary(&grant.gpus) };
+        let (gpus, fake) = (grant.gpus.clone(), grant.fake);
+        let bound = exec
+            .run(move |_py, k| k.call_method1("gpu_bind", (gpus, fake)).map(drop))
+            .await;
+        if let Err(e) = bound {
+            tracing::warn!("binding the granted GPUs in Python failed: {e}");
+        }
+        Some(Binding { _contexts: contexts })
+    }
+}
+
+async fn renew_loop(agent: Arc<AgentClient>, id: u64) {
+    loop {
+        tokio::time::sleep(LEASE / 3).await;
+        if let Err(e) = agent.renew(id).await {
+            tracing::warn!(grant = id, "GPU lease renewal failed: {e}");
+            return;
+        }
+    }
+}
+
+fn retain_primary(gpus: &[u32]) -> Vec<Arc<cudarc::driver::CudaContext>> {
+    gpus.iter()
+        .filter_map(|g| {
+            let ordinal = *g as usize;
+            match std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(ordinal)) {
+                Ok(Ok(ctx)) => Some(ctx),
+                Ok(Err(e)) => {
+                    tracing::warn!(gpu = g, "cannot retain the primary CUDA context: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(gpu = g, "no CUDA driver to bind the granted GPU");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// The winner's hold on its GPUs while its cell runs.
+pub struct Binding {
+    /// Primary contexts retained for the cell; dropping releases them.
+    _contexts: Vec<Arc<cudarc::driver::CudaContext>>,
+}
+
+impl Binding {
+    /// After the cell: device state to host memory, caches emptied.
+    pub async fn unbind(self, exec: &Executor) {
+        let moved = exec
+            .run(|_py, k| k.call_method0("gpu_unbind")?.extract::<String>())
+            .await;
+        match moved {
+            Ok(report) => tracing::info!(%report, "GPU state moved to host"),
+            Err(e) => tracing::warn!("moving GPU state to host failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wanted;
+
+    #[test]
+    fn gpus_wanted_by_a_cell() {
+        assert_eq!(wanted("%%gpus 2\nx = 1", 0), 2);
+        assert_eq!(wanted("  %%gpus   1  \n", 0), 1);
+        assert_eq!(wanted("x = 1\n%%gpus 2", 0), 0);
+        assert_eq!(wanted("x = 1", 1), 1);
+        assert_eq!(wanted("%%gpus lots\n", 1), 1);
+        assert_eq!(wanted("", 0), 0);
+    }
+}

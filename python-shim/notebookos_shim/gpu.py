@@ -1,0 +1,120 @@
+"""The Python side of a GPU grant: make the granted device current before a
+cell, and move device state to host memory after it, so that between cells
+this replica holds no GPU memory another kernel needs.
+
+What moves: ``torch.nn.Module`` objects (parameters and buffers, in place,
+so optimizers keep pointing at the same parameters), tensors, optimizer
+state, and tensors one level inside lists, tuples and dicts bound to user
+names or held in ``Out``. The names moved are kept in the replicated
+``_notebookos_on_gpu`` list, so whichever replica wins a later GPU cell moves
+them back onto the GPU it was granted. Not covered: tensors reachable only
+deeper inside other objects, CuPy/JAX arrays, and the CUDA context itself
+(PyTorch keeps it for the life of the process, a few hundred MiB).
+"""
+
+import os
+import sys
+import time
+
+REGISTRY = "_notebookos_on_gpu"
+
+
+def _torch():
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def _move_tensor(t, device):
+    # In place (the same tensor object), so every reference sees the move.
+    t.data = t.data.to(device, non_blocking=False)
+    if t.grad is not None:
+        t.grad.data = t.grad.data.to(device)
+
+
+def _move(value, device, torch):
+    """Moves what `value` holds on or off the GPU; returns bytes moved."""
+    moved = 0
+    to_gpu = device != "cpu"
+    if isinstance(value, torch.nn.Module):
+        for t in list(value.parameters()) + list(value.buffers()):
+            if t.is_cuda != to_gpu:
+                moved += t.numel() * t.element_size()
+        if moved:
+            value.to(device)
+        return moved
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda != to_gpu:
+            moved += value.numel() * value.element_size()
+            _move_tensor(value, device)
+        return moved
+    if isinstance(value, torch.optim.Optimizer):
+        for state in value.state.values():
+            for k, t in list(state.items()):
+                if isinstance(t, torch.Tensor) and t.is_cuda != to_gpu:
+                    moved += t.numel() * t.element_size()
+                    state[k] = t.to(device)
+        return moved
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, (torch.Tensor, torch.nn.Module)):
+                moved += _move(v, device, torch)
+        return moved
+    if isinstance(value, dict):
+        for v in value.values():
+            if isinstance(v, (torch.Tensor, torch.nn.Module)):
+                moved += _move(v, device, torch)
+    return moved
+
+
+def _candidates(ns):
+    for name, value in list(ns.items()):
+        if name.startswith("__"):
+            continue
+        yield name, value
+    out = ns.get("Out")
+    if isinstance(out, dict):
+        for key, value in list(out.items()):
+            yield f"Out[{key}]", value
+
+
+def bind(shell, gpus, fake):
+    """Before a cell on the granted GPUs."""
+    os.environ["NOTEBOOKOS_GPUS_GRANTED"] = ",".join(str(g) for g in gpus)
+    torch = _torch()
+    if fake or torch is None or not gpus:
+        return "no device to bind"
+    device = f"cuda:{gpus[0]}"
+    torch.cuda.set_device(gpus[0])
+    ns = shell.user_ns
+    names = set(ns.get(REGISTRY) or ())
+    started, moved = time.perf_counter(), 0
+    for name, value in _candidates(ns):
+        if name in names or name.startswith("Out["):
+            moved += _move(value, device, torch)
+    torch.cuda.synchronize()
+    return f"{moved} bytes to {device} in {time.perf_counter() - started:.3f} s"
+
+
+def unbind(shell):
+    """After the cell: everything on a GPU to host memory, caches emptied."""
+    os.environ.pop("NOTEBOOKOS_GPUS_GRANTED", None)
+    torch = _torch()
+    if torch is None:
+        return "no device state"
+    ns = shell.user_ns
+    started, moved, names = time.perf_counter(), 0, []
+    for name, value in _candidates(ns):
+        n = _move(value, "cpu", torch)
+        if n and not name.startswith("Out["):
+            names.append(name)
+        moved += n
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    previous = set(ns.get(REGISTRY) or ())
+    ns[REGISTRY] = sorted(previous | set(names))
+    return f"{moved} bytes to host in {time.perf_counter() - started:.3f} s ({', '.join(names) or 'nothing'})"
