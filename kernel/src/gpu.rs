@@ -124,10 +124,11 @@ impl Grants {
         let contexts = if grant.fake { Vec::new() } else { retain_primary(&grant.gpus) };
         let (gpus, fake) = (grant.gpus.clone(), grant.fake);
         let bound = exec
-            .run(move |_py, k| k.call_method1("gpu_bind", (gpus, fake)).map(drop))
+            .run(move |_py, k| k.call_method1("gpu_bind", (gpus, fake))?.extract::<String>())
             .await;
-        if let Err(e) = bound {
-            tracing::warn!("binding the granted GPUs in Python failed: {e}");
+        match bound {
+            Ok(report) => tracing::info!(gpus = ?grant.gpus, %report, "GPU bound; device state restored"),
+            Err(e) => tracing::warn!("binding the granted GPUs in Python failed: {e}"),
         }
         Some(Binding { _contexts: contexts })
     }
