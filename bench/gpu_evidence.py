@@ -123,6 +123,9 @@ def main():
             assert reply["status"] == "ok", (reply, text)
             return text, took
 
+        def save():
+            (out / "gpu_evidence.json").write_text(json.dumps(results, indent=2))
+
         results["nvidia_smi"]["before"] = smi()
         text, took = cell("%%gpus 1\nimport os\nprint('pid', os.getpid())\n" + TRAIN, on=1)
         results["train"] = {**numbers(text), "seconds": took}
@@ -130,6 +133,7 @@ def main():
         text, took = cell("%%gpus 1\nimport os\nprint('pid', os.getpid())\n" + EVAL, on=2)
         results["eval"] = {**numbers(text), "seconds": took}
         results["nvidia_smi"]["after_eval_cell"] = smi()
+        save()
         results["identical_to_single_process"] = all(
             results["single_process"][k] == v
             for part in ("train", "eval") for k, v in results[part].items() if k in results["single_process"]
@@ -144,6 +148,7 @@ def main():
             _, took_use = cell("%%gpus 1\nfloat(big[0].weight[0, 0])", on=1)
             _, took_cpu = cell("del big", on=1)
             results[f"model_{gib}gib"] = {"make_cell_s": took_make, "use_cell_s": took_use}
+            save()
         text, _ = cell("%notebookos", on=1)
         results["notebookos_magic"] = text
     finally:

@@ -12,6 +12,7 @@ deeper inside other objects, CuPy/JAX arrays, and the CUDA context itself
 (PyTorch keeps it for the life of the process, a few hundred MiB).
 """
 
+import importlib.util
 import os
 import sys
 import time
@@ -19,8 +20,12 @@ import time
 REGISTRY = "_notebookos_on_gpu"
 
 
-def _torch():
+def _torch(load=False):
     torch = sys.modules.get("torch")
+    if torch is None and load and importlib.util.find_spec("torch") is not None:
+        # Imported before a GPU cell so the granted device is made current
+        # before the cell's own CUDA work picks a default one.
+        import torch
     if torch is None:
         return None
     try:
@@ -85,7 +90,7 @@ def _candidates(ns):
 def bind(shell, gpus, fake):
     """Before a cell on the granted GPUs."""
     os.environ["NOTEBOOKOS_GPUS_GRANTED"] = ",".join(str(g) for g in gpus)
-    torch = _torch()
+    torch = None if fake else _torch(load=True)
     if fake or torch is None or not gpus:
         return "no device to bind"
     device = f"cuda:{gpus[0]}"

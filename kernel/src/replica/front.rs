@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raft_transport::{KernelCa, NodeId, ReplicaConfig, ReplicaNode};
+use raft_transport::{KernelCa, NodeId, ReplicaNode};
 
 use super::entry::{Entry, Frames, Mail};
 use super::group::{self, Bootstrap, GroupError, GroupState, Member, StateDir};
@@ -120,7 +120,7 @@ impl Front {
         let listen: SocketAddr = format!("{}:0", opts.listen_ip)
             .parse()
             .map_err(|e| GroupError::Start(format!("replica listen address: {e}")))?;
-        let node = ReplicaNode::start(ReplicaConfig::new(identity, listen)).await?;
+        let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
         let my_addr = node.addr().to_string();
         let rejoin = plan.prior.is_some();
         let old_front = gstate.front;

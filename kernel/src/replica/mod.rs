@@ -48,6 +48,15 @@ const REBID_INTERVAL: Duration = Duration::from_millis(200);
 /// How long proposals are retried while leadership moves.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(20);
 
+/// The transport settings of a kernel's replicas: a state delta (or a
+/// checkpoint) is one blob, as large as what a cell created (a 10 GiB model),
+/// so the transport's default 8 GiB cap would refuse it; memory is the limit.
+pub fn replica_config(identity: raft_transport::NodeIdentity, listen: std::net::SocketAddr) -> raft_transport::ReplicaConfig {
+    let mut config = raft_transport::ReplicaConfig::new(identity, listen);
+    config.max_blob_size = 1 << 40;
+    config
+}
+
 /// How a replicated cell ended, as the front reports it.
 #[derive(Debug, Clone)]
 pub enum CellResult {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raft_transport::{NodeIdentity, ReplicaConfig, ReplicaNode};
+use raft_transport::{NodeIdentity, ReplicaNode};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -51,7 +51,7 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
 
     let identity = NodeIdentity::from_pem(b.id, &b.identity_pem)?;
     let listen = b.listen.parse().map_err(|_| PeerError::Listen(b.listen.clone()))?;
-    let node = ReplicaNode::start(ReplicaConfig::new(identity, listen)).await?;
+    let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
     group::write_private(&b.addr_file, node.addr().to_string().as_bytes())?;
 
     let interrupter = python.clone();
