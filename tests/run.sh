@@ -22,6 +22,9 @@ export PYO3_PYTHON="$ROOT/.venv/bin/python"
 
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 cargo build -q -p notebookos-kernel
+# Wherever cargo puts it (CARGO_TARGET_DIR may point elsewhere).
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+export NOTEBOOKOS_KERNEL_BIN="${NOTEBOOKOS_KERNEL_BIN:-$TARGET_DIR/debug/notebookos-kernel}"
 cargo nextest run --workspace --no-fail-fast
 # raft-transport across network namespaces (three "hosts", one cut off).
 bash raft-transport/scripts/netns-test.sh
