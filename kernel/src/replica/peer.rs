@@ -38,6 +38,9 @@ pub enum PeerError {
 }
 
 pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
+    // Before anything slow: replica 1 may die while we start.
+    // SAFETY: getppid has no preconditions.
+    let launcher = unsafe { libc::getppid() };
     let b = group::take_bootstrap(bootstrap)?;
     // Peers never sign: the front re-signs everything it publishes.
     let session = Session::new(Signer::new("hmac-sha256", b"")?);
@@ -72,8 +75,12 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
 
     tokio::select! {
         _ = core.stopped() => {}
-        _ = orphaned(core.clone(), b.front) => {
+        _ = orphaned(core.clone(), b.front, launcher) => {
             tracing::warn!("no replica has faced Jupyter for {ORPHAN_GRACE:?}; exiting");
+            // Nobody will rejoin this group: its state goes too.
+            if let Some(dir) = b.addr_file.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), core.node.shutdown()).await;
@@ -82,9 +89,7 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
 
 /// Resolves when no front has been around for [`ORPHAN_GRACE`]: our launcher
 /// died and no new replica 1 joined in its place, or we were removed.
-async fn orphaned(core: Arc<Core>, first_front: raft_transport::NodeId) {
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
+async fn orphaned(core: Arc<Core>, first_front: raft_transport::NodeId, parent: libc::pid_t) {
     let mut since: Option<Instant> = None;
     let mut was_member = false;
     loop {
