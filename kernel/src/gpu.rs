@@ -49,7 +49,10 @@ impl Grants {
     pub fn from_env() -> Self {
         Self {
             socket: crate::agent::default_socket(),
-            default: std::env::var("NOTEBOOKOS_GPUS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0),
+            default: std::env::var("NOTEBOOKOS_GPUS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
             agent: tokio::sync::OnceCell::new(),
             held: Mutex::new(HashMap::new()),
         }
@@ -89,17 +92,16 @@ impl Grants {
         if lock(&self.held).contains_key(cell) {
             return true;
         }
-        let Some(agent) = self.agent().await else { return true };
+        let Some(agent) = self.agent().await else {
+            return true;
+        };
         match agent.grant(kernel, replica, n, LEASE).await {
             Ok(Some(grant)) => {
                 let renew = tokio::spawn(renew_loop(agent.clone(), grant.id));
                 lock(&self.held).insert(cell.to_owned(), Held { grant, renew });
                 true
             }
-            Ok(None) => match agent.status().await {
-                Ok(s) if s.gpus.is_empty() => true,
-                _ => false,
-            },
+            Ok(None) => matches!(agent.status().await, Ok(s) if s.gpus.is_empty()),
             Err(e) => {
                 tracing::warn!("GPU grant failed: {e}");
                 false
@@ -109,11 +111,16 @@ impl Grants {
 
     /// Gives back `cell`'s GPUs; `used` is how long a cell ran on them.
     pub async fn release(&self, cell: &str, used: Duration) {
-        let Some(held) = lock(&self.held).remove(cell) else { return };
+        let Some(held) = lock(&self.held).remove(cell) else {
+            return;
+        };
         held.renew.abort();
         if let Some(agent) = self.agent.get().cloned().flatten() {
             if let Err(e) = agent.release(held.grant.id, used).await {
-                tracing::warn!(grant = held.grant.id, "GPU release failed ({e}); the lease will expire");
+                tracing::warn!(
+                    grant = held.grant.id,
+                    "GPU release failed ({e}); the lease will expire"
+                );
             }
         }
     }
@@ -121,16 +128,27 @@ impl Grants {
     /// Binds `cell`'s GPUs for the cell about to run here, if it has any.
     pub async fn bind(&self, cell: &str, exec: &Executor) -> Option<Binding> {
         let grant = lock(&self.held).get(cell).map(|h| h.grant.clone())?;
-        let contexts = if grant.fake { Vec::new() } else { retain_primary(&grant.gpus) };
+        let contexts = if grant.fake {
+            Vec::new()
+        } else {
+            retain_primary(&grant.gpus)
+        };
         let (gpus, fake) = (grant.gpus.clone(), grant.fake);
         let bound = exec
-            .run(move |_py, k| k.call_method1("gpu_bind", (gpus, fake))?.extract::<String>())
+            .run(move |_py, k| {
+                k.call_method1("gpu_bind", (gpus, fake))?
+                    .extract::<String>()
+            })
             .await;
         match bound {
-            Ok(report) => tracing::info!(gpus = ?grant.gpus, %report, "GPU bound; device state restored"),
+            Ok(report) => {
+                tracing::info!(gpus = ?grant.gpus, %report, "GPU bound; device state restored")
+            }
             Err(e) => tracing::warn!("binding the granted GPUs in Python failed: {e}"),
         }
-        Some(Binding { _contexts: contexts })
+        Some(Binding {
+            _contexts: contexts,
+        })
     }
 }
 

@@ -165,7 +165,9 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                         Some(core)
                     }
                     Err(e) => {
-                        tracing::error!("replicas could not start; running as a single replica: {e}");
+                        tracing::error!(
+                            "replicas could not start; running as a single replica: {e}"
+                        );
                         None
                     }
                 };
@@ -359,7 +361,11 @@ impl Kernel {
             "replica {replica} was lost while executing; the namespace is as before this cell"
         );
         let count = exec
-            .run(|_py, k| k.getattr("shell")?.getattr("execution_count")?.extract::<i64>())
+            .run(|_py, k| {
+                k.getattr("shell")?
+                    .getattr("execution_count")?
+                    .extract::<i64>()
+            })
             .await
             .unwrap_or(0);
         let content = crate::wire::error::ErrorContent {
@@ -368,7 +374,12 @@ impl Kernel {
             traceback: vec![format!("ReplicaLost: {evalue}")],
         };
         self.iopub
-            .publish(Outgoing::typed("error", &self.session.id, Some(&request.header), &content))
+            .publish(Outgoing::typed(
+                "error",
+                &self.session.id,
+                Some(&request.header),
+                &content,
+            ))
             .await;
         self.reply(
             request,

@@ -65,7 +65,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `agent [--socket PATH] [--fake-gpus N] [--metrics ADDR]`.
-fn agent_options(args: impl Iterator<Item = String>) -> anyhow::Result<notebookos_kernel::agent::AgentOptions> {
+fn agent_options(
+    args: impl Iterator<Item = String>,
+) -> anyhow::Result<notebookos_kernel::agent::AgentOptions> {
     let mut opts = notebookos_kernel::agent::AgentOptions {
         socket: notebookos_kernel::agent::default_socket(),
         fake_gpus: None,

@@ -468,7 +468,10 @@ async fn mailbox_messages_arrive_in_order_with_their_sender() {
     let ca = KernelCa::generate("t-mailbox").unwrap();
     let nodes = cluster(&ca, 3).await;
     let mut inbox = nodes[&1].take_messages().unwrap();
-    assert!(nodes[&1].take_messages().is_none(), "the mailbox is taken once");
+    assert!(
+        nodes[&1].take_messages().is_none(),
+        "the mailbox is taken once"
+    );
     for i in 0..200u64 {
         nodes[&2].send_message(1, payload(i)).await.unwrap();
     }

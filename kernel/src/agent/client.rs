@@ -13,7 +13,11 @@ use super::protocol::{Request, Response, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("GPU agent at {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("GPU agent: {0}")]
     Agent(String),
     #[error("GPU agent answered something unexpected: {0}")]
@@ -38,7 +42,10 @@ pub struct AgentClient {
 
 impl AgentClient {
     pub fn new(path: PathBuf) -> Self {
-        Self { path, conn: tokio::sync::Mutex::new(None) }
+        Self {
+            path,
+            conn: tokio::sync::Mutex::new(None),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -46,7 +53,10 @@ impl AgentClient {
     }
 
     async fn call(&self, req: &Request) -> Result<Response, ClientError> {
-        let io = |source| ClientError::Io { path: self.path.clone(), source };
+        let io = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let mut conn = self.conn.lock().await;
         // One retry on a fresh connection: the agent may have restarted.
         for attempt in 0..2 {
@@ -55,8 +65,11 @@ impl AgentClient {
                 let (r, w) = stream.into_split();
                 *conn = Some((BufReader::new(r), w));
             }
-            let Some((reader, writer)) = conn.as_mut() else { continue };
-            let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let Some((reader, writer)) = conn.as_mut() else {
+                continue;
+            };
+            let mut line =
+                serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
             line.push(b'\n');
             let mut answer = String::new();
             let exchanged = async {
@@ -66,7 +79,8 @@ impl AgentClient {
             .await;
             match exchanged {
                 Ok(n) if n > 0 => {
-                    return serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
+                    return serde_json::from_str(&answer)
+                        .map_err(|e| ClientError::Protocol(e.to_string()))
                 }
                 Ok(_) | Err(_) if attempt == 0 => *conn = None,
                 Ok(_) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -77,8 +91,19 @@ impl AgentClient {
     }
 
     /// `Ok(None)` when the GPUs are not free now.
-    pub async fn grant(&self, kernel: &str, replica: u64, gpus: u32, lease: Duration) -> Result<Option<AgentGrant>, ClientError> {
-        let req = Request::Grant { kernel: kernel.into(), replica, gpus, lease_ms: lease.as_millis() as u64 };
+    pub async fn grant(
+        &self,
+        kernel: &str,
+        replica: u64,
+        gpus: u32,
+        lease: Duration,
+    ) -> Result<Option<AgentGrant>, ClientError> {
+        let req = Request::Grant {
+            kernel: kernel.into(),
+            replica,
+            gpus,
+            lease_ms: lease.as_millis() as u64,
+        };
         match self.call(&req).await? {
             Response::Granted { id, gpus, fake } => Ok(Some(AgentGrant { id, gpus, fake })),
             Response::Refused { reason } => {
@@ -97,7 +122,13 @@ impl AgentClient {
     }
 
     pub async fn release(&self, id: GrantId, used: Duration) -> Result<(), ClientError> {
-        match self.call(&Request::Release { id, used_ms: used.as_millis() as u64 }).await? {
+        match self
+            .call(&Request::Release {
+                id,
+                used_ms: used.as_millis() as u64,
+            })
+            .await?
+        {
             Response::Ok => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -117,12 +148,22 @@ impl AgentClient {
         if client.status().await.is_ok() {
             return Ok(client);
         }
-        let program = std::env::current_exe().map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        let program = std::env::current_exe().map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let mut cmd = std::process::Command::new(program);
-        cmd.arg("agent").arg("--socket").arg(&path).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        cmd.arg("agent")
+            .arg("--socket")
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
         // Its own session: it serves every kernel on the host and outlives this one.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        cmd.spawn().map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        cmd.spawn().map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             if client.status().await.is_ok() {

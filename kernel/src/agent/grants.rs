@@ -40,7 +40,11 @@ pub struct Usage {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GrantError {
     #[error("{asked} GPU(s) asked, {free} free of {total}")]
-    Busy { asked: u32, free: usize, total: usize },
+    Busy {
+        asked: u32,
+        free: usize,
+        total: usize,
+    },
     #[error("{asked} GPU(s) asked, this host has {total}")]
     TooMany { asked: u32, total: usize },
     #[error("no grant {0}")]
@@ -57,23 +61,45 @@ pub struct Grants {
 
 impl Grants {
     pub fn new(total: u32) -> Self {
-        Self { total, leases: BTreeMap::new(), next: 1, usage: BTreeMap::new() }
+        Self {
+            total,
+            leases: BTreeMap::new(),
+            next: 1,
+            usage: BTreeMap::new(),
+        }
     }
 
     fn busy(&self) -> BTreeSet<u32> {
-        self.leases.values().flat_map(|l| l.grant.gpus.iter().copied()).collect()
+        self.leases
+            .values()
+            .flat_map(|l| l.grant.gpus.iter().copied())
+            .collect()
     }
 
     /// Grants `n` free GPUs (the lowest-numbered), or says why not.
-    pub fn grant(&mut self, kernel: &str, replica: u64, n: u32, lease: Duration, now: Instant) -> Result<Grant, GrantError> {
+    pub fn grant(
+        &mut self,
+        kernel: &str,
+        replica: u64,
+        n: u32,
+        lease: Duration,
+        now: Instant,
+    ) -> Result<Grant, GrantError> {
         self.expire(now);
         if n > self.total {
-            return Err(GrantError::TooMany { asked: n, total: self.total as usize });
+            return Err(GrantError::TooMany {
+                asked: n,
+                total: self.total as usize,
+            });
         }
         let busy = self.busy();
         let free: Vec<u32> = (0..self.total).filter(|g| !busy.contains(g)).collect();
         if free.len() < n as usize {
-            return Err(GrantError::Busy { asked: n, free: free.len(), total: self.total as usize });
+            return Err(GrantError::Busy {
+                asked: n,
+                free: free.len(),
+                total: self.total as usize,
+            });
         }
         let grant = Grant {
             id: self.next,
@@ -83,7 +109,15 @@ impl Grants {
         };
         self.next += 1;
         self.usage.entry(kernel.to_owned()).or_default().grants += 1;
-        self.leases.insert(grant.id, Lease { grant: grant.clone(), since: now, expires: now + lease, lease });
+        self.leases.insert(
+            grant.id,
+            Lease {
+                grant: grant.clone(),
+                since: now,
+                expires: now + lease,
+                lease,
+            },
+        );
         Ok(grant)
     }
 
@@ -107,7 +141,12 @@ impl Grants {
 
     /// Frees the GPUs of leases nobody renewed; returns them.
     pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
-        let dead: Vec<GrantId> = self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| *id).collect();
+        let dead: Vec<GrantId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
         let mut out = Vec::new();
         for id in dead {
             if let Some(l) = self.leases.remove(&id) {
@@ -147,7 +186,14 @@ mod tests {
         let a = g.grant("k1", 1, 1, LEASE, now).unwrap();
         let b = g.grant("k2", 4, 1, LEASE, now).unwrap();
         assert_ne!(a.gpus, b.gpus);
-        assert_eq!(g.grant("k1", 2, 1, LEASE, now), Err(GrantError::Busy { asked: 1, free: 0, total: 2 }));
+        assert_eq!(
+            g.grant("k1", 2, 1, LEASE, now),
+            Err(GrantError::Busy {
+                asked: 1,
+                free: 0,
+                total: 2
+            })
+        );
         g.release(a.id, Duration::ZERO, now).unwrap();
         assert_eq!(g.grant("k1", 2, 1, LEASE, now).unwrap().gpus, vec![0]);
     }
@@ -155,9 +201,15 @@ mod tests {
     #[test]
     fn asking_for_more_than_the_host_has_is_its_own_error() {
         let mut g = Grants::new(1);
-        assert_eq!(g.grant("k", 1, 2, LEASE, Instant::now()), Err(GrantError::TooMany { asked: 2, total: 1 }));
+        assert_eq!(
+            g.grant("k", 1, 2, LEASE, Instant::now()),
+            Err(GrantError::TooMany { asked: 2, total: 1 })
+        );
         let mut none = Grants::new(0);
-        assert!(matches!(none.grant("k", 1, 1, LEASE, Instant::now()), Err(GrantError::TooMany { .. })));
+        assert!(matches!(
+            none.grant("k", 1, 1, LEASE, Instant::now()),
+            Err(GrantError::TooMany { .. })
+        ));
     }
 
     #[test]
@@ -170,7 +222,10 @@ mod tests {
         let expired = g.expire(t0 + Duration::from_secs(6));
         assert_eq!(expired, vec![a.clone()]);
         assert_eq!(g.active(), vec![b]);
-        assert_eq!(g.renew(a.id, t0 + Duration::from_secs(6)), Err(GrantError::Unknown(a.id)));
+        assert_eq!(
+            g.renew(a.id, t0 + Duration::from_secs(6)),
+            Err(GrantError::Unknown(a.id))
+        );
         assert_eq!(g.usage()["k1"].expired, 1);
     }
 
@@ -180,9 +235,11 @@ mod tests {
         let mut g = Grants::new(4);
         let a = g.grant("k1", 1, 2, LEASE, t0).unwrap();
         g.renew(a.id, t0 + Duration::from_secs(3)).unwrap();
-        g.release(a.id, Duration::from_secs(3), t0 + Duration::from_secs(4)).unwrap();
+        g.release(a.id, Duration::from_secs(3), t0 + Duration::from_secs(4))
+            .unwrap();
         let lost = g.grant("k1", 2, 1, LEASE, t0).unwrap();
-        g.release(lost.id, Duration::ZERO, t0 + Duration::from_secs(1)).unwrap();
+        g.release(lost.id, Duration::ZERO, t0 + Duration::from_secs(1))
+            .unwrap();
         let u = &g.usage()["k1"];
         assert_eq!(u.grants, 2);
         assert!((u.held_gpu_seconds - 9.0).abs() < 1e-9, "{u:?}");

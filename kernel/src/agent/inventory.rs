@@ -13,7 +13,11 @@ pub struct Gpu {
 /// `n` fake GPUs, for tests on machines without any.
 pub fn fake(n: u32) -> Vec<Gpu> {
     (0..n)
-        .map(|index| Gpu { index, name: "fake GPU".into(), memory_mib: 80 * 1024 })
+        .map(|index| Gpu {
+            index,
+            name: "fake GPU".into(),
+            memory_mib: 80 * 1024,
+        })
         .collect()
 }
 
@@ -30,7 +34,11 @@ pub fn discover() -> Vec<Gpu> {
             let name = result::device::get_name(dev).unwrap_or_else(|_| "GPU".into());
             // SAFETY: dev is a valid device handle returned by the driver above.
             let bytes = unsafe { result::device::total_mem(dev) }.unwrap_or(0);
-            gpus.push(Gpu { index: i as u32, name, memory_mib: (bytes / (1 << 20)) as u64 });
+            gpus.push(Gpu {
+                index: i as u32,
+                name,
+                memory_mib: (bytes / (1 << 20)) as u64,
+            });
         }
         Ok(gpus)
     });

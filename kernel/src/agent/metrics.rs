@@ -17,7 +17,8 @@ pub async fn serve(listener: TcpListener, status: impl Fn() -> Status + Send + S
             let mut buf = [0u8; 4096];
             // The request itself does not matter; read what came so the client
             // is not reset before it reads the answer.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf)).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf))
+                .await;
             let body = render(&status());
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -30,31 +31,55 @@ pub async fn serve(listener: TcpListener, status: impl Fn() -> Status + Send + S
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     out.push_str("# HELP notebookos_gpus GPUs on this host.\n# TYPE notebookos_gpus gauge\n");
-    out.push_str(&format!("notebookos_gpus{{fake=\"{}\"}} {}\n", s.fake, s.gpus.len()));
+    out.push_str(&format!(
+        "notebookos_gpus{{fake=\"{}\"}} {}\n",
+        s.fake,
+        s.gpus.len()
+    ));
     let granted: usize = s.grants.iter().map(|g| g.gpus.len()).sum();
     out.push_str("# HELP notebookos_gpus_granted GPUs granted to a running or starting cell now.\n# TYPE notebookos_gpus_granted gauge\n");
     out.push_str(&format!("notebookos_gpus_granted {granted}\n"));
     out.push_str("# HELP notebookos_gpu_seconds_held_total GPU-seconds granted to a kernel's replicas.\n# TYPE notebookos_gpu_seconds_held_total counter\n");
     for (k, u) in &s.usage {
-        out.push_str(&format!("notebookos_gpu_seconds_held_total{{kernel=\"{}\"}} {}\n", label(k), u.held_gpu_seconds));
+        out.push_str(&format!(
+            "notebookos_gpu_seconds_held_total{{kernel=\"{}\"}} {}\n",
+            label(k),
+            u.held_gpu_seconds
+        ));
     }
     out.push_str("# HELP notebookos_gpu_seconds_used_total GPU-seconds a kernel's cells ran on their grants.\n# TYPE notebookos_gpu_seconds_used_total counter\n");
     for (k, u) in &s.usage {
-        out.push_str(&format!("notebookos_gpu_seconds_used_total{{kernel=\"{}\"}} {}\n", label(k), u.used_gpu_seconds));
+        out.push_str(&format!(
+            "notebookos_gpu_seconds_used_total{{kernel=\"{}\"}} {}\n",
+            label(k),
+            u.used_gpu_seconds
+        ));
     }
-    out.push_str("# HELP notebookos_grants_total Grants made.\n# TYPE notebookos_grants_total counter\n");
+    out.push_str(
+        "# HELP notebookos_grants_total Grants made.\n# TYPE notebookos_grants_total counter\n",
+    );
     for (k, u) in &s.usage {
-        out.push_str(&format!("notebookos_grants_total{{kernel=\"{}\"}} {}\n", label(k), u.grants));
+        out.push_str(&format!(
+            "notebookos_grants_total{{kernel=\"{}\"}} {}\n",
+            label(k),
+            u.grants
+        ));
     }
     out.push_str("# HELP notebookos_grants_expired_total Grants whose holder stopped renewing (a replica died).\n# TYPE notebookos_grants_expired_total counter\n");
     for (k, u) in &s.usage {
-        out.push_str(&format!("notebookos_grants_expired_total{{kernel=\"{}\"}} {}\n", label(k), u.expired));
+        out.push_str(&format!(
+            "notebookos_grants_expired_total{{kernel=\"{}\"}} {}\n",
+            label(k),
+            u.expired
+        ));
     }
     out
 }
@@ -69,13 +94,33 @@ mod tests {
         let s = Status {
             gpus: crate::agent::inventory::fake(2),
             fake: true,
-            grants: vec![GrantView { id: 1, kernel: "k\"1".into(), replica: 2, gpus: vec![0] }],
-            usage: [("k\"1".to_string(), UsageView { held_gpu_seconds: 3.5, used_gpu_seconds: 2.0, grants: 4, expired: 1 })].into(),
+            grants: vec![GrantView {
+                id: 1,
+                kernel: "k\"1".into(),
+                replica: 2,
+                gpus: vec![0],
+            }],
+            usage: [(
+                "k\"1".to_string(),
+                UsageView {
+                    held_gpu_seconds: 3.5,
+                    used_gpu_seconds: 2.0,
+                    grants: 4,
+                    expired: 1,
+                },
+            )]
+            .into(),
         };
         let text = render(&s);
-        assert!(text.contains("notebookos_gpus{fake=\"true\"} 2\n"), "{text}");
+        assert!(
+            text.contains("notebookos_gpus{fake=\"true\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("notebookos_gpus_granted 1\n"));
-        assert!(text.contains("notebookos_gpu_seconds_held_total{kernel=\"k\\\"1\"} 3.5\n"), "{text}");
+        assert!(
+            text.contains("notebookos_gpu_seconds_held_total{kernel=\"k\\\"1\"} 3.5\n"),
+            "{text}"
+        );
         assert!(text.contains("notebookos_grants_expired_total{kernel=\"k\\\"1\"} 1\n"));
     }
 }

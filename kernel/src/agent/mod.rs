@@ -33,9 +33,17 @@ const MAX_LINE: usize = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("agent socket {path}: {source}")]
-    Socket { path: PathBuf, #[source] source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("metrics address {addr}: {source}")]
-    Metrics { addr: String, #[source] source: std::io::Error },
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub struct AgentOptions {
@@ -76,7 +84,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         gpus,
         fake,
     });
-    let socket_err = |source| AgentError::Socket { path: opts.socket.clone(), source };
+    let socket_err = |source| AgentError::Socket {
+        path: opts.socket.clone(),
+        source,
+    };
     if let Some(dir) = opts.socket.parent() {
         std::fs::create_dir_all(dir).map_err(socket_err)?;
     }
@@ -85,11 +96,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         let _ = std::fs::remove_file(&opts.socket);
     }
     let listener = UnixListener::bind(&opts.socket).map_err(socket_err)?;
-    std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(socket_err)?;
     if let Some(addr) = &opts.metrics {
         let tcp = TcpListener::bind(addr)
             .await
-            .map_err(|source| AgentError::Metrics { addr: addr.clone(), source })?;
+            .map_err(|source| AgentError::Metrics {
+                addr: addr.clone(),
+                source,
+            })?;
         tokio::spawn(metrics::serve(tcp, {
             let agent = agent.clone();
             move || agent.status()
@@ -138,12 +153,16 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
         }
         let response = if line.len() > MAX_LINE {
             // The rest of the line is not read: drop the client.
-            let _ = write.write_all(b"{\"error\":{\"message\":\"request too long\"}}\n").await;
+            let _ = write
+                .write_all(b"{\"error\":{\"message\":\"request too long\"}}\n")
+                .await;
             return;
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => agent.handle(req),
-                Err(e) => Response::Error { message: format!("bad request: {e}") },
+                Err(e) => Response::Error {
+                    message: format!("bad request: {e}"),
+                },
             }
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -162,19 +181,32 @@ impl Agent {
     fn handle(&self, req: Request) -> Response {
         let now = Instant::now();
         match req {
-            Request::Grant { kernel, replica, gpus, lease_ms } => {
+            Request::Grant {
+                kernel,
+                replica,
+                gpus,
+                lease_ms,
+            } => {
                 let lease = Duration::from_millis(lease_ms.clamp(100, 600_000));
                 match self.lock().grant(&kernel, replica, gpus, lease, now) {
                     Ok(g) => {
                         tracing::info!(grant = g.id, %kernel, replica, gpus = ?g.gpus, "granted");
-                        Response::Granted { id: g.id, gpus: g.gpus, fake: self.fake }
+                        Response::Granted {
+                            id: g.id,
+                            gpus: g.gpus,
+                            fake: self.fake,
+                        }
                     }
-                    Err(e) => Response::Refused { reason: e.to_string() },
+                    Err(e) => Response::Refused {
+                        reason: e.to_string(),
+                    },
                 }
             }
             Request::Renew { id } => match self.lock().renew(id, now) {
                 Ok(()) => Response::Ok,
-                Err(e) => Response::Error { message: e.to_string() },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
             Request::Release { id, used_ms } => {
                 match self.lock().release(id, Duration::from_millis(used_ms), now) {
@@ -182,7 +214,9 @@ impl Agent {
                         tracing::info!(grant = id, used_ms, "released");
                         Response::Ok
                     }
-                    Err(e) => Response::Error { message: e.to_string() },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
                 }
             }
             Request::Status => Response::Status(self.status()),
@@ -195,7 +229,11 @@ impl Agent {
             gpus: self.gpus.clone(),
             fake: self.fake,
             grants: g.active().into_iter().map(Into::into).collect(),
-            usage: g.usage().iter().map(|(k, u)| (k.clone(), u.into())).collect(),
+            usage: g
+                .usage()
+                .iter()
+                .map(|(k, u)| (k.clone(), u.into()))
+                .collect(),
         }
     }
 }

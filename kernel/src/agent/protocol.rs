@@ -9,20 +9,38 @@ use super::inventory::Gpu;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// `gpus` GPUs for a cell of `kernel` on `replica`, held while renewed.
-    Grant { kernel: String, replica: u64, gpus: u32, lease_ms: u64 },
-    Renew { id: GrantId },
+    Grant {
+        kernel: String,
+        replica: u64,
+        gpus: u32,
+        lease_ms: u64,
+    },
+    Renew {
+        id: GrantId,
+    },
     /// `used_ms`: how long a cell ran on it (0 when the election was lost).
-    Release { id: GrantId, used_ms: u64 },
+    Release {
+        id: GrantId,
+        used_ms: u64,
+    },
     Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
-    Granted { id: GrantId, gpus: Vec<u32>, fake: bool },
-    Refused { reason: String },
+    Granted {
+        id: GrantId,
+        gpus: Vec<u32>,
+        fake: bool,
+    },
+    Refused {
+        reason: String,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Status(Status),
 }
 
@@ -52,7 +70,12 @@ pub struct UsageView {
 
 impl From<Grant> for GrantView {
     fn from(g: Grant) -> Self {
-        Self { id: g.id, kernel: g.kernel, replica: g.replica, gpus: g.gpus }
+        Self {
+            id: g.id,
+            kernel: g.kernel,
+            replica: g.replica,
+            gpus: g.gpus,
+        }
     }
 }
 
@@ -73,10 +96,26 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_json() {
-        let r: Request = serde_json::from_str(r#"{"op":"grant","kernel":"k","replica":2,"gpus":1,"lease_ms":500}"#).unwrap();
-        assert_eq!(r, Request::Grant { kernel: "k".into(), replica: 2, gpus: 1, lease_ms: 500 });
+        let r: Request = serde_json::from_str(
+            r#"{"op":"grant","kernel":"k","replica":2,"gpus":1,"lease_ms":500}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Grant {
+                kernel: "k".into(),
+                replica: 2,
+                gpus: 1,
+                lease_ms: 500
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
-        let s = serde_json::to_string(&Response::Granted { id: 1, gpus: vec![0], fake: true }).unwrap();
+        let s = serde_json::to_string(&Response::Granted {
+            id: 1,
+            gpus: vec![0],
+            fake: true,
+        })
+        .unwrap();
         assert_eq!(s, r#"{"granted":{"id":1,"gpus":[0],"fake":true}}"#);
     }
 }

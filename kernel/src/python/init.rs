@@ -18,7 +18,10 @@ use super::PythonError;
 ///
 /// # Safety
 /// Call once per process, before any other use of Python.
-pub unsafe fn initialize(executable: Option<&str>, hash_seed: Option<u32>) -> Result<(), PythonError> {
+pub unsafe fn initialize(
+    executable: Option<&str>,
+    hash_seed: Option<u32>,
+) -> Result<(), PythonError> {
     let mut config = MaybeUninit::<ffi::PyConfig>::uninit();
     ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
     let mut config = config.assume_init();

@@ -104,13 +104,16 @@ impl Executor {
         .to_string();
         let msg_type = msg.header.msg_type.clone();
         let buffers = msg.buffers.clone();
-        self.submit(Some((msg.header.clone(), msg.identities.clone())), move |py, kernel| {
-            let buffers: Vec<Bound<'_, PyBytes>> =
-                buffers.iter().map(|b| PyBytes::new(py, b)).collect();
-            kernel
-                .call_method1("dispatch", (msg_type.as_str(), message.as_str(), buffers))
-                .and_then(|r| r.extract::<Option<String>>())
-        })
+        self.submit(
+            Some((msg.header.clone(), msg.identities.clone())),
+            move |py, kernel| {
+                let buffers: Vec<Bound<'_, PyBytes>> =
+                    buffers.iter().map(|b| PyBytes::new(py, b)).collect();
+                kernel
+                    .call_method1("dispatch", (msg_type.as_str(), message.as_str(), buffers))
+                    .and_then(|r| r.extract::<Option<String>>())
+            },
+        )
         .await
     }
 
@@ -186,7 +189,14 @@ impl PythonRuntime {
             // CPython's recursion limit assumes a main-thread-sized stack.
             .stack_size(64 << 20)
             .spawn(move || {
-                python_main(thread_bridge, thread_kernel, options, hash_seed, ready_tx, jobs_rx)
+                python_main(
+                    thread_bridge,
+                    thread_kernel,
+                    options,
+                    hash_seed,
+                    ready_tx,
+                    jobs_rx,
+                )
             })
             .map_err(|e| PythonError::Init(e.to_string()))?;
         let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;

@@ -33,9 +33,13 @@ pub struct Cell {
 /// How a cell ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    Done { replica: NodeId },
+    Done {
+        replica: NodeId,
+    },
     /// Its winner went down mid-cell.
-    Lost { replica: NodeId },
+    Lost {
+        replica: NodeId,
+    },
 }
 
 #[derive(Debug, Default)]

@@ -69,9 +69,7 @@ pub enum Mail {
     /// iopub messages a replica produced, for the replica facing Jupyter.
     Iopub(Vec<Frames>),
     /// `input()` on a replica: ask the front-end.
-    InputRequest {
-        request: Frames,
-    },
+    InputRequest { request: Frames },
     /// The front-end's answer, back to the replica that asked.
     InputReply { value: String },
     /// Interrupt the cell running on the receiving replica.
@@ -250,18 +248,60 @@ mod tests {
 #[test]
 #[ignore]
 fn write_fuzz_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/replica_decode");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/replica_decode");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Outgoing::new("execute_request", "s", None, serde_json::json!({"code": "x = 1"}))
-        .to(&[Bytes::from_static(b"id")]);
+    let out = Outgoing::new(
+        "execute_request",
+        "s",
+        None,
+        serde_json::json!({"code": "x = 1"}),
+    )
+    .to(&[Bytes::from_static(b"id")]);
     let frames = Frames::from_outgoing(&out);
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("request", Entry::Request { cell: "c".into(), request: frames.clone(), lead: Some(1) }.encode()),
-        ("bid", Entry::Bid { cell: "c".into(), replica: 2, lead: false }.encode()),
-        ("done", Entry::Done { cell: "c".into(), replica: 2, reply: "{}".into(), delta: Delta::Inline(Bytes::from_static(b"d")) }.encode()),
-        ("join", Entry::MemberJoin { replica: 4, addr: "127.0.0.1:1".into(), front: false }.encode()),
+        (
+            "request",
+            Entry::Request {
+                cell: "c".into(),
+                request: frames.clone(),
+                lead: Some(1),
+            }
+            .encode(),
+        ),
+        (
+            "bid",
+            Entry::Bid {
+                cell: "c".into(),
+                replica: 2,
+                lead: false,
+            }
+            .encode(),
+        ),
+        (
+            "done",
+            Entry::Done {
+                cell: "c".into(),
+                replica: 2,
+                reply: "{}".into(),
+                delta: Delta::Inline(Bytes::from_static(b"d")),
+            }
+            .encode(),
+        ),
+        (
+            "join",
+            Entry::MemberJoin {
+                replica: 4,
+                addr: "127.0.0.1:1".into(),
+                front: false,
+            }
+            .encode(),
+        ),
         ("iopub", Mail::Iopub(vec![frames]).encode()),
-        ("delta", crate::replica::statesync::pack(b"header", &[b"buffer"])),
+        (
+            "delta",
+            crate::replica::statesync::pack(b"header", &[b"buffer"]),
+        ),
     ];
     for (name, data) in seeds {
         std::fs::write(dir.join(name), data).unwrap();

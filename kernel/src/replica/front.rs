@@ -48,7 +48,9 @@ impl Plan {
         let state = StateDir::for_connection(connection_file)?;
         let prior = match state.load() {
             Ok(p) => p.filter(|g| {
-                g.members.iter().any(|m| m.id != g.front && group::pid_alive(m.pid))
+                g.members
+                    .iter()
+                    .any(|m| m.id != g.front && group::pid_alive(m.pid))
             }),
             Err(e) => {
                 tracing::warn!("ignoring unreadable replica state: {e}");
@@ -62,9 +64,18 @@ impl Plan {
         let state = StateDir::for_connection(connection_file)?;
         let hash_seed = match &prior {
             Some(g) => g.hash_seed,
-            None => u32::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into().unwrap_or([0; 4])),
+            None => u32::from_le_bytes(
+                uuid::Uuid::new_v4().as_bytes()[..4]
+                    .try_into()
+                    .unwrap_or([0; 4]),
+            ),
         };
-        Ok(Self { state, prior, hash_seed, replicas })
+        Ok(Self {
+            state,
+            prior,
+            hash_seed,
+            replicas,
+        })
     }
 }
 
@@ -99,7 +110,10 @@ impl Front {
     pub async fn start(plan: Plan, opts: FrontOptions) -> Result<Arc<Core>, FrontError> {
         let program = std::env::current_exe().map_err(|e| GroupError::Start(e.to_string()))?;
         let (ca, mut gstate) = match &plan.prior {
-            Some(g) => (KernelCa::from_pem(&g.kernel_id, &g.ca_pem).map_err(GroupError::from)?, g.clone()),
+            Some(g) => (
+                KernelCa::from_pem(&g.kernel_id, &g.ca_pem).map_err(GroupError::from)?,
+                g.clone(),
+            ),
             None => {
                 let kernel_id = uuid::Uuid::new_v4().to_string();
                 let ca = KernelCa::generate(&kernel_id).map_err(GroupError::from)?;
@@ -166,21 +180,35 @@ impl Front {
 
     async fn form(&self, core: &Arc<Core>, ca: &KernelCa, my_addr: &str) -> Result<(), FrontError> {
         let mut members = BTreeMap::new();
-        members.insert(core.id, my_addr.parse().map_err(|e| GroupError::Start(format!("{e}")))?);
+        members.insert(
+            core.id,
+            my_addr
+                .parse()
+                .map_err(|e| GroupError::Start(format!("{e}")))?,
+        );
         let mut started = Vec::new();
         for _ in 1..self.replicas {
             let (id, process) = self.launch(ca, false)?;
             started.push((id, process));
         }
         for (id, process) in started {
-            let addr = spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
-            members.insert(id, addr.parse().map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")))?);
+            let addr =
+                spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
+            members.insert(
+                id,
+                addr.parse()
+                    .map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")))?,
+            );
             self.adopt(id, addr, process);
         }
         {
             let mut g = lock(&self.group);
             g.front = core.id;
-            g.members.push(Member { id: core.id, addr: my_addr.to_owned(), pid: std::process::id() });
+            g.members.push(Member {
+                id: core.id,
+                addr: my_addr.to_owned(),
+                pid: std::process::id(),
+            });
             g.members.sort_by_key(|m| m.id);
         }
         self.save();
@@ -190,31 +218,59 @@ impl Front {
     }
 
     /// Jupyter restarted us after replica 1 died: join the survivors, drop the dead front.
-    async fn rejoin(&self, core: &Arc<Core>, old_front: NodeId, my_addr: &str) -> Result<(), FrontError> {
+    async fn rejoin(
+        &self,
+        core: &Arc<Core>,
+        old_front: NodeId,
+        my_addr: &str,
+    ) -> Result<(), FrontError> {
         let survivors: Vec<Member> = {
             let g = lock(&self.group);
-            g.members.iter().filter(|m| m.id != old_front && group::pid_alive(m.pid)).cloned().collect()
+            g.members
+                .iter()
+                .filter(|m| m.id != old_front && group::pid_alive(m.pid))
+                .cloned()
+                .collect()
         };
-        let join = Entry::MemberJoin { replica: core.id, addr: my_addr.to_owned(), front: true };
+        let join = Entry::MemberJoin {
+            replica: core.id,
+            addr: my_addr.to_owned(),
+            front: true,
+        };
         let down = Entry::MemberDown { replica: old_front };
         for entry in [down, join] {
             propose_via_any(&core.node, &survivors, entry.encode()).await?;
         }
         for m in &survivors {
-            self.adopt(m.id, m.addr.clone(), Box::new(AdoptedProcess { pid: m.pid }));
+            self.adopt(
+                m.id,
+                m.addr.clone(),
+                Box::new(AdoptedProcess { pid: m.pid }),
+            );
         }
         {
             let mut g = lock(&self.group);
             g.front = core.id;
             g.members.retain(|m| m.id != old_front);
-            g.members.push(Member { id: core.id, addr: my_addr.to_owned(), pid: std::process::id() });
+            g.members.push(Member {
+                id: core.id,
+                addr: my_addr.to_owned(),
+                pid: std::process::id(),
+            });
         }
         self.save();
-        tracing::info!(id = core.id, "rejoined the replica group; waiting for a checkpoint");
+        tracing::info!(
+            id = core.id,
+            "rejoined the replica group; waiting for a checkpoint"
+        );
         Ok(())
     }
 
-    fn launch(&self, ca: &KernelCa, joining: bool) -> Result<(NodeId, Box<dyn ReplicaProcess>), FrontError> {
+    fn launch(
+        &self,
+        ca: &KernelCa,
+        joining: bool,
+    ) -> Result<(NodeId, Box<dyn ReplicaProcess>), FrontError> {
         let (id, front) = {
             let mut g = lock(&self.group);
             let id = g.next_id;
@@ -295,7 +351,12 @@ impl Front {
         let addr = spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
         self.adopt(id, addr.clone(), process);
         self.save();
-        core.propose(&Entry::MemberJoin { replica: id, addr, front: false }).await?;
+        core.propose(&Entry::MemberJoin {
+            replica: id,
+            addr,
+            front: false,
+        })
+        .await?;
         Ok(())
     }
 
@@ -303,7 +364,9 @@ impl Front {
     pub async fn stop(&self, core: &Core) {
         self.stopping.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await;
-        let processes: Vec<_> = std::mem::take(&mut *lock(&self.processes)).into_values().collect();
+        let processes: Vec<_> = std::mem::take(&mut *lock(&self.processes))
+            .into_values()
+            .collect();
         tokio::task::spawn_blocking(move || {
             // Give them a moment to exit on the Shutdown entry, then make sure.
             std::thread::sleep(Duration::from_millis(300));
@@ -319,16 +382,28 @@ impl Front {
     }
 
     pub fn pids(&self) -> HashMap<NodeId, u32> {
-        lock(&self.group).members.iter().map(|m| (m.id, m.pid)).collect()
+        lock(&self.group)
+            .members
+            .iter()
+            .map(|m| (m.id, m.pid))
+            .collect()
     }
 
     pub async fn report_queued(&self, request: &Frames) {
         let parent = request.to_message().ok().map(|m| m.header);
         let content = Stream {
             name: "stderr".into(),
-            text: "notebookos: no replica can run this cell now; it is queued until one can\n".into(),
+            text: "notebookos: no replica can run this cell now; it is queued until one can\n"
+                .into(),
         };
-        self.iopub.publish(Outgoing::typed("stream", &self.session.id, parent.as_ref(), &content)).await;
+        self.iopub
+            .publish(Outgoing::typed(
+                "stream",
+                &self.session.id,
+                parent.as_ref(),
+                &content,
+            ))
+            .await;
     }
 
     pub fn member_down(&self, replica: NodeId) {
@@ -350,7 +425,11 @@ impl Front {
                 }
             };
             msg.header.session = self.session.id.clone();
-            let comm_id = msg.content.get("comm_id").and_then(|c| c.as_str()).map(str::to_owned);
+            let comm_id = msg
+                .content
+                .get("comm_id")
+                .and_then(|c| c.as_str())
+                .map(str::to_owned);
             match (msg.header.msg_type.as_str(), comm_id) {
                 ("comm_open", Some(id)) => {
                     lock(&self.comm_owners).insert(id, from);
@@ -372,9 +451,23 @@ impl Front {
                 tracing::warn!(from, "malformed relayed input request");
                 return;
             };
-            let prompt = msg.content.get("prompt").and_then(|p| p.as_str()).unwrap_or("").to_owned();
-            let password = msg.content.get("password").and_then(|p| p.as_bool()).unwrap_or(false);
-            let rx = stdin.request(&msg.identities, msg.parent_header.as_ref(), prompt, password);
+            let prompt = msg
+                .content
+                .get("prompt")
+                .and_then(|p| p.as_str())
+                .unwrap_or("")
+                .to_owned();
+            let password = msg
+                .content
+                .get("password")
+                .and_then(|p| p.as_bool())
+                .unwrap_or(false);
+            let rx = stdin.request(
+                &msg.identities,
+                msg.parent_header.as_ref(),
+                prompt,
+                password,
+            );
             // An interrupted input on the winner is cancelled there; the front-end's
             // late answer is then mailed to a waiter that is gone, which is harmless.
             let Ok(value) = rx.recv() else {
@@ -387,7 +480,11 @@ impl Front {
 }
 
 /// Proposes through any reachable survivor, following leader hints.
-async fn propose_via_any(node: &ReplicaNode, survivors: &[Member], data: Vec<u8>) -> Result<(), FrontError> {
+async fn propose_via_any(
+    node: &ReplicaNode,
+    survivors: &[Member],
+    data: Vec<u8>,
+) -> Result<(), FrontError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut last = String::from("no survivors");
     while tokio::time::Instant::now() < deadline {
@@ -404,7 +501,10 @@ async fn propose_via_any(node: &ReplicaNode, survivors: &[Member], data: Vec<u8>
 
 impl Core {
     /// Runs a request on whichever replica wins it; the front waits here.
-    pub async fn execute(self: &Arc<Self>, request: &crate::wire::Message) -> Result<CellResult, raft_transport::Error> {
+    pub async fn execute(
+        self: &Arc<Self>,
+        request: &crate::wire::Message,
+    ) -> Result<CellResult, raft_transport::Error> {
         self.wait_ready().await;
         let cell = uuid::Uuid::new_v4().to_string();
         tracing::debug!(cell, "proposing request");
@@ -413,7 +513,11 @@ impl Core {
         // Leading in the request itself saves a commit when this replica can run it.
         let frames = Frames::from_message(request);
         let lead = self.try_lead(&cell, &frames).await.then_some(self.id);
-        let entry = Entry::Request { cell: cell.clone(), request: frames, lead };
+        let entry = Entry::Request {
+            cell: cell.clone(),
+            request: frames,
+            lead,
+        };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);
             return Err(e);
@@ -437,7 +541,8 @@ impl Core {
     pub fn forward_interrupt(self: &Arc<Self>) {
         if let Some(w) = self.running_on().filter(|w| *w != self.id) {
             let core = self.clone();
-            self.runtime.spawn(async move { core.mail(w, &Mail::Interrupt).await });
+            self.runtime
+                .spawn(async move { core.mail(w, &Mail::Interrupt).await });
         }
     }
 
@@ -452,7 +557,9 @@ impl Core {
         match front.comm_owner(comm_id) {
             Some(owner) if owner != self.id => {
                 let core = self.clone();
-                let mail = Mail::Comm { request: Frames::from_message(request) };
+                let mail = Mail::Comm {
+                    request: Frames::from_message(request),
+                };
                 tokio::spawn(async move { core.mail(owner, &mail).await });
                 true
             }

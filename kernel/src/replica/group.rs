@@ -93,11 +93,13 @@ impl StateDir {
             None => match std::env::var_os("XDG_RUNTIME_DIR") {
                 Some(d) => PathBuf::from(d).join("notebookos"),
                 // SAFETY: getuid has no preconditions.
-                None => std::env::temp_dir().join(format!("notebookos-{}", unsafe { libc::getuid() })),
+                None => {
+                    std::env::temp_dir().join(format!("notebookos-{}", unsafe { libc::getuid() }))
+                }
             },
         };
-        let abs = std::fs::canonicalize(connection_file)
-            .unwrap_or_else(|_| connection_file.to_owned());
+        let abs =
+            std::fs::canonicalize(connection_file).unwrap_or_else(|_| connection_file.to_owned());
         let digest = Sha256::digest(abs.to_string_lossy().as_bytes());
         let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let path = base.join(name);
@@ -196,13 +198,20 @@ mod tests {
             ca_pem: "pem".into(),
             hash_seed: 7,
             front: 1,
-            members: vec![Member { id: 1, addr: "127.0.0.1:1".into(), pid: 1 }],
+            members: vec![Member {
+                id: 1,
+                addr: "127.0.0.1:1".into(),
+                pid: 1,
+            }],
             next_id: 4,
         };
         sd.save(&st).unwrap();
         let back = sd.load().unwrap().unwrap();
         assert_eq!(back.members, st.members);
-        assert_eq!(std::fs::metadata(dir.join("group.json")).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(dir.join("group.json")).unwrap().mode() & 0o777,
+            0o600
+        );
         std::fs::write(dir.join("group.json"), b"{not json").unwrap();
         assert!(matches!(sd.load(), Err(GroupError::Json { .. })));
         sd.remove();

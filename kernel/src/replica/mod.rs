@@ -51,7 +51,10 @@ const PROPOSE_PATIENCE: Duration = Duration::from_secs(20);
 /// The transport settings of a kernel's replicas: a state delta (or a
 /// checkpoint) is one blob, as large as what a cell created (a 10 GiB model),
 /// so the transport's default 8 GiB cap would refuse it; memory is the limit.
-pub fn replica_config(identity: raft_transport::NodeIdentity, listen: std::net::SocketAddr) -> raft_transport::ReplicaConfig {
+pub fn replica_config(
+    identity: raft_transport::NodeIdentity,
+    listen: std::net::SocketAddr,
+) -> raft_transport::ReplicaConfig {
     let mut config = raft_transport::ReplicaConfig::new(identity, listen);
     config.max_blob_size = 1 << 40;
     config
@@ -71,7 +74,10 @@ pub enum CellResult {
 enum Restore {
     Current,
     /// Waiting; after our own MemberJoin, deltas are kept to replay on the checkpoint.
-    Waiting { joined: bool, buffered: Vec<(NodeId, Delta)> },
+    Waiting {
+        joined: bool,
+        buffered: Vec<(NodeId, Delta)>,
+    },
 }
 
 /// What every replica runs.
@@ -127,7 +133,10 @@ pub struct CoreConfig {
 impl Core {
     pub fn new(cfg: CoreConfig) -> Arc<Self> {
         let restore = if cfg.joining {
-            Restore::Waiting { joined: false, buffered: Vec::new() }
+            Restore::Waiting {
+                joined: false,
+                buffered: Vec::new(),
+            }
         } else {
             Restore::Current
         };
@@ -159,7 +168,11 @@ impl Core {
     /// Starts the applier and the mailbox reader.
     pub async fn start(self: &Arc<Self>) {
         // The baseline for the first cell's changes, taken before any cell runs.
-        if let Err(e) = self.exec.run(|_py, k| k.getattr("statesync").map(drop)).await {
+        if let Err(e) = self
+            .exec
+            .run(|_py, k| k.getattr("statesync").map(drop))
+            .await
+        {
             tracing::error!("cannot start namespace replication: {e}");
         }
         tokio::spawn(self.clone().apply_loop());
@@ -206,9 +219,12 @@ impl Core {
         loop {
             match self.node.propose(data.clone()).await {
                 Ok(_) => return Ok(()),
-                Err(e @ (E::NotLeader { .. } | E::Unreachable { .. } | E::Timeout(_) | E::UnknownPeer(_)))
-                    if tokio::time::Instant::now() < deadline && !*self.stop.borrow() =>
-                {
+                Err(
+                    e @ (E::NotLeader { .. }
+                    | E::Unreachable { .. }
+                    | E::Timeout(_)
+                    | E::UnknownPeer(_)),
+                ) if tokio::time::Instant::now() < deadline && !*self.stop.borrow() => {
                     tracing::debug!(error = %e, "proposal failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -247,7 +263,11 @@ impl Core {
 
     async fn apply(self: &Arc<Self>, entry: Entry) {
         match entry {
-            Entry::Request { cell, request, lead } => {
+            Entry::Request {
+                cell,
+                request,
+                lead,
+            } => {
                 lock(&self.elections).open(cell.clone(), request);
                 match lead {
                     Some(replica) => self.on_bid(cell, replica, true).await,
@@ -257,8 +277,17 @@ impl Core {
                     None => {}
                 }
             }
-            Entry::Bid { cell, replica, lead } => self.on_bid(cell, replica, lead).await,
-            Entry::Done { cell, replica, reply, delta } => {
+            Entry::Bid {
+                cell,
+                replica,
+                lead,
+            } => self.on_bid(cell, replica, lead).await,
+            Entry::Done {
+                cell,
+                replica,
+                reply,
+                delta,
+            } => {
                 if lock(&self.elections).finish(&cell, replica).is_none() {
                     return;
                 }
@@ -290,7 +319,11 @@ impl Core {
                     front.member_down(replica);
                 }
             }
-            Entry::MemberJoin { replica, addr, front } => {
+            Entry::MemberJoin {
+                replica,
+                addr,
+                front,
+            } => {
                 if front {
                     *lock(&self.front_id) = replica;
                 }
@@ -302,7 +335,11 @@ impl Core {
                     tokio::spawn(self.clone().add_member(replica, addr));
                 }
             }
-            Entry::Checkpoint { replica, from, blob } => {
+            Entry::Checkpoint {
+                replica,
+                from,
+                blob,
+            } => {
                 let hash = BlobHash(blob);
                 if replica == self.id && self.is_restoring() {
                     self.restore_from(from, hash).await;
@@ -366,14 +403,20 @@ impl Core {
         if wanted == 0 {
             return true;
         }
-        self.gpu.acquire(&self.kernel_id, self.id, cell, wanted).await
+        self.gpu
+            .acquire(&self.kernel_id, self.id, cell, wanted)
+            .await
     }
 
     async fn bid(self: Arc<Self>, cell: CellId) {
         let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
         let Some(request) = request else { return };
         let lead = self.try_lead(&cell, &request).await;
-        let bid = Entry::Bid { cell: cell.clone(), replica: self.id, lead };
+        let bid = Entry::Bid {
+            cell: cell.clone(),
+            replica: self.id,
+            lead,
+        };
         if let Err(e) = self.propose(&bid).await {
             tracing::warn!(error = %e, "could not bid");
             return;
@@ -392,7 +435,11 @@ impl Core {
                 return;
             }
             if self.try_lead(&cell, &request).await {
-                let bid = Entry::Bid { cell, replica: self.id, lead: true };
+                let bid = Entry::Bid {
+                    cell,
+                    replica: self.id,
+                    lead: true,
+                };
                 if let Err(e) = self.propose(&bid).await {
                     tracing::warn!(error = %e, "could not bid");
                 }
@@ -432,7 +479,12 @@ impl Core {
         self.iopub.flush().await;
         let delta = self.ship_delta(packed).await;
         tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
-        let done = Entry::Done { cell, replica: self.id, reply, delta };
+        let done = Entry::Done {
+            cell,
+            replica: self.id,
+            reply,
+            delta,
+        };
         if let Err(e) = self.propose(&done).await {
             tracing::error!(error = %e, "could not report a finished cell");
         }
@@ -459,7 +511,11 @@ impl Core {
             let data = data.clone();
             move || core.node.publish_blob(data)
         });
-        let peers: Vec<NodeId> = self.members().into_iter().filter(|p| *p != self.id).collect();
+        let peers: Vec<NodeId> = self
+            .members()
+            .into_iter()
+            .filter(|p| *p != self.id)
+            .collect();
         let sends = peers.into_iter().map(|p| {
             let data = data.clone();
             async move { (p, self.node.send_blob(p, data).await) }
@@ -509,7 +565,10 @@ impl Core {
                 Restore::Current => {}
                 // Before our MemberJoin the checkpoint covers it.
                 Restore::Waiting { joined: false, .. } => return,
-                Restore::Waiting { joined: true, buffered } => {
+                Restore::Waiting {
+                    joined: true,
+                    buffered,
+                } => {
                     buffered.push((from, delta));
                     return;
                 }
@@ -521,7 +580,9 @@ impl Core {
     async fn apply_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
         let t = std::time::Instant::now();
         let applied = match self.delta_bytes(from, delta).await {
-            Some(data) => statesync::apply_delta(&self.exec, data).await.map_err(|e| e.to_string()),
+            Some(data) => statesync::apply_delta(&self.exec, data)
+                .await
+                .map_err(|e| e.to_string()),
             None => Err("delta unavailable".into()),
         };
         tracing::debug!(elapsed = ?t.elapsed(), "state delta applied");
@@ -535,7 +596,10 @@ impl Core {
     /// removed (and so replaced). Through the log rather than by exiting, so that
     /// replicas failing alike leave one at a time and the rest keep a quorum.
     fn leave(self: &Arc<Self>) {
-        *lock(&self.restore) = Restore::Waiting { joined: false, buffered: Vec::new() };
+        *lock(&self.restore) = Restore::Waiting {
+            joined: false,
+            buffered: Vec::new(),
+        };
         let core = self.clone();
         tokio::spawn(async move {
             if let Err(e) = core.propose(&Entry::MemberDown { replica: core.id }).await {
@@ -575,7 +639,11 @@ impl Core {
                 return;
             }
         };
-        let entry = Entry::Checkpoint { replica, from: self.id, blob: hash.0 };
+        let entry = Entry::Checkpoint {
+            replica,
+            from: self.id,
+            blob: hash.0,
+        };
         if let Err(e) = self.propose(&entry).await {
             tracing::warn!(replica, error = %e, "could not propose checkpoint");
             return;
@@ -589,10 +657,16 @@ impl Core {
     async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash) {
         let data = match self.node.remove_blob(&hash) {
             Some(d) => Ok(d),
-            None => self.node.fetch_blob(from, hash).await.map_err(|e| e.to_string()),
+            None => self
+                .node
+                .fetch_blob(from, hash)
+                .await
+                .map_err(|e| e.to_string()),
         };
         let restored = match data {
-            Ok(d) => statesync::restore_checkpoint(&self.exec, d).await.map_err(|e| e.to_string()),
+            Ok(d) => statesync::restore_checkpoint(&self.exec, d)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         if let Err(e) = restored {
@@ -621,7 +695,11 @@ impl Core {
             Ok(d) => d,
             Err(e) => format!("error: {e}"),
         };
-        let mail = Mail::Digest { nonce, replica: self.id, digest };
+        let mail = Mail::Digest {
+            nonce,
+            replica: self.id,
+            digest,
+        };
         if to == self.id {
             self.on_mail(self.id, mail).await;
         } else if let Err(e) = self.node.send_message(to, mail.encode()).await {
@@ -642,11 +720,17 @@ impl Core {
         match mail {
             Mail::Iopub(msgs) => match self.front.get() {
                 Some(front) => front.publish_relayed(from, msgs).await,
-                None => tracing::warn!(from, "iopub relayed to a replica that does not face Jupyter"),
+                None => tracing::warn!(
+                    from,
+                    "iopub relayed to a replica that does not face Jupyter"
+                ),
             },
             Mail::InputRequest { request } => match self.front.get() {
                 Some(front) => front.relay_input(self.clone(), from, request),
-                None => tracing::warn!(from, "input request sent to a replica that does not face Jupyter"),
+                None => tracing::warn!(
+                    from,
+                    "input request sent to a replica that does not face Jupyter"
+                ),
             },
             Mail::InputReply { value } => match self.remote_stdin.get() {
                 Some(stdin) => stdin.answer(value),
@@ -662,7 +746,11 @@ impl Core {
                 }
                 Err(e) => tracing::warn!(from, "malformed relayed comm message: {e}"),
             },
-            Mail::Digest { nonce, replica, digest } => {
+            Mail::Digest {
+                nonce,
+                replica,
+                digest,
+            } => {
                 if let Some(tx) = lock(&self.digests).get(&nonce) {
                     let _ = tx.send((replica, digest));
                 }
@@ -689,7 +777,10 @@ impl Group for Core {
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.digests).insert(nonce.clone(), tx);
         let want = self.members().len().saturating_sub(1);
-        let entry = Entry::Verify { nonce: nonce.clone(), from: self.id };
+        let entry = Entry::Verify {
+            nonce: nonce.clone(),
+            from: self.id,
+        };
         let result = self.runtime.block_on(async {
             self.propose(&entry).await.map_err(|e| e.to_string())?;
             let mut got = Vec::new();
@@ -727,7 +818,8 @@ impl Group for Core {
             })
             .collect();
         let usage = self.runtime.block_on(async {
-            let status = tokio::time::timeout(Duration::from_secs(1), self.gpu.agent_status()).await;
+            let status =
+                tokio::time::timeout(Duration::from_secs(1), self.gpu.agent_status()).await;
             match status {
                 Ok(Some(s)) => s.usage.get(&self.kernel_id).cloned(),
                 _ => None,

@@ -50,10 +50,15 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
     let stdin = RemoteStdin::new(relay_tx, session);
     let bridge = Bridge::install(iopub.clone(), stdin.clone());
     let options = json!({"argv": b.argv, "connection_file": null});
-    let python = Arc::new(tokio::task::block_in_place(|| PythonRuntime::start(bridge.clone(), options, None))?);
+    let python = Arc::new(tokio::task::block_in_place(|| {
+        PythonRuntime::start(bridge.clone(), options, None)
+    })?);
 
     let identity = NodeIdentity::from_pem(b.id, &b.identity_pem)?;
-    let listen = b.listen.parse().map_err(|_| PeerError::Listen(b.listen.clone()))?;
+    let listen = b
+        .listen
+        .parse()
+        .map_err(|_| PeerError::Listen(b.listen.clone()))?;
     let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
     group::write_private(&b.addr_file, node.addr().to_string().as_bytes())?;
 

@@ -36,7 +36,13 @@ pub async fn run(core: Arc<Core>, mut queue: mpsc::Receiver<Relayed>) {
             match item {
                 Relayed::Message(msg) if msg.header.msg_type == "input_request" => {
                     send(&core, std::mem::take(&mut batch)).await;
-                    core.mail(core.front_id(), &Mail::InputRequest { request: Frames::from_outgoing(&msg) }).await;
+                    core.mail(
+                        core.front_id(),
+                        &Mail::InputRequest {
+                            request: Frames::from_outgoing(&msg),
+                        },
+                    )
+                    .await;
                 }
                 Relayed::Message(msg) => batch.push(Frames::from_outgoing(&msg)),
                 Relayed::Flushed(done) => {
@@ -64,7 +70,11 @@ pub struct RemoteStdin {
 
 impl RemoteStdin {
     pub fn new(queue: mpsc::Sender<Relayed>, session: Arc<Session>) -> Arc<Self> {
-        Arc::new(Self { queue, session, waiter: Mutex::new(None) })
+        Arc::new(Self {
+            queue,
+            session,
+            waiter: Mutex::new(None),
+        })
     }
 
     pub fn answer(&self, value: String) {
@@ -87,8 +97,13 @@ impl InputChannel for RemoteStdin {
     ) -> std_mpsc::Receiver<String> {
         let (tx, rx) = std_mpsc::channel();
         *lock(&self.waiter) = Some(tx);
-        let msg = Outgoing::typed("input_request", &self.session.id, parent, &InputRequest { prompt, password })
-            .to(identities);
+        let msg = Outgoing::typed(
+            "input_request",
+            &self.session.id,
+            parent,
+            &InputRequest { prompt, password },
+        )
+        .to(identities);
         let _ = self.queue.blocking_send(Relayed::Message(Box::new(msg)));
         rx
     }

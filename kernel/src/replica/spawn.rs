@@ -96,11 +96,13 @@ impl Spawner for LocalSpawner {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|e| GroupError::Start(format!(
-            "cannot start replica {} ({}): {e}",
-            bootstrap.id,
-            self.program.display()
-        )))?;
+        let child = cmd.spawn().map_err(|e| {
+            GroupError::Start(format!(
+                "cannot start replica {} ({}): {e}",
+                bootstrap.id,
+                self.program.display()
+            ))
+        })?;
         tracing::info!(id = bootstrap.id, pid = child.id(), "replica started");
         Ok(Box::new(LocalProcess { pid: child.id() }))
     }
@@ -121,11 +123,15 @@ pub async fn wait_for_addr(
             return Ok(addr.trim().to_owned());
         }
         if !process.alive() {
-            return Err(GroupError::Start(format!("replica {id} exited while starting")));
+            return Err(GroupError::Start(format!(
+                "replica {id} exited while starting"
+            )));
         }
         if tokio::time::Instant::now() > deadline {
             process.kill();
-            return Err(GroupError::Start(format!("replica {id} did not start in {timeout:?}")));
+            return Err(GroupError::Start(format!(
+                "replica {id} did not start in {timeout:?}"
+            )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -21,7 +21,8 @@ pub struct CorruptDelta(&'static str);
 
 /// One pickled namespace change (or a whole checkpoint), packed.
 pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
-    let total = 4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
+    let total =
+        4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
@@ -38,7 +39,8 @@ pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
 /// The header and buffers, as slices of `data` (no copy).
 pub fn unpack(data: &Bytes) -> Result<(Bytes, Vec<Bytes>), CorruptDelta> {
     let word = |at: usize, n: usize| data.get(at..at + n).ok_or(CorruptDelta("truncated table"));
-    let count = u32::from_le_bytes(word(0, 4)?.try_into().map_err(|_| CorruptDelta("count"))?) as usize;
+    let count =
+        u32::from_le_bytes(word(0, 4)?.try_into().map_err(|_| CorruptDelta("count"))?) as usize;
     // Each length takes 8 bytes, so a count larger than the data is a lie.
     if count > data.len() / 8 {
         return Err(CorruptDelta("buffer count"));
@@ -84,7 +86,8 @@ fn capture<'py>(
         if buf.is_c_contiguous() {
             // SAFETY: the buffer is C-contiguous, of u8, and kept alive (and the GIL held)
             // while the slice is read.
-            let slice = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+            let slice =
+                unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
             copies.push(std::borrow::Cow::Borrowed(slice));
         } else {
             copies.push(std::borrow::Cow::Owned(buf.to_vec(py)?));
@@ -112,7 +115,14 @@ fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()>
         Ok(owned) => {
             let owned = Arc::new(Received(UnsafeCell::new(owned)));
             for (start, len) in offsets {
-                list.append(Bound::new(py, DeltaBuffer { owned: owned.clone(), start, len })?)?;
+                list.append(Bound::new(
+                    py,
+                    DeltaBuffer {
+                        owned: owned.clone(),
+                        start,
+                        len,
+                    },
+                )?)?;
             }
         }
         Err(shared) => {
@@ -156,7 +166,8 @@ impl DeltaBuffer {
         // SAFETY: start..start+len lies within the allocation (checked by unpack),
         // and the Arc keeps it alive as long as this object, which the view references.
         let ptr = (*this.owned.0.get()).as_mut_ptr().add(this.start);
-        let len = isize::try_from(this.len).map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
+        let len = isize::try_from(this.len)
+            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
         if pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -168,23 +179,28 @@ impl DeltaBuffer {
 
 /// After a cell on the winner: what changed, packed.
 pub async fn capture_delta(exec: &Executor, code: String) -> Result<Vec<u8>, PythonError> {
-    exec.run(move |_py, kernel| capture(kernel, "sync_capture", (code,))).await
+    exec.run(move |_py, kernel| capture(kernel, "sync_capture", (code,)))
+        .await
 }
 
 pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
-    exec.run(move |_py, kernel| restore(kernel, "sync_apply", data)).await
+    exec.run(move |_py, kernel| restore(kernel, "sync_apply", data))
+        .await
 }
 
 pub async fn checkpoint(exec: &Executor) -> Result<Vec<u8>, PythonError> {
-    exec.run(|_py, kernel| capture(kernel, "sync_checkpoint", ())).await
+    exec.run(|_py, kernel| capture(kernel, "sync_checkpoint", ()))
+        .await
 }
 
 pub async fn restore_checkpoint(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
-    exec.run(move |_py, kernel| restore(kernel, "sync_restore", data)).await
+    exec.run(move |_py, kernel| restore(kernel, "sync_restore", data))
+        .await
 }
 
 pub async fn digest(exec: &Executor) -> Result<String, PythonError> {
-    exec.run(|_py, kernel| kernel.call_method0("sync_digest")?.extract::<String>()).await
+    exec.run(|_py, kernel| kernel.call_method0("sync_digest")?.extract::<String>())
+        .await
 }
 
 #[cfg(test)]
@@ -196,7 +212,10 @@ mod tests {
         let data = Bytes::from(pack(b"head", &[b"one", b"", b"three"]));
         let (h, bufs) = unpack(&data).unwrap();
         assert_eq!(&h[..], b"head");
-        assert_eq!(bufs.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), vec![b"one".to_vec(), vec![], b"three".to_vec()]);
+        assert_eq!(
+            bufs.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+            vec![b"one".to_vec(), vec![], b"three".to_vec()]
+        );
         let empty = Bytes::from(pack(b"", &[]));
         assert_eq!(unpack(&empty).unwrap().1.len(), 0);
     }
@@ -205,7 +224,10 @@ mod tests {
     fn corrupt_input_is_an_error() {
         let good = pack(b"head", &[b"one"]);
         for cut in 0..good.len() {
-            assert!(unpack(&Bytes::from(good[..cut].to_vec())).is_err(), "cut at {cut}");
+            assert!(
+                unpack(&Bytes::from(good[..cut].to_vec())).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut extra = good.clone();
         extra.push(0);
