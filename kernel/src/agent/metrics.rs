@@ -4,7 +4,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::protocol::Status;
+use super::protocol::{Status, UsageView};
 
 pub async fn serve(listener: TcpListener, status: impl Fn() -> Status + Send + Sync + 'static) {
     let status = std::sync::Arc::new(status);
@@ -47,39 +47,32 @@ pub fn render(s: &Status) -> String {
     let granted: usize = s.grants.iter().map(|g| g.gpus.len()).sum();
     out.push_str("# HELP notebookos_gpus_granted GPUs granted to a running or starting cell now.\n# TYPE notebookos_gpus_granted gauge\n");
     out.push_str(&format!("notebookos_gpus_granted {granted}\n"));
-    out.push_str("# HELP notebookos_gpu_seconds_held_total GPU-seconds granted to a kernel's replicas.\n# TYPE notebookos_gpu_seconds_held_total counter\n");
-    for (k, u) in &s.usage {
-        out.push_str(&format!(
-            "notebookos_gpu_seconds_held_total{{kernel=\"{}\"}} {}\n",
-            label(k),
-            u.held_gpu_seconds
-        ));
-    }
-    out.push_str("# HELP notebookos_gpu_seconds_used_total GPU-seconds a kernel's cells ran on their grants.\n# TYPE notebookos_gpu_seconds_used_total counter\n");
-    for (k, u) in &s.usage {
-        out.push_str(&format!(
-            "notebookos_gpu_seconds_used_total{{kernel=\"{}\"}} {}\n",
-            label(k),
-            u.used_gpu_seconds
-        ));
-    }
-    out.push_str(
-        "# HELP notebookos_grants_total Grants made.\n# TYPE notebookos_grants_total counter\n",
-    );
-    for (k, u) in &s.usage {
-        out.push_str(&format!(
-            "notebookos_grants_total{{kernel=\"{}\"}} {}\n",
-            label(k),
-            u.grants
-        ));
-    }
-    out.push_str("# HELP notebookos_grants_expired_total Grants whose holder stopped renewing (a replica died).\n# TYPE notebookos_grants_expired_total counter\n");
-    for (k, u) in &s.usage {
-        out.push_str(&format!(
-            "notebookos_grants_expired_total{{kernel=\"{}\"}} {}\n",
-            label(k),
-            u.expired
-        ));
+    type Counter = fn(&UsageView) -> f64;
+    let per_kernel: [(&str, &str, Counter); 4] = [
+        (
+            "notebookos_gpu_seconds_held_total",
+            "GPU-seconds granted to a kernel's replicas.",
+            |u| u.held_gpu_seconds,
+        ),
+        (
+            "notebookos_gpu_seconds_used_total",
+            "GPU-seconds a kernel's cells ran on their grants.",
+            |u| u.used_gpu_seconds,
+        ),
+        ("notebookos_grants_total", "Grants made.", |u| {
+            u.grants as f64
+        }),
+        (
+            "notebookos_grants_expired_total",
+            "Grants whose holder stopped renewing (a replica died).",
+            |u| u.expired as f64,
+        ),
+    ];
+    for (name, help, value) in per_kernel {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for (k, u) in &s.usage {
+            out.push_str(&format!("{name}{{kernel=\"{}\"}} {}\n", label(k), value(u)));
+        }
     }
     out
 }

@@ -109,24 +109,42 @@ fn json<T: Serialize>(v: &T) -> String {
 
 impl Frames {
     pub fn from_message(m: &Message) -> Self {
-        Self {
-            identities: m.identities.clone(),
-            header: json(&m.header),
-            parent_header: m.parent_header.as_ref().map_or("{}".into(), json),
-            metadata: json(&m.metadata),
-            content: json(&m.content),
-            buffers: m.buffers.clone(),
-        }
+        Self::of(
+            &m.identities,
+            &m.header,
+            m.parent_header.as_ref(),
+            &m.metadata,
+            &m.content,
+            &m.buffers,
+        )
     }
 
     pub fn from_outgoing(m: &Outgoing) -> Self {
+        Self::of(
+            &m.identities,
+            &m.header,
+            m.parent_header.as_ref(),
+            &m.metadata,
+            &m.content,
+            &m.buffers,
+        )
+    }
+
+    fn of(
+        identities: &[Bytes],
+        header: &Header,
+        parent: Option<&Header>,
+        metadata: &impl Serialize,
+        content: &serde_json::Value,
+        buffers: &[Bytes],
+    ) -> Self {
         Self {
-            identities: m.identities.clone(),
-            header: json(&m.header),
-            parent_header: m.parent_header.as_ref().map_or("{}".into(), json),
-            metadata: json(&m.metadata),
-            content: json(&m.content),
-            buffers: m.buffers.clone(),
+            identities: identities.to_vec(),
+            header: json(header),
+            parent_header: parent.map_or("{}".into(), json),
+            metadata: json(metadata),
+            content: json(content),
+            buffers: buffers.to_vec(),
         }
     }
 

@@ -511,17 +511,14 @@ impl Core {
             let data = data.clone();
             move || core.node.publish_blob(data)
         });
-        let peers: Vec<NodeId> = self
-            .members()
-            .into_iter()
-            .filter(|p| *p != self.id)
-            .collect();
-        let sends = peers.into_iter().map(|p| {
-            let data = data.clone();
-            async move { (p, self.node.send_blob(p, data).await) }
-        });
-        for (peer, res) in join_all(sends).await {
-            if let Err(e) = res {
+        // To every other replica at once.
+        let mut sends = tokio::task::JoinSet::new();
+        for peer in self.members().into_iter().filter(|p| *p != self.id) {
+            let (core, data) = (self.clone(), data.clone());
+            sends.spawn(async move { (peer, core.node.send_blob(peer, data).await) });
+        }
+        while let Some(sent) = sends.join_next().await {
+            if let Ok((peer, Err(e))) = sent {
                 // It fetches from us when it applies the entry, or is replaced.
                 tracing::warn!(peer, error = %e, "could not push a state delta");
             }
@@ -846,30 +843,4 @@ fn request_code(request: &Frames) -> String {
         .ok()
         .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_owned))
         .unwrap_or_default()
-}
-
-/// Awaits all futures concurrently (sends to every peer at once).
-async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out = Vec::with_capacity(pending.len());
-    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (f, r) in pending.iter_mut().zip(results.iter_mut()) {
-            if r.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *r = Some(v),
-                    std::task::Poll::Pending => waiting = true,
-                }
-            }
-        }
-        if waiting {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.extend(results.into_iter().flatten());
-    out
 }
