@@ -9,10 +9,12 @@
 
 pub mod agent;
 pub mod channels;
+pub mod cluster;
 pub mod connection;
 pub mod gpu;
 pub mod kernel;
 pub mod python;
 pub mod replica;
 pub mod signals;
+pub mod sim;
 pub mod wire;

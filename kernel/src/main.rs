@@ -22,13 +22,18 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("simulate") {
+        argv.next();
+        return simulate(argv);
+    }
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("notebookos-io")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let mut argv = std::env::args().skip(1).peekable();
     if argv.peek().map(String::as_str) == Some("agent") {
         argv.next();
         let opts = agent_options(argv)?;
@@ -84,6 +89,107 @@ fn agent_options(
         }
     }
     Ok(opts)
+}
+
+const SIMULATE_USAGE: &str = "usage: notebookos-kernel simulate \
+(--trace SESSIONS.json | --csv EVENTS.csv | --synthetic N) [--seed N] \
+[--modes reservation,batch,notebookos-1,notebookos-3] [--out DIR] [--commit-us N] \
+[--scale-out-delay SECONDS] [--subscription-ratio R] [--headroom GPUS] \
+[--migrate-after SECONDS] [--csv-state-gb GB]";
+
+/// `simulate ...`: replays a workload through the policy and the baselines.
+fn simulate(args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    use notebookos_kernel::cluster::policy::Policy;
+    use notebookos_kernel::sim::{self, workload::Workload, Costs, Mode};
+    use std::time::Duration;
+
+    enum Source {
+        Trace(PathBuf),
+        Csv(PathBuf),
+        Synthetic(usize),
+    }
+    let mut source = None;
+    let mut seed = 1u64;
+    let mut modes = vec![
+        Mode::Reservation,
+        Mode::Batch,
+        Mode::NotebookOs { replicas: 1 },
+        Mode::NotebookOs { replicas: 3 },
+    ];
+    let mut out = None;
+    let mut policy = Policy::default();
+    let mut costs = Costs::default();
+    let mut csv_state_gb = 4.0f64;
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{SIMULATE_USAGE}"))
+        };
+        match arg.as_str() {
+            "--trace" => source = Some(Source::Trace(value()?.into())),
+            "--csv" => source = Some(Source::Csv(value()?.into())),
+            "--synthetic" => {
+                source = Some(Source::Synthetic(
+                    value()?.parse().context("--synthetic N")?,
+                ))
+            }
+            "--seed" => seed = value()?.parse().context("--seed N")?,
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--commit-us" => costs.commit_us = value()?.parse().context("--commit-us N")?,
+            "--scale-out-delay" => {
+                costs.scale_out_delay = value()?
+                    .parse::<u64>()
+                    .context("--scale-out-delay SECONDS")?
+                    * 1000
+            }
+            "--subscription-ratio" => {
+                policy.subscription_ratio = value()?.parse().context("--subscription-ratio R")?
+            }
+            "--headroom" => policy.headroom_gpus = value()?.parse().context("--headroom GPUS")?,
+            "--migrate-after" => {
+                policy.migrate_after =
+                    Duration::from_secs_f64(value()?.parse().context("--migrate-after SECONDS")?)
+            }
+            "--csv-state-gb" => csv_state_gb = value()?.parse().context("--csv-state-gb GB")?,
+            "--modes" => {
+                modes = value()?
+                    .split(',')
+                    .map(|m| match m.trim() {
+                        "reservation" => Ok(Mode::Reservation),
+                        "batch" => Ok(Mode::Batch),
+                        other => other
+                            .strip_prefix("notebookos-")
+                            .and_then(|n| n.parse().ok())
+                            .filter(|&n| n >= 1)
+                            .map(|replicas| Mode::NotebookOs { replicas })
+                            .with_context(|| format!("unknown mode {other:?}\n{SIMULATE_USAGE}")),
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            other => bail!("unknown option {other}\n{SIMULATE_USAGE}"),
+        }
+    }
+    let workload = match source {
+        Some(Source::Trace(path)) => Workload::from_session_trace(&path)?,
+        Some(Source::Csv(path)) => Workload::from_event_csv(&path, (csv_state_gb * 1e9) as u64)?,
+        Some(Source::Synthetic(n)) => Workload::synthetic(
+            &sim::workload::Synthetic {
+                sessions: n,
+                ..Default::default()
+            },
+            seed,
+        ),
+        None => bail!("no workload given\n{SIMULATE_USAGE}"),
+    };
+    let outcomes = sim::run(&workload, &modes, &policy, &costs, seed);
+    let rows = sim::report::summarize(&outcomes);
+    print!("{}", sim::report::table(&workload, &rows));
+    if let Some(dir) = out {
+        sim::report::write(&dir, &workload, &outcomes, &rows)
+            .with_context(|| format!("writing results to {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 struct Args {

@@ -85,7 +85,7 @@ pub enum Mail {
 }
 
 /// A Jupyter message without its signature, JSON parts kept as text.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Frames {
     pub identities: Vec<Bytes>,
     pub header: String,

@@ -1,0 +1,8 @@
+//! The cluster: many GPU servers, each running an agent, and the policy
+//! that places kernels' replicas on them.
+//!
+//! * [`policy`]: placement with oversubscription, migration and
+//!   autoscaling, as pure functions of a cluster snapshot. The simulator
+//!   ([`crate::sim`]) calls the same functions.
+
+pub mod policy;

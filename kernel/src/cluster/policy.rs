@@ -1,0 +1,604 @@
+//! The scheduling policy: where replicas go, where one moves when none can
+//! run a cell, and when servers are added or removed.
+//!
+//! Pure and deterministic: it reads a [`ClusterView`] (a snapshot the caller
+//! builds from agent reports, or the simulator from its model) and returns
+//! decisions; time is passed in. The live cluster and the simulator call
+//! these same functions, so what the simulator measures is this policy.
+//!
+//! Terms:
+//! * a server's **subscription** is the sum, over the replicas it hosts, of
+//!   the GPUs their kernel may ask for. It may exceed the server's GPUs up to
+//!   `subscription_ratio` times: replicas hold GPUs only while a cell runs.
+//! * a server's **idle** GPUs are those no running cell holds right now.
+//! * **committed demand** is the GPUs running cells hold plus those that
+//!   waiting cells ask for.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+pub type ServerId = String;
+
+/// One server as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerView {
+    pub id: ServerId,
+    pub gpus: u32,
+    /// GPUs not held by a running cell.
+    pub idle_gpus: u32,
+    /// Sum of the GPUs the kernels of its replicas may ask for.
+    pub subscribed: u32,
+    pub replicas: u32,
+    /// Being emptied before removal: receives nothing new.
+    pub draining: bool,
+    /// How long no cell has run on it (zero while one runs).
+    pub idle_for: Duration,
+}
+
+impl ServerView {
+    pub fn new(id: impl Into<ServerId>, gpus: u32) -> Self {
+        Self {
+            id: id.into(),
+            gpus,
+            idle_gpus: gpus,
+            subscribed: 0,
+            replicas: 0,
+            draining: false,
+            idle_for: Duration::ZERO,
+        }
+    }
+
+    fn subscription_after(&self, extra: u32) -> f64 {
+        if self.gpus == 0 {
+            return f64::INFINITY;
+        }
+        f64::from(self.subscribed + extra) / f64::from(self.gpus)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    pub servers: Vec<ServerView>,
+}
+
+impl ClusterView {
+    pub fn get(&self, id: &str) -> Option<&ServerView> {
+        self.servers.iter().find(|s| s.id == id)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut ServerView> {
+        self.servers.iter_mut().find(|s| s.id == id)
+    }
+
+    /// GPUs of the servers that take work (not draining).
+    pub fn capacity(&self) -> u32 {
+        self.servers
+            .iter()
+            .filter(|s| !s.draining)
+            .map(|s| s.gpus)
+            .sum()
+    }
+
+    /// GPUs held by running cells, on every server.
+    pub fn busy(&self) -> u32 {
+        self.servers.iter().map(|s| s.gpus - s.idle_gpus).sum()
+    }
+
+    /// Records a placement, so the next decision on this view sees it.
+    pub fn add_replica(&mut self, server: &str, kernel_gpus: u32) {
+        if let Some(s) = self.get_mut(server) {
+            s.replicas += 1;
+            s.subscribed += kernel_gpus;
+        }
+    }
+
+    pub fn remove_replica(&mut self, server: &str, kernel_gpus: u32) {
+        if let Some(s) = self.get_mut(server) {
+            s.replicas = s.replicas.saturating_sub(1);
+            s.subscribed = s.subscribed.saturating_sub(kernel_gpus);
+        }
+    }
+
+    /// Records GPUs taken by a cell (`take`) or given back.
+    pub fn take_gpus(&mut self, server: &str, n: u32) {
+        if let Some(s) = self.get_mut(server) {
+            s.idle_gpus = s.idle_gpus.saturating_sub(n);
+            s.idle_for = Duration::ZERO;
+        }
+    }
+
+    pub fn give_gpus(&mut self, server: &str, n: u32) {
+        if let Some(s) = self.get_mut(server) {
+            s.idle_gpus = (s.idle_gpus + n).min(s.gpus);
+        }
+    }
+
+    pub fn remove_server(&mut self, id: &str) {
+        self.servers.retain(|s| s.id != id);
+    }
+}
+
+/// The knobs; defaults follow the NotebookOS paper where it gives one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Replicas per kernel, each on a distinct server.
+    pub replicas: usize,
+    /// Most a server may be subscribed, as a multiple of its GPUs (paper: 7).
+    pub subscription_ratio: f64,
+    /// GPUs of a server the autoscaler adds (paper: 8).
+    pub gpus_per_server: u32,
+    /// Scale out when committed demand exceeds this share of capacity.
+    pub scale_out_at: f64,
+    /// Scale in while committed demand stays under this share of the
+    /// capacity left after removing a server.
+    pub scale_in_below: f64,
+    /// A server must have run nothing this long before it is removed.
+    pub scale_in_after: Duration,
+    /// Idle GPUs to keep beyond committed demand, so cells start at once.
+    pub headroom_gpus: u32,
+    pub min_servers: usize,
+    pub max_servers: usize,
+    /// A cell every replica yielded on waits this long before a migration.
+    pub migrate_after: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            replicas: 3,
+            subscription_ratio: 7.0,
+            gpus_per_server: 8,
+            scale_out_at: 0.75,
+            scale_in_below: 0.5,
+            scale_in_after: Duration::from_secs(300),
+            headroom_gpus: 8,
+            min_servers: 3,
+            max_servers: 1024,
+            migrate_after: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{wanted} server(s) needed, {found} can take a replica asking for {gpus} GPU(s)")]
+    NotEnoughServers {
+        wanted: usize,
+        found: usize,
+        gpus: u32,
+    },
+    #[error("no server outside the kernel's has {gpus} idle GPU(s) and room for a replica")]
+    NoServerFree { gpus: u32 },
+}
+
+/// Move one replica of a kernel from `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub from: ServerId,
+    pub to: ServerId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scale {
+    Hold,
+    /// Ask the provider for this many servers.
+    Out(usize),
+    /// Drain these servers (move their replicas away), then remove them.
+    In(Vec<ServerId>),
+}
+
+impl Policy {
+    /// Can `s` take one more replica of a kernel asking for `gpus`?
+    fn has_room(&self, s: &ServerView, gpus: u32) -> bool {
+        !s.draining && s.gpus >= gpus && s.subscription_after(gpus) <= self.subscription_ratio
+    }
+
+    /// Servers for a new kernel's replicas: distinct, with room, least
+    /// subscribed first (ties: most idle GPUs, then id), so load spreads.
+    pub fn place(&self, view: &ClusterView, gpus: u32) -> Result<Vec<ServerId>, PolicyError> {
+        self.place_n(view, gpus, self.replicas, &BTreeSet::new())
+    }
+
+    /// One server for a replica replacing a lost one; `hosts` are the
+    /// kernel's surviving servers.
+    pub fn replace(
+        &self,
+        view: &ClusterView,
+        gpus: u32,
+        hosts: &[ServerId],
+    ) -> Result<ServerId, PolicyError> {
+        let exclude: BTreeSet<&str> = hosts.iter().map(String::as_str).collect();
+        let mut chosen = self.place_n(view, gpus, 1, &exclude)?;
+        Ok(chosen.remove(0))
+    }
+
+    fn place_n(
+        &self,
+        view: &ClusterView,
+        gpus: u32,
+        n: usize,
+        exclude: &BTreeSet<&str>,
+    ) -> Result<Vec<ServerId>, PolicyError> {
+        let mut candidates: Vec<&ServerView> = view
+            .servers
+            .iter()
+            .filter(|s| !exclude.contains(s.id.as_str()) && self.has_room(s, gpus))
+            .collect();
+        if candidates.len() < n {
+            return Err(PolicyError::NotEnoughServers {
+                wanted: n,
+                found: candidates.len(),
+                gpus,
+            });
+        }
+        candidates.sort_by(|a, b| {
+            a.subscription_after(gpus)
+                .total_cmp(&b.subscription_after(gpus))
+                .then(b.idle_gpus.cmp(&a.idle_gpus))
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(candidates[..n].iter().map(|s| s.id.clone()).collect())
+    }
+
+    /// Where to move one replica so a cell asking for `gpus` runs now: the
+    /// server outside `hosts` with the most idle GPUs (it must have `gpus`
+    /// idle and room for the replica); the replica moved is the one on the
+    /// most subscribed host.
+    pub fn migrate(
+        &self,
+        view: &ClusterView,
+        gpus: u32,
+        hosts: &[ServerId],
+    ) -> Result<Migration, PolicyError> {
+        let exclude: BTreeSet<&str> = hosts.iter().map(String::as_str).collect();
+        let to = self
+            .pick_idle(view, gpus, &exclude)
+            .ok_or(PolicyError::NoServerFree { gpus })?;
+        // A host that vanished from the view is the first to leave.
+        let from = hosts
+            .iter()
+            .max_by(|a, b| {
+                let load = |id: &ServerId| {
+                    view.get(id)
+                        .map_or(f64::INFINITY, |s| s.subscription_after(0))
+                };
+                load(a).total_cmp(&load(b)).then(b.cmp(a))
+            })
+            .cloned()
+            .ok_or(PolicyError::NoServerFree { gpus })?;
+        Ok(Migration { from, to })
+    }
+
+    /// The server outside `exclude` with the most idle GPUs, if one has
+    /// `gpus` idle and room for a replica (ties: least subscribed, then id).
+    pub fn pick_idle(
+        &self,
+        view: &ClusterView,
+        gpus: u32,
+        exclude: &BTreeSet<&str>,
+    ) -> Option<ServerId> {
+        view.servers
+            .iter()
+            .filter(|s| {
+                !exclude.contains(s.id.as_str()) && self.has_room(s, gpus) && s.idle_gpus >= gpus
+            })
+            .min_by(|a, b| {
+                b.idle_gpus
+                    .cmp(&a.idle_gpus)
+                    .then(
+                        a.subscription_after(gpus)
+                            .total_cmp(&b.subscription_after(gpus)),
+                    )
+                    .then(a.id.cmp(&b.id))
+            })
+            .map(|s| s.id.clone())
+    }
+
+    /// Committed demand against capacity: add servers when demand (plus
+    /// headroom) passes `scale_out_at` of capacity, or when `unplaceable`
+    /// replicas found no server; remove long-idle servers while the rest
+    /// stays under `scale_in_below`. `waiting_gpus` are asked for by cells
+    /// that wait for a GPU.
+    pub fn scale(&self, view: &ClusterView, waiting_gpus: u32, unplaceable: usize) -> Scale {
+        let active = view.servers.iter().filter(|s| !s.draining).count();
+        let capacity = f64::from(view.capacity());
+        let demand = f64::from(view.busy() + waiting_gpus + self.headroom_gpus);
+        let per_server = f64::from(self.gpus_per_server.max(1));
+
+        let mut out = 0usize;
+        if demand > self.scale_out_at * capacity {
+            out = ((demand / self.scale_out_at - capacity) / per_server)
+                .ceil()
+                .max(1.0) as usize;
+        }
+        out = out
+            .max(unplaceable)
+            .max(self.min_servers.saturating_sub(active));
+        let room = self.max_servers.saturating_sub(view.servers.len());
+        if out > 0 {
+            return if room > 0 {
+                Scale::Out(out.min(room))
+            } else {
+                Scale::Hold
+            };
+        }
+
+        // Least-used first: nothing running and long idle, fewest replicas
+        // (those must move before removal), then id.
+        let mut idle: Vec<&ServerView> = view
+            .servers
+            .iter()
+            .filter(|s| !s.draining && s.idle_gpus == s.gpus && s.idle_for >= self.scale_in_after)
+            .collect();
+        idle.sort_by(|a, b| a.replicas.cmp(&b.replicas).then(a.id.cmp(&b.id)));
+        let mut remove = Vec::new();
+        let mut left = capacity;
+        let mut servers_left = active;
+        let subscribed_left: f64 = view
+            .servers
+            .iter()
+            .filter(|s| !s.draining)
+            .map(|s| f64::from(s.subscribed))
+            .sum();
+        for s in idle {
+            let after = left - f64::from(s.gpus);
+            // Its replicas must fit on the servers that stay, and each kernel
+            // still needs `replicas` distinct servers.
+            let fits = subscribed_left <= self.subscription_ratio * after;
+            if servers_left <= self.min_servers.max(self.replicas)
+                || !fits
+                || demand >= self.scale_in_below * after
+            {
+                break;
+            }
+            left = after;
+            servers_left -= 1;
+            remove.push(s.id.clone());
+        }
+        if remove.is_empty() {
+            Scale::Hold
+        } else {
+            Scale::In(remove)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(n: usize, gpus: u32) -> ClusterView {
+        ClusterView {
+            servers: (0..n)
+                .map(|i| ServerView::new(format!("s{i}"), gpus))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_least_subscribed_servers() {
+        let p = Policy::default();
+        let mut v = cluster(4, 8);
+        v.add_replica("s0", 4);
+        let chosen = p.place(&v, 2).unwrap();
+        assert_eq!(chosen, vec!["s1", "s2", "s3"]);
+        for s in &chosen {
+            v.add_replica(s, 2);
+        }
+        // s0 is at 4, the others at 2: next goes to the three at 2 again.
+        assert_eq!(p.place(&v, 1).unwrap(), vec!["s1", "s2", "s3"]);
+    }
+
+    #[test]
+    fn oversubscription_stops_at_the_ratio() {
+        let p = Policy {
+            subscription_ratio: 2.0,
+            ..Policy::default()
+        };
+        let mut v = cluster(3, 8);
+        // 8 GPUs × 2 = 16 subscribed per server at most: two 8-GPU kernels fit.
+        for _ in 0..2 {
+            for s in p.place(&v, 8).unwrap() {
+                v.add_replica(&s, 8);
+            }
+        }
+        assert!(v.servers.iter().all(|s| s.subscribed == 16));
+        assert_eq!(
+            p.place(&v, 1),
+            Err(PolicyError::NotEnoughServers {
+                wanted: 3,
+                found: 0,
+                gpus: 1
+            })
+        );
+        // GPUs are subscribed twice over, yet none is held.
+        assert_eq!(v.busy(), 0);
+    }
+
+    #[test]
+    fn too_few_servers_or_too_small_ones() {
+        let p = Policy::default();
+        assert!(matches!(
+            p.place(&cluster(2, 8), 1),
+            Err(PolicyError::NotEnoughServers {
+                wanted: 3,
+                found: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.place(&cluster(5, 4), 8),
+            Err(PolicyError::NotEnoughServers { found: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn draining_servers_take_nothing() {
+        let p = Policy::default();
+        let mut v = cluster(4, 8);
+        v.servers[1].draining = true;
+        assert_eq!(p.place(&v, 1).unwrap(), vec!["s0", "s2", "s3"]);
+    }
+
+    #[test]
+    fn migration_goes_to_the_server_with_most_idle_gpus() {
+        let p = Policy::default();
+        let mut v = cluster(5, 8);
+        let hosts: Vec<ServerId> = vec!["s0".into(), "s1".into(), "s2".into()];
+        for h in &hosts {
+            v.add_replica(h, 4);
+            v.take_gpus(h, 6);
+        }
+        v.add_replica("s1", 4); // s1 is the most subscribed host
+        v.take_gpus("s3", 2);
+        let m = p.migrate(&v, 4, &hosts).unwrap();
+        assert_eq!(
+            m,
+            Migration {
+                from: "s1".into(),
+                to: "s4".into()
+            }
+        );
+    }
+
+    #[test]
+    fn no_server_free_means_no_migration() {
+        let p = Policy::default();
+        let mut v = cluster(4, 8);
+        let hosts: Vec<ServerId> = vec!["s0".into(), "s1".into(), "s2".into()];
+        v.take_gpus("s3", 6);
+        assert_eq!(
+            p.migrate(&v, 4, &hosts),
+            Err(PolicyError::NoServerFree { gpus: 4 })
+        );
+        // Nothing outside the hosts at all.
+        assert!(p.migrate(&cluster(3, 8), 1, &hosts).is_err());
+    }
+
+    #[test]
+    fn two_kernels_racing_for_the_last_gpu() {
+        let p = Policy::default();
+        let mut v = cluster(5, 1);
+        for s in ["s0", "s1", "s2", "s3"] {
+            v.take_gpus(s, 1);
+        }
+        let a: Vec<ServerId> = vec!["s0".into(), "s1".into(), "s2".into()];
+        let b: Vec<ServerId> = vec!["s1".into(), "s2".into(), "s3".into()];
+        let first = p.migrate(&v, 1, &a).unwrap();
+        assert_eq!(first.to, "s4");
+        // The caller records the decision (the agent's grant is the real
+        // arbiter); the second kernel then finds nothing free.
+        v.take_gpus(&first.to, 1);
+        assert_eq!(
+            p.migrate(&v, 1, &b),
+            Err(PolicyError::NoServerFree { gpus: 1 })
+        );
+    }
+
+    #[test]
+    fn server_lost_during_migration() {
+        let p = Policy::default();
+        let mut v = cluster(6, 8);
+        let hosts: Vec<ServerId> = vec!["s0".into(), "s1".into(), "s2".into()];
+        for h in &hosts {
+            v.take_gpus(h, 8);
+        }
+        v.take_gpus("s5", 4);
+        let m = p.migrate(&v, 8, &hosts).unwrap();
+        assert_eq!(m.to, "s3");
+        // The target dies before the new replica caught up: plan again.
+        v.remove_server("s3");
+        assert_eq!(p.migrate(&v, 8, &hosts).unwrap().to, "s4");
+        v.remove_server("s4");
+        assert!(p.migrate(&v, 8, &hosts).is_err());
+        // A host that vanished is the replica to move.
+        v.remove_server("s1");
+        v.give_gpus("s5", 4);
+        assert_eq!(
+            p.migrate(&v, 8, &hosts).unwrap(),
+            Migration {
+                from: "s1".into(),
+                to: "s5".into()
+            }
+        );
+    }
+
+    #[test]
+    fn replacement_avoids_the_kernels_other_servers() {
+        let p = Policy::default();
+        let v = cluster(4, 8);
+        let hosts: Vec<ServerId> = vec!["s0".into(), "s2".into()];
+        assert_eq!(p.replace(&v, 1, &hosts).unwrap(), "s1");
+        let both: Vec<ServerId> = vec!["s0".into(), "s1".into()];
+        assert!(p.replace(&cluster(2, 8), 1, &both).is_err());
+    }
+
+    #[test]
+    fn scale_out_when_demand_crosses_the_threshold() {
+        let p = Policy {
+            headroom_gpus: 0,
+            min_servers: 1,
+            ..Policy::default()
+        };
+        let mut v = cluster(4, 8); // 32 GPUs; scale out above 24 committed
+        for s in ["s0", "s1", "s2"] {
+            v.take_gpus(s, 8);
+        }
+        assert_eq!(p.scale(&v, 0, 0), Scale::Hold);
+        // 24 busy + 8 waiting = 32 > 24: enough servers that 32 ≤ 0.75 × capacity.
+        assert_eq!(p.scale(&v, 8, 0), Scale::Out(2));
+        // Replicas that found no server count too.
+        assert_eq!(p.scale(&cluster(4, 8), 0, 3), Scale::Out(3));
+        let capped = Policy {
+            max_servers: 5,
+            ..p.clone()
+        };
+        assert_eq!(capped.scale(&v, 8, 0), Scale::Out(1));
+        let full = Policy {
+            max_servers: 4,
+            ..p
+        };
+        assert_eq!(full.scale(&v, 8, 0), Scale::Hold);
+    }
+
+    #[test]
+    fn scale_in_removes_long_idle_servers_only() {
+        let p = Policy {
+            headroom_gpus: 0,
+            ..Policy::default()
+        };
+        let mut v = cluster(6, 8);
+        for s in &mut v.servers {
+            s.idle_for = Duration::from_secs(600);
+        }
+        v.servers[0].idle_for = Duration::from_secs(10); // recently used
+        v.take_gpus("s1", 2); // running a cell
+        v.add_replica("s2", 1);
+        // 2 busy: remove idle servers, fewest replicas first, down to 3.
+        assert_eq!(
+            p.scale(&v, 0, 0),
+            Scale::In(vec!["s3".into(), "s4".into(), "s5".into()])
+        );
+        // With no demand it never goes below max(min_servers, replicas).
+        let none = cluster(3, 8);
+        assert_eq!(p.scale(&none, 0, 0), Scale::Hold);
+    }
+
+    #[test]
+    fn scale_in_keeps_room_for_subscriptions() {
+        let p = Policy {
+            headroom_gpus: 0,
+            subscription_ratio: 1.0,
+            ..Policy::default()
+        };
+        let mut v = cluster(5, 8);
+        for s in &mut v.servers {
+            s.idle_for = Duration::from_secs(600);
+        }
+        for s in ["s0", "s1", "s2", "s3"] {
+            v.add_replica(s, 8);
+        }
+        // 32 subscribed at ratio 1 needs 32 GPUs: only the empty s4 may go.
+        assert_eq!(p.scale(&v, 0, 0), Scale::In(vec!["s4".into()]));
+    }
+}

@@ -1,0 +1,174 @@
+//! What a simulation run reports: a table, CSVs for the plots, JSON.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::engine::Outcome;
+use super::workload::{Ms, Workload, MINUTE, SECOND};
+
+const HOUR_MS: f64 = 3_600_000.0;
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub mode: String,
+    pub cells: usize,
+    pub gpu_hours_provisioned: f64,
+    pub gpu_hours_held: f64,
+    pub gpu_hours_used: f64,
+    /// Provisioned GPU-hours saved against Reservation's, in percent.
+    pub savings_vs_reservation_pct: Option<f64>,
+    pub gpu_hours_saved: Option<f64>,
+    /// Cells that started within 1 s of submission, in percent.
+    pub started_within_1s_pct: f64,
+    pub delay_p50_s: f64,
+    pub delay_p95_s: f64,
+    pub delay_p99_s: f64,
+    pub delay_max_s: f64,
+    pub migrations: usize,
+    pub servers_added: usize,
+    pub servers_removed: usize,
+    pub drain_moves: usize,
+    pub peak_servers: usize,
+}
+
+pub fn percentile(sorted: &[Ms], p: f64) -> Ms {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+pub fn summarize(outcomes: &[Outcome]) -> Vec<Summary> {
+    let reservation = outcomes
+        .iter()
+        .find(|o| o.mode == "Reservation")
+        .map(|o| o.provisioned_gpu_ms as f64 / HOUR_MS);
+    outcomes
+        .iter()
+        .map(|o| {
+            let mut d = o.delays.clone();
+            d.sort_unstable();
+            let provisioned = o.provisioned_gpu_ms as f64 / HOUR_MS;
+            let within = d.iter().filter(|&&x| x < SECOND).count();
+            Summary {
+                mode: o.mode.clone(),
+                cells: o.cells,
+                gpu_hours_provisioned: provisioned,
+                gpu_hours_held: o.held_gpu_ms as f64 / HOUR_MS,
+                gpu_hours_used: o.used_gpu_ms as f64 / HOUR_MS,
+                savings_vs_reservation_pct: reservation
+                    .filter(|r| *r > 0.0)
+                    .map(|r| 100.0 * (r - provisioned) / r),
+                gpu_hours_saved: reservation.map(|r| r - provisioned),
+                started_within_1s_pct: if d.is_empty() {
+                    100.0
+                } else {
+                    100.0 * within as f64 / d.len() as f64
+                },
+                delay_p50_s: percentile(&d, 0.50) as f64 / 1e3,
+                delay_p95_s: percentile(&d, 0.95) as f64 / 1e3,
+                delay_p99_s: percentile(&d, 0.99) as f64 / 1e3,
+                delay_max_s: d.last().copied().unwrap_or(0) as f64 / 1e3,
+                migrations: o.migrations,
+                servers_added: o.servers_added,
+                servers_removed: o.servers_removed,
+                drain_moves: o.drain_moves,
+                peak_servers: o.peak_servers,
+            }
+        })
+        .collect()
+}
+
+/// The Markdown table the bench prints and the README quotes.
+pub fn table(workload: &Workload, rows: &[Summary]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Workload: {} ({} sessions, {} cells)\n",
+        workload.name,
+        workload.sessions.len(),
+        workload.cells()
+    );
+    t.push_str(
+        "| mode | GPU-h provisioned | GPU-h held | GPU-h used | saved vs Reservation | \
+         cells started < 1 s | delay p50 | p95 | p99 | migrations | servers added / removed | peak servers |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let saved = match (r.savings_vs_reservation_pct, r.gpu_hours_saved) {
+            (Some(p), Some(h)) => format!("{h:.1} GPU-h ({p:.1}%)"),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {:.2}% | {} | {} | {} | {} | {} / {} | {} |",
+            r.mode,
+            r.gpu_hours_provisioned,
+            r.gpu_hours_held,
+            r.gpu_hours_used,
+            saved,
+            r.started_within_1s_pct,
+            seconds(r.delay_p50_s),
+            seconds(r.delay_p95_s),
+            seconds(r.delay_p99_s),
+            r.migrations,
+            r.servers_added,
+            r.servers_removed,
+            r.peak_servers,
+        );
+    }
+    t
+}
+
+fn seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// Writes `summary.md`, `summary.json`, `timeline.csv` (GPUs provisioned
+/// and held, per minute) and `delays.csv` (every cell's delay) into `dir`.
+pub fn write(
+    dir: &Path,
+    workload: &Workload,
+    outcomes: &[Outcome],
+    rows: &[Summary],
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("summary.md"), table(workload, rows))?;
+    let json = serde_json::to_string_pretty(rows).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("summary.json"), json + "\n")?;
+
+    let mut timeline = std::io::BufWriter::new(std::fs::File::create(dir.join("timeline.csv"))?);
+    writeln!(timeline, "mode,minute,gpus_provisioned,gpus_held")?;
+    for o in outcomes {
+        // The state at the end of each minute the run lasted.
+        let end = o.timeline.last().map_or(0, |&(t, _, _)| t);
+        let mut i = 0;
+        for minute in 0..=end / MINUTE {
+            let t = minute * MINUTE;
+            while i + 1 < o.timeline.len() && o.timeline[i + 1].0 <= t {
+                i += 1;
+            }
+            let (_, provisioned, held) = o.timeline[i];
+            writeln!(timeline, "{},{minute},{provisioned},{held}", o.mode)?;
+        }
+    }
+    timeline.flush()?;
+
+    let mut delays = std::io::BufWriter::new(std::fs::File::create(dir.join("delays.csv"))?);
+    writeln!(delays, "mode,delay_ms")?;
+    for o in outcomes {
+        for d in &o.delays {
+            writeln!(delays, "{},{d}", o.mode)?;
+        }
+    }
+    delays.flush()
+}
