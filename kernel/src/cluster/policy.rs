@@ -140,6 +140,9 @@ pub struct Policy {
     pub max_servers: usize,
     /// A cell every replica yielded on waits this long before a migration.
     pub migrate_after: Duration,
+    /// Best fit (fullest server that fits) instead of spreading; what a
+    /// scheduler that holds GPUs for long (Reservation, batch) wants.
+    pub pack: bool,
 }
 
 impl Default for Policy {
@@ -155,6 +158,7 @@ impl Default for Policy {
             min_servers: 3,
             max_servers: 1024,
             migrate_after: Duration::from_secs(2),
+            pack: false,
         }
     }
 }
@@ -191,6 +195,15 @@ impl Policy {
     /// Can `s` take one more replica of a kernel asking for `gpus`?
     fn has_room(&self, s: &ServerView, gpus: u32) -> bool {
         !s.draining && s.gpus >= gpus && s.subscription_after(gpus) <= self.subscription_ratio
+    }
+
+    /// Spreading order, or its reverse when packing.
+    fn order(&self, spread: std::cmp::Ordering) -> std::cmp::Ordering {
+        if self.pack {
+            spread.reverse()
+        } else {
+            spread
+        }
     }
 
     /// Servers for a new kernel's replicas: distinct, with room, least
@@ -232,10 +245,11 @@ impl Policy {
             });
         }
         candidates.sort_by(|a, b| {
-            a.subscription_after(gpus)
+            let spread = a
+                .subscription_after(gpus)
                 .total_cmp(&b.subscription_after(gpus))
-                .then(b.idle_gpus.cmp(&a.idle_gpus))
-                .then(a.id.cmp(&b.id))
+                .then(b.idle_gpus.cmp(&a.idle_gpus));
+            self.order(spread).then(a.id.cmp(&b.id))
         });
         Ok(candidates[..n].iter().map(|s| s.id.clone()).collect())
     }
@@ -283,13 +297,11 @@ impl Policy {
                 !exclude.contains(s.id.as_str()) && self.has_room(s, gpus) && s.idle_gpus >= gpus
             })
             .min_by(|a, b| {
-                b.idle_gpus
-                    .cmp(&a.idle_gpus)
-                    .then(
-                        a.subscription_after(gpus)
-                            .total_cmp(&b.subscription_after(gpus)),
-                    )
-                    .then(a.id.cmp(&b.id))
+                let spread = b.idle_gpus.cmp(&a.idle_gpus).then(
+                    a.subscription_after(gpus)
+                        .total_cmp(&b.subscription_after(gpus)),
+                );
+                self.order(spread).then(a.id.cmp(&b.id))
             })
             .map(|s| s.id.clone())
     }
@@ -387,6 +399,25 @@ mod tests {
         }
         // s0 is at 4, the others at 2: next goes to the three at 2 again.
         assert_eq!(p.place(&v, 1).unwrap(), vec!["s1", "s2", "s3"]);
+    }
+
+    #[test]
+    fn packing_fills_the_fullest_server_that_fits() {
+        let p = Policy {
+            replicas: 1,
+            subscription_ratio: 1.0,
+            pack: true,
+            ..Policy::default()
+        };
+        let mut v = cluster(3, 8);
+        v.add_replica("s1", 6);
+        v.add_replica("s2", 2);
+        assert_eq!(p.place(&v, 2).unwrap(), vec!["s1"]);
+        assert_eq!(p.place(&v, 4).unwrap(), vec!["s2"]);
+        assert_eq!(p.place(&v, 8).unwrap(), vec!["s0"]);
+        v.take_gpus("s0", 1);
+        v.take_gpus("s2", 6);
+        assert_eq!(p.pick_idle(&v, 2, &BTreeSet::new()), Some("s2".into()));
     }
 
     #[test]

@@ -44,11 +44,13 @@ impl Mode {
                 replicas: 1,
                 subscription_ratio: 1.0,
                 min_servers: 1,
+                pack: true,
                 ..base.clone()
             },
             Mode::Batch => Policy {
                 replicas: 1,
                 min_servers: 1,
+                pack: true,
                 ..base.clone()
             },
             Mode::NotebookOs { replicas } => Policy {
