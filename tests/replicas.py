@@ -20,7 +20,7 @@ class ReplicatedKernel:
     knob stands in for "no free GPU on that host"), so the next cell runs on ``r``.
     """
 
-    def __init__(self, tmp, kernel_name="notebookos", replicas=3):
+    def __init__(self, tmp, kernel_name="notebookos", replicas=3, env=None, **frontend):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.yield_file = self.tmp / "yield"
@@ -31,8 +31,9 @@ class ReplicatedKernel:
             "NOTEBOOKOS_YIELD_FILE": str(self.yield_file),
             "NOTEBOOKOS_STATE_DIR": str(self.state),
             "NOTEBOOKOS_REPLICAS": str(replicas),
+            **(env or {}),
         }
-        self.fe = Frontend(kernel_name=kernel_name, env=env)
+        self.fe = Frontend(kernel_name=kernel_name, env=env, **frontend)
         self.seen_pids = set()
         self.wait_members(replicas)
 

@@ -83,8 +83,9 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let hb = heartbeat::bind(&info.endpoint(Channel::Heartbeat)).await?;
     tokio::spawn(heartbeat::serve(hb));
     let stdin = Stdin::bind(&info.endpoint(Channel::Stdin), session.clone()).await?;
-    let (shell_sink, shell_recv) = router::bind(&info.endpoint(Channel::Shell)).await?;
-    let (control_sink, control_recv) = router::bind(&info.endpoint(Channel::Control)).await?;
+    let (shell_sink, shell_recv) = router::bind("shell", &info.endpoint(Channel::Shell)).await?;
+    let (control_sink, control_recv) =
+        router::bind("control", &info.endpoint(Channel::Control)).await?;
 
     let plan = match start.replicas {
         0 | 1 => None,

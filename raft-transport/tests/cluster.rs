@@ -525,3 +525,61 @@ async fn a_replica_outside_the_group_proposes_through_the_leader() {
     outsider.shutdown().await.unwrap();
     shutdown_all(nodes).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_without_a_certificate_cannot_connect_or_read() {
+    init_tracing();
+    let ca = KernelCa::generate("t-nocert").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let idx = propose(nodes.values(), payload(0)).await;
+
+    // Trusts the kernel CA (so the server's certificate verifies) but has no
+    // certificate of its own.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der()).unwrap();
+    let mut tls =
+        rustls::ClientConfig::builder_with_provider(raft_transport::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    tls.alpn_protocols = vec![raft_transport::tls::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+
+    let target = nodes[&1].addr();
+    let name = raft_transport::tls::node_server_name(1);
+    let refusal = match endpoint.connect(target, &name).unwrap().await {
+        Err(e) => e,
+        Ok(conn) => {
+            // TLS 1.3 lets the client finish before the server has judged its
+            // (missing) certificate; the server's verdict closes the connection.
+            if let Ok((mut send, mut recv)) = conn.open_bi().await {
+                let _ = send.write_all(b"any request at all").await;
+                let _ = send.finish();
+                let got = recv.read_to_end(1 << 20).await;
+                assert!(got.is_err(), "read {got:?} without a certificate");
+            }
+            tokio::time::timeout(WAIT, conn.closed())
+                .await
+                .expect("the connection stayed open")
+        }
+    };
+    // Refused by TLS, not by a later check a certified peer would also fail.
+    match &refusal {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            // 0x74: TLS alert certificate_required.
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::crypto(0x74),
+                "{refusal}"
+            );
+        }
+        other => panic!("refused for another reason: {other}"),
+    }
+    endpoint.close(0u32.into(), b"");
+    // The group is unharmed.
+    assert!(propose(nodes.values(), payload(1)).await > idx);
+    shutdown_all(nodes).await;
+}

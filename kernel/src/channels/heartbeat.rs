@@ -6,7 +6,7 @@ use zeromq::{RepSocket, SocketRecv, SocketSend};
 use super::ChannelError;
 
 pub async fn bind(endpoint: &str) -> Result<RepSocket, ChannelError> {
-    super::bind(endpoint).await
+    super::bind("heartbeat", endpoint).await
 }
 
 pub async fn serve(mut socket: RepSocket) {

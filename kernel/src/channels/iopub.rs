@@ -92,7 +92,7 @@ pub async fn bind(
     endpoint: &str,
     session: Arc<Session>,
 ) -> Result<(Iopub, Publisher), ChannelError> {
-    let socket: XPubSocket = super::bind(endpoint).await?;
+    let socket: XPubSocket = super::bind("iopub", endpoint).await?;
     Ok(publisher(Sink::Zmq(socket), session))
 }
 

@@ -2,6 +2,7 @@
 //! rest of the kernel talks to it through channels.
 
 pub mod control;
+pub mod guard;
 pub mod heartbeat;
 pub mod iopub;
 pub mod router;
@@ -29,13 +30,21 @@ impl Session {
     }
 }
 
-/// Binds a fresh zmq socket to an endpoint from the connection file.
-async fn bind<S: zeromq::Socket>(endpoint: &str) -> Result<S, ChannelError> {
+/// A fresh zmq socket serving an endpoint from the connection file: the
+/// socket listens on an ephemeral loopback port, behind a [`guard`] that
+/// owns the endpoint and bounds what a client may send.
+async fn bind<S: zeromq::Socket>(channel: &'static str, endpoint: &str) -> Result<S, ChannelError> {
     let mut socket = S::new();
-    socket
-        .bind(endpoint)
+    let inner = socket
+        .bind("tcp://127.0.0.1:0")
         .await
         .map_err(|source| ChannelError::Bind {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    guard::serve(channel, endpoint, inner.to_string(), guard::limit())
+        .await
+        .map_err(|source| ChannelError::Guard {
             endpoint: endpoint.to_owned(),
             source,
         })?;
@@ -49,5 +58,11 @@ pub enum ChannelError {
         endpoint: String,
         #[source]
         source: zeromq::ZmqError,
+    },
+    #[error("cannot bind {endpoint}: {source}")]
+    Guard {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
     },
 }

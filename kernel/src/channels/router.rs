@@ -18,8 +18,11 @@ const REPLAY_HISTORY: usize = 1 << 16;
 /// socket failing over and over cannot spin a core.
 pub const RECV_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
 
-pub async fn bind(endpoint: &str) -> Result<(RouterSendHalf, RouterRecvHalf), ChannelError> {
-    let socket: RouterSocket = super::bind(endpoint).await?;
+pub async fn bind(
+    channel: &'static str,
+    endpoint: &str,
+) -> Result<(RouterSendHalf, RouterRecvHalf), ChannelError> {
+    let socket: RouterSocket = super::bind(channel, endpoint).await?;
     Ok(socket.split())
 }
 

@@ -23,7 +23,7 @@ pub struct Stdin {
 
 impl Stdin {
     pub async fn bind(endpoint: &str, session: Arc<Session>) -> Result<Arc<Self>, ChannelError> {
-        let (sink, recv) = router::bind(endpoint).await?;
+        let (sink, recv) = router::bind("stdin", endpoint).await?;
         let stdin = Arc::new(Self {
             sink: tokio::sync::Mutex::new(sink),
             waiter: Mutex::new(None),
