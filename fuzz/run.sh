@@ -14,7 +14,7 @@ PY="${PYO3_PYTHON:-$(command -v python3)}"
 export LD_LIBRARY_PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYO3_PYTHON="$PY" RUSTC_BOOTSTRAP=1
 cd "$HERE/.."
-for target in wire_decode replica_decode; do
+for target in wire_decode replica_decode raft_rpc_decode; do
     # New corpus entries go to a scratch dir; the committed corpus stays small.
     scratch="$(mktemp -d)"
     cargo fuzz run "$target" "$scratch" "fuzz/corpus/$target" -- \

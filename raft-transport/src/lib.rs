@@ -43,6 +43,8 @@ pub use error::{Error, Result, TlsError};
 pub use node::{PendingProposal, Proposed, ReplicaMetrics, ReplicaNode, ServerState};
 /// The openraft version this crate is built on, for callers that need its types.
 pub use openraft;
+#[doc(hidden)]
+pub use rpc::{decode_request, WireError};
 pub use state_machine::{CommittedEntries, CommittedEntry};
 pub use tls::{KernelCa, NodeIdentity, NodeKey, NodePublicKey};
 pub use types::{NodeId, TypeConfig};

@@ -73,7 +73,7 @@ pub(crate) const STATUS_OK: u8 = 0;
 pub(crate) const STATUS_ERR: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum WireError {
+pub enum WireError {
     #[error("read: {0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("read: {0}")]
@@ -111,10 +111,22 @@ pub(crate) fn header(kind: StreamKind) -> [u8; 2] {
 pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<StreamKind, WireError> {
     let mut h = [0u8; 2];
     recv.read_exact(&mut h).await?;
+    parse_header(h)
+}
+
+fn parse_header(h: [u8; 2]) -> Result<StreamKind, WireError> {
     if h[0] != VERSION {
         return Err(WireError::Version(h[0]));
     }
     StreamKind::from_u8(h[1]).ok_or(WireError::Kind(h[1]))
+}
+
+fn body_len(len: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_RPC_BODY {
+        return Err(WireError::TooLarge(len as u64));
+    }
+    Ok(len)
 }
 
 /// Reads `[len u32][postcard]`.
@@ -123,13 +135,40 @@ pub(crate) async fn read_msg<T: DeserializeOwned>(
 ) -> Result<T, WireError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_RPC_BODY {
-        return Err(WireError::TooLarge(len as u64));
-    }
-    let mut body = vec![0u8; len];
+    let mut body = vec![0u8; body_len(len)?];
     recv.read_exact(&mut body).await?;
     Ok(postcard::from_bytes(&body)?)
+}
+
+/// What a server decodes from a request stream (`[version][kind][len
+/// u32][postcard]`), from a buffer: the same checks and types, for the fuzz
+/// target. Blob and mailbox streams carry raw bytes and decode nothing.
+#[doc(hidden)]
+pub fn decode_request(data: &[u8]) -> Result<(), WireError> {
+    use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    let (h, rest) = data.split_first_chunk::<2>().ok_or(WireError::Kind(0))?;
+    let kind = parse_header(*h)?;
+    let (len, body) = rest
+        .split_first_chunk::<4>()
+        .ok_or(WireError::TooLarge(0))?;
+    let body = body.get(..body_len(*len)?).ok_or(WireError::TooLarge(0))?;
+    match kind {
+        StreamKind::AppendEntries => {
+            postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(body)?;
+        }
+        StreamKind::Vote => {
+            postcard::from_bytes::<VoteRequest<NodeId>>(body)?;
+        }
+        StreamKind::Snapshot => {
+            postcard::from_bytes::<(Vote, SnapshotMeta)>(body)?;
+        }
+        StreamKind::Forward => {
+            postcard::from_bytes::<Vec<u8>>(body)?;
+        }
+        StreamKind::Hello | StreamKind::PutBlob | StreamKind::GetBlob | StreamKind::Message => {}
+    }
+    Ok(())
 }
 
 pub(crate) fn encode_msg<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {

@@ -4,5 +4,8 @@
 //! * [`policy`]: placement with oversubscription, migration and
 //!   autoscaling, as pure functions of a cluster snapshot. The simulator
 //!   ([`crate::sim`]) calls the same functions.
+//! * [`provider`]: where servers come from (a shell command, or in-process
+//!   for the simulator).
 
 pub mod policy;
+pub mod provider;

@@ -101,7 +101,8 @@ pub struct Core {
     waiters: Mutex<HashMap<CellId, oneshot::Sender<CellResult>>>,
     /// Digest requests of `%notebookos verify` running here.
     digests: Mutex<HashMap<String, mpsc::UnboundedSender<(NodeId, String)>>>,
-    /// Our last delta blob, kept so a replica that joins mid-way can fetch it.
+    /// The last delta blob we made or applied, kept so a replica that joins
+    /// mid-way (or missed the push) can fetch it from us.
     last_blob: Mutex<Option<BlobHash>>,
     /// The last decided cell's winner.
     last_winner: Mutex<Option<NodeId>>,
@@ -527,30 +528,44 @@ impl Core {
             Ok(h) => h,
             Err(_) => BlobHash::of(&data),
         };
-        if let Some(old) = lock(&self.last_blob).replace(hash) {
-            if old != hash {
-                self.node.remove_blob(&old);
-            }
-        }
+        self.keep_last_blob(hash);
         Delta::Blob { hash: hash.0, len }
     }
 
-    /// The bytes of a delta, local or fetched from the replica that made it.
+    /// The bytes of a delta: pushed to us, or fetched from the replica that
+    /// made it or, if that one is gone, from any member that kept it. Kept
+    /// here in turn until the next delta, for a replica that joins mid-way.
     async fn delta_bytes(&self, from: NodeId, delta: Delta) -> Option<Bytes> {
-        match delta {
-            Delta::Inline(b) => Some(b),
-            Delta::Blob { hash, .. } => {
-                let hash = BlobHash(hash);
-                if let Some(b) = self.node.remove_blob(&hash) {
+        let hash = match delta {
+            Delta::Inline(b) => return Some(b),
+            Delta::Blob { hash, .. } => BlobHash(hash),
+        };
+        if let Some(b) = self.node.blob(&hash) {
+            self.keep_last_blob(hash);
+            return Some(b);
+        }
+        let others = self
+            .members()
+            .into_iter()
+            .filter(|p| *p != self.id && *p != from);
+        for peer in std::iter::once(from).chain(others) {
+            match self.node.fetch_blob(peer, hash).await {
+                Ok(b) => {
+                    self.node.publish_blob(b.clone());
+                    self.keep_last_blob(hash);
                     return Some(b);
                 }
-                match self.node.fetch_blob(from, hash).await {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::error!(from, error = %e, "state delta unavailable");
-                        None
-                    }
-                }
+                Err(e) => tracing::warn!(peer, error = %e, "could not fetch a state delta"),
+            }
+        }
+        tracing::error!(from, "state delta unavailable from every member");
+        None
+    }
+
+    fn keep_last_blob(&self, hash: BlobHash) {
+        if let Some(old) = lock(&self.last_blob).replace(hash) {
+            if old != hash {
+                self.node.remove_blob(&old);
             }
         }
     }

@@ -9,6 +9,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::cluster::policy::{ClusterView, Policy, PolicyError, Scale, ServerId, ServerView};
+use crate::cluster::provider::{InProcess, Provider};
 use crate::replica::election::{BidOutcome, Elections};
 use crate::replica::entry::Frames;
 
@@ -160,7 +161,7 @@ pub struct Engine<'w> {
     events: BinaryHeap<Reverse<(Ms, Event, u64)>>,
     seq: u64,
     servers: BTreeMap<ServerId, Server>,
-    next_server: usize,
+    provider: InProcess,
     sessions: Vec<SessionState>,
     /// Cells waiting for a GPU, oldest first.
     waiting: VecDeque<(usize, usize)>,
@@ -184,7 +185,7 @@ impl<'w> Engine<'w> {
             events: BinaryHeap::new(),
             seq: 0,
             servers: BTreeMap::new(),
-            next_server: 0,
+            provider: InProcess::default(),
             sessions: workload
                 .sessions
                 .iter()
@@ -210,9 +211,7 @@ impl<'w> Engine<'w> {
             },
             policy,
         };
-        for _ in 0..engine.policy.min_servers {
-            engine.add_server(0);
-        }
+        engine.add_servers(engine.policy.min_servers, 0);
         for (i, s) in workload.sessions.iter().enumerate() {
             engine.at(s.start, Event::SessionStart { session: i });
             engine.at(s.stop, Event::SessionStop { session: i });
@@ -306,24 +305,31 @@ impl<'w> Engine<'w> {
         }
     }
 
-    fn add_server(&mut self, ready_at: Ms) {
-        let id = format!("s{:05}", self.next_server);
-        self.next_server += 1;
-        self.servers.insert(
-            id,
-            Server {
-                gpus: self.policy.gpus_per_server,
-                idle: self.policy.gpus_per_server,
-                subscribed: 0,
-                replicas: 0,
-                draining: false,
-                ready_at,
-                last_active: ready_at,
-            },
-        );
+    /// Asks the provider for `n` servers, taking work from `ready_at`;
+    /// returns how many came.
+    fn add_servers(&mut self, n: usize, ready_at: Ms) -> usize {
+        let Ok(ids) = self.provider.add(n) else {
+            return 0;
+        };
+        let added = ids.len();
+        for id in ids {
+            self.servers.insert(
+                id,
+                Server {
+                    gpus: self.policy.gpus_per_server,
+                    idle: self.policy.gpus_per_server,
+                    subscribed: 0,
+                    replicas: 0,
+                    draining: false,
+                    ready_at,
+                    last_active: ready_at,
+                },
+            );
+        }
         if ready_at > self.now {
             self.at(ready_at, Event::ServerReady);
         }
+        added
     }
 
     fn take(&mut self, id: &str, gpus: u32) {
@@ -638,10 +644,8 @@ impl<'w> Engine<'w> {
         match self.policy.scale(&view, waiting_gpus, short) {
             Scale::Hold => {}
             Scale::Out(n) => {
-                for _ in 0..n {
-                    self.add_server(self.now + self.costs.scale_out_delay);
-                }
-                self.out.servers_added += n;
+                self.out.servers_added +=
+                    self.add_servers(n, self.now + self.costs.scale_out_delay);
             }
             Scale::In(ids) => {
                 for id in ids {
@@ -687,8 +691,10 @@ impl<'w> Engine<'w> {
                 }
             }
         }
-        self.servers.remove(id);
-        self.out.servers_removed += 1;
+        if self.provider.remove(id).is_ok() {
+            self.servers.remove(id);
+            self.out.servers_removed += 1;
+        }
     }
 }
 
