@@ -45,10 +45,12 @@ pub enum Entry {
         front: bool,
     },
     /// The whole namespace for `replica`, pushed to it as a blob by `from`.
+    /// It includes every delta of entries up to log index `upto`.
     Checkpoint {
         replica: NodeId,
         from: NodeId,
         blob: [u8; 32],
+        upto: u64,
     },
     /// Every replica computes its namespace digest and mails it to `from`.
     Verify { nonce: String, from: NodeId },

@@ -41,6 +41,10 @@ use entry::{CellId, Delta, Entry, Frames, Mail};
 
 pub use front::{Front, FrontError};
 
+/// Delta blobs each replica keeps after applying them.
+const RECENT_BLOBS: usize = 4;
+const RECENT_BLOB_BYTES: u64 = 512 << 20;
+
 /// Deltas up to this size travel inside the log entry; larger ones as blobs.
 const INLINE_DELTA: usize = 64 << 10;
 /// How often a replica that yielded checks whether it can lead now.
@@ -73,10 +77,11 @@ pub enum CellResult {
 #[derive(Debug)]
 enum Restore {
     Current,
-    /// Waiting; after our own MemberJoin, deltas are kept to replay on the checkpoint.
+    /// Waiting; after our own MemberJoin, deltas are kept (with their log
+    /// index) to replay those the checkpoint does not include.
     Waiting {
         joined: bool,
-        buffered: Vec<(NodeId, Delta)>,
+        buffered: Vec<(u64, NodeId, Delta)>,
     },
 }
 
@@ -103,7 +108,9 @@ pub struct Core {
     digests: Mutex<HashMap<String, mpsc::UnboundedSender<(NodeId, String)>>>,
     /// The last delta blob we made or applied, kept so a replica that joins
     /// mid-way (or missed the push) can fetch it from us.
-    last_blob: Mutex<Option<BlobHash>>,
+    recent_blobs: Mutex<std::collections::VecDeque<(BlobHash, u64)>>,
+    /// Log index of the last entry fully applied here.
+    applied: std::sync::atomic::AtomicU64,
     /// The last decided cell's winner.
     last_winner: Mutex<Option<NodeId>>,
     /// Set on the replica facing Jupyter.
@@ -157,7 +164,8 @@ impl Core {
             yield_file: std::env::var_os("NOTEBOOKOS_YIELD_FILE").map(PathBuf::from),
             waiters: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
-            last_blob: Mutex::new(None),
+            recent_blobs: Mutex::new(std::collections::VecDeque::new()),
+            applied: std::sync::atomic::AtomicU64::new(0),
             last_winner: Mutex::new(None),
             front: OnceLock::new(),
             gpu: crate::gpu::Grants::from_env(),
@@ -252,17 +260,19 @@ impl Core {
             match Entry::decode(&e.data) {
                 Ok(entry) => {
                     tracing::debug!(index = e.index, entry = entry.kind(), "apply");
-                    self.apply(entry).await
+                    self.apply(entry, e.index).await
                 }
                 Err(err) => tracing::warn!(index = e.index, "skipping log entry: {err}"),
             }
+            self.applied
+                .store(e.index, std::sync::atomic::Ordering::Release);
             if *self.stop.borrow() {
                 return;
             }
         }
     }
 
-    async fn apply(self: &Arc<Self>, entry: Entry) {
+    async fn apply(self: &Arc<Self>, entry: Entry, index: u64) {
         match entry {
             Entry::Request {
                 cell,
@@ -293,7 +303,7 @@ impl Core {
                     return;
                 }
                 if replica != self.id {
-                    self.take_delta(replica, delta).await;
+                    self.take_delta(index, replica, delta).await;
                 }
                 self.resolve(&cell, CellResult::Reply(reply));
             }
@@ -340,10 +350,11 @@ impl Core {
                 replica,
                 from,
                 blob,
+                upto,
             } => {
                 let hash = BlobHash(blob);
                 if replica == self.id && self.is_restoring() {
-                    self.restore_from(from, hash).await;
+                    self.restore_from(from, hash, upto).await;
                 } else {
                     self.node.remove_blob(&hash);
                 }
@@ -528,7 +539,7 @@ impl Core {
             Ok(h) => h,
             Err(_) => BlobHash::of(&data),
         };
-        self.keep_last_blob(hash);
+        self.keep_recent_blob(hash, len);
         Delta::Blob { hash: hash.0, len }
     }
 
@@ -541,7 +552,7 @@ impl Core {
             Delta::Blob { hash, .. } => BlobHash(hash),
         };
         if let Some(b) = self.node.blob(&hash) {
-            self.keep_last_blob(hash);
+            self.keep_recent_blob(hash, b.len() as u64);
             return Some(b);
         }
         let others = self
@@ -552,7 +563,7 @@ impl Core {
             match self.node.fetch_blob(peer, hash).await {
                 Ok(b) => {
                     self.node.publish_blob(b.clone());
-                    self.keep_last_blob(hash);
+                    self.keep_recent_blob(hash, b.len() as u64);
                     return Some(b);
                 }
                 Err(e) => tracing::warn!(peer, error = %e, "could not fetch a state delta"),
@@ -562,15 +573,27 @@ impl Core {
         None
     }
 
-    fn keep_last_blob(&self, hash: BlobHash) {
-        if let Some(old) = lock(&self.last_blob).replace(hash) {
-            if old != hash {
+    /// Keeps the last few delta blobs fetchable from here (at most
+    /// `RECENT_BLOBS`, and past the newest no more than `RECENT_BLOB_BYTES`):
+    /// a replica that joins mid-way, or missed a push, may still need one.
+    fn keep_recent_blob(&self, hash: BlobHash, len: u64) {
+        let mut recent = lock(&self.recent_blobs);
+        if recent.iter().any(|(h, _)| *h == hash) {
+            return;
+        }
+        recent.push_back((hash, len));
+        loop {
+            let total: u64 = recent.iter().map(|(_, l)| l).sum();
+            if recent.len() <= 1 || (recent.len() <= RECENT_BLOBS && total <= RECENT_BLOB_BYTES) {
+                break;
+            }
+            if let Some((old, _)) = recent.pop_front() {
                 self.node.remove_blob(&old);
             }
         }
     }
 
-    async fn take_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
+    async fn take_delta(self: &Arc<Self>, index: u64, from: NodeId, delta: Delta) {
         {
             let mut restore = lock(&self.restore);
             match &mut *restore {
@@ -581,7 +604,7 @@ impl Core {
                     joined: true,
                     buffered,
                 } => {
-                    buffered.push((from, delta));
+                    buffered.push((index, from, delta));
                     return;
                 }
             }
@@ -636,6 +659,9 @@ impl Core {
             tracing::warn!(replica, error = %e, "could not add replica");
             return;
         }
+        // Everything applied so far is in the checkpoint; an entry being
+        // applied meanwhile may be too, and replaying it is harmless.
+        let upto = self.applied.load(std::sync::atomic::Ordering::Acquire);
         let packed = match statesync::checkpoint(&self.exec).await {
             Ok(p) => p,
             Err(e) => {
@@ -655,6 +681,7 @@ impl Core {
             replica,
             from: self.id,
             blob: hash.0,
+            upto,
         };
         if let Err(e) = self.propose(&entry).await {
             tracing::warn!(replica, error = %e, "could not propose checkpoint");
@@ -666,7 +693,7 @@ impl Core {
         tracing::info!(replica, "replica joined");
     }
 
-    async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash) {
+    async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash, upto: u64) {
         let data = match self.node.remove_blob(&hash) {
             Some(d) => Ok(d),
             None => self
@@ -690,7 +717,7 @@ impl Core {
             Restore::Waiting { buffered, .. } => buffered,
             Restore::Current => Vec::new(),
         };
-        for (from, delta) in buffered {
+        for (_, from, delta) in buffered.into_iter().filter(|(index, ..)| *index > upto) {
             self.apply_delta(from, delta).await;
         }
         tracing::info!(id = self.id, "caught up from checkpoint");
