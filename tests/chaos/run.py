@@ -102,6 +102,7 @@ def run(n_cells, n_faults, seed, netns, tmp):
                 shaping_until = None
             kind = faults.get(i)
             if kind:
+                print(f"[chaos] cell {i}: {kind}", file=sys.stderr, flush=True)
                 report["faults"][kind] = report["faults"].get(kind, 0) + 1
                 if frozen is None:
                     rk.wait_members(3)

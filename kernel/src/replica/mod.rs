@@ -41,6 +41,9 @@ use entry::{CellId, Delta, Entry, Frames, Mail};
 
 pub use front::{Front, FrontError};
 
+/// How often the leader checks that downed replicas left Raft's membership.
+const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Delta blobs each replica keeps after applying them.
 const RECENT_BLOBS: usize = 4;
 const RECENT_BLOB_BYTES: u64 = 512 << 20;
@@ -185,6 +188,7 @@ impl Core {
             tracing::error!("cannot start namespace replication: {e}");
         }
         tokio::spawn(self.clone().apply_loop());
+        tokio::spawn(self.clone().reconcile_membership());
         if let Some(inbox) = self.node.take_messages() {
             tokio::spawn(self.clone().mail_loop(inbox));
         }
@@ -254,6 +258,39 @@ impl Core {
             .unwrap_or(false)
     }
 
+    /// Leader: removes from Raft's membership every replica the log has
+    /// declared down. A removal refused because another membership change is
+    /// in flight, or lost to a change of leader, is retried here, so a dead
+    /// voter never lingers to cost the group its quorum.
+    async fn reconcile_membership(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let m = self.node.metrics();
+            let stale: Vec<NodeId> = {
+                let elections = lock(&self.elections);
+                m.voters
+                    .iter()
+                    .chain(&m.learners)
+                    .copied()
+                    .filter(|id| elections.is_down(*id))
+                    .collect()
+            };
+            for replica in stale {
+                match self.node.remove(replica).await {
+                    Ok(()) => tracing::info!(replica, "removed a downed replica from the group"),
+                    Err(e) => tracing::debug!(replica, error = %e, "removal will be retried"),
+                }
+            }
+        }
+    }
+
     async fn apply_loop(self: Arc<Self>) {
         let mut committed = self.node.subscribe_committed();
         while let Some(e) = committed.next().await {
@@ -318,14 +355,7 @@ impl Core {
                     self.stop.send_replace(true);
                     return;
                 }
-                if self.is_leader() {
-                    let core = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = core.node.remove(replica).await {
-                            tracing::warn!(replica, error = %e, "could not remove replica");
-                        }
-                    });
-                }
+                // Removal from Raft's membership: `reconcile_membership`.
                 if let Some(front) = self.front.get() {
                     front.member_down(replica);
                 }
