@@ -40,6 +40,10 @@ fn main() -> anyhow::Result<()> {
         runtime.block_on(notebookos_kernel::agent::run(opts))?;
         return Ok(());
     }
+    if argv.peek().map(String::as_str) == Some("cluster") {
+        argv.next();
+        return runtime.block_on(cluster_command(argv));
+    }
     if argv.peek().map(String::as_str) == Some("replica") {
         argv.next();
         let bootstrap = match (argv.next().as_deref(), argv.next()) {
@@ -77,7 +81,9 @@ fn agent_options(
         socket: notebookos_kernel::agent::default_socket(),
         fake_gpus: None,
         metrics: None,
+        cluster: None,
     };
+    let (mut cluster, mut name) = (None, None);
     let mut args = args;
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -85,10 +91,47 @@ fn agent_options(
             "--socket" => opts.socket = PathBuf::from(value()?),
             "--fake-gpus" => opts.fake_gpus = Some(value()?.parse().context("--fake-gpus N")?),
             "--metrics" => opts.metrics = Some(value()?),
-            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] (unknown {other})"),
+            "--cluster" => cluster = Some(PathBuf::from(value()?)),
+            "--name" => name = Some(value()?),
+            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER] (unknown {other})"),
         }
     }
+    opts.cluster = match (cluster, name) {
+        (Some(config), Some(name)) => {
+            Some(notebookos_kernel::agent::ClusterMembership { config, name })
+        }
+        (None, None) => None,
+        _ => bail!("--cluster FILE and --name SERVER go together"),
+    };
     Ok(opts)
+}
+
+const CLUSTER_USAGE: &str =
+    "usage: notebookos-kernel cluster (new-ca FILE | status CONFIG [--from IP])";
+
+/// `cluster new-ca FILE`: a cluster CA; `cluster status CONFIG`: every
+/// agent's inventory, as JSON.
+async fn cluster_command(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    use notebookos_kernel::cluster::{client, config};
+    match (args.next().as_deref(), args.next()) {
+        (Some("new-ca"), Some(file)) => {
+            config::write_new_ca(std::path::Path::new(&file))?;
+            Ok(())
+        }
+        (Some("status"), Some(file)) => {
+            let from: std::net::IpAddr = match (args.next().as_deref(), args.next()) {
+                (Some("--from"), Some(ip)) => ip.parse().context("--from IP")?,
+                (None, _) => "127.0.0.1".parse()?,
+                _ => bail!("{CLUSTER_USAGE}"),
+            };
+            let cfg = config::ClusterConfig::load(std::path::Path::new(&file))?;
+            let cluster = client::ClusterClient::new(cfg, std::net::SocketAddr::new(from, 0))?;
+            let inventories = cluster.inventories().await;
+            println!("{}", serde_json::to_string_pretty(&inventories)?);
+            Ok(())
+        }
+        _ => bail!("{CLUSTER_USAGE}"),
+    }
 }
 
 const SIMULATE_USAGE: &str = "usage: notebookos-kernel simulate \

@@ -27,6 +27,7 @@
 pub mod bulk;
 pub mod config;
 mod connection;
+pub mod control;
 pub mod error;
 pub mod log_store;
 mod network;

@@ -7,9 +7,12 @@
 //! * [`inventory`]: GPUs from the CUDA driver (loaded at run time) or fake ones.
 //! * [`protocol`]: the JSON-lines protocol on the agent's Unix socket.
 //! * [`client`]: what a replica uses.
+//! * [`control`]: the cluster side (`--cluster`): inventory, replicas
+//!   started and stopped for kernels, drain; over QUIC with mutual TLS.
 //! * `metrics`: the Prometheus text.
 
 pub mod client;
+pub mod control;
 pub mod grants;
 pub mod inventory;
 mod metrics;
@@ -38,6 +41,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::config::ConfigError),
+    #[error("cluster control on {addr}: {source}")]
+    Control {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: raft_transport::Error,
+    },
     #[error("metrics address {addr}: {source}")]
     Metrics {
         addr: String,
@@ -52,6 +63,13 @@ pub struct AgentOptions {
     pub fake_gpus: Option<u32>,
     /// Where to serve `/metrics` (e.g. 127.0.0.1:9464); `None`: not served.
     pub metrics: Option<String>,
+    /// Serve the cluster control protocol as this server of this cluster.
+    pub cluster: Option<ClusterMembership>,
+}
+
+pub struct ClusterMembership {
+    pub config: PathBuf,
+    pub name: String,
 }
 
 struct Agent {
@@ -110,6 +128,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             move || agent.status()
         }));
     }
+    if let Some(membership) = &opts.cluster {
+        serve_cluster(agent.clone(), membership, &opts.socket)?;
+    }
     tokio::spawn(expire_loop(agent.clone()));
     loop {
         match listener.accept().await {
@@ -122,6 +143,39 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         }
     }
+}
+
+/// Serves the cluster control protocol at this server's configured address.
+fn serve_cluster(
+    agent: Arc<Agent>,
+    membership: &ClusterMembership,
+    socket: &std::path::Path,
+) -> Result<(), AgentError> {
+    let config = crate::cluster::config::ClusterConfig::load(&membership.config)?;
+    let entry = config.server(&membership.name)?.clone();
+    let identity = config.identity(config.server_id(&membership.name)?)?;
+    let control_err = |source| AgentError::Control {
+        addr: entry.agent,
+        source,
+    };
+    let server = raft_transport::control::ControlServer::bind(&identity, entry.agent)
+        .map_err(control_err)?;
+    let program = std::env::current_exe().map_err(|e| control_err(e.into()))?;
+    let state_root = socket
+        .parent()
+        .map_or_else(std::env::temp_dir, std::path::Path::to_path_buf)
+        .join("replicas");
+    let host = Arc::new(control::Host::new(
+        membership.name.clone(),
+        entry.agent.ip(),
+        socket.to_owned(),
+        state_root,
+        program,
+        Box::new(move || agent.gpu_counts()),
+    ));
+    tracing::info!(server = %membership.name, addr = %entry.agent, "serving cluster control");
+    tokio::spawn(server.serve(move |request| host.clone().answer(request)));
+    Ok(())
 }
 
 async fn expire_loop(agent: Arc<Agent>) {
@@ -221,6 +275,13 @@ impl Agent {
             }
             Request::Status => Response::Status(self.status()),
         }
+    }
+
+    /// (GPUs, GPUs no grant holds).
+    fn gpu_counts(&self) -> (u32, u32) {
+        let total = self.gpus.len() as u32;
+        let held: usize = self.lock().active().iter().map(|g| g.gpus.len()).sum();
+        (total, total.saturating_sub(held as u32))
     }
 
     fn status(&self) -> Status {

@@ -4,8 +4,13 @@
 //! * [`policy`]: placement with oversubscription, migration and
 //!   autoscaling, as pure functions of a cluster snapshot. The simulator
 //!   ([`crate::sim`]) calls the same functions.
+//! * [`config`]: `cluster.json`, the servers and the cluster CA.
+//! * [`client`]: calls to the agents (QUIC, mutual TLS), and the policy's
+//!   snapshot from their inventories.
 //! * [`provider`]: where servers come from (a shell command, or in-process
 //!   for the simulator).
 
+pub mod client;
+pub mod config;
 pub mod policy;
 pub mod provider;

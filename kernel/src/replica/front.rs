@@ -150,6 +150,7 @@ impl Front {
                 state: plan.state.clone(),
                 program,
                 hash_seed: plan.hash_seed,
+                env: Vec::new(),
             },
             comm_owners: Mutex::new(HashMap::new()),
             argv: opts.argv,

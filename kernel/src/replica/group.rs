@@ -63,7 +63,7 @@ pub struct GroupState {
 }
 
 /// What the front hands a replica it starts (read once, then deleted).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bootstrap {
     pub id: NodeId,
     pub kernel_id: String,
@@ -102,7 +102,11 @@ impl StateDir {
             std::fs::canonicalize(connection_file).unwrap_or_else(|_| connection_file.to_owned());
         let digest = Sha256::digest(abs.to_string_lossy().as_bytes());
         let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        let path = base.join(name);
+        Self::private(base.join(name))
+    }
+
+    /// `path` as a private state directory (created 0700, or tightened).
+    pub fn private(path: PathBuf) -> Result<Self, GroupError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

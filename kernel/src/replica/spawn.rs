@@ -28,6 +28,8 @@ pub struct LocalSpawner {
     pub state: StateDir,
     pub program: PathBuf,
     pub hash_seed: u32,
+    /// Added to the replica's environment (an agent points replicas at itself).
+    pub env: Vec<(String, String)>,
 }
 
 struct LocalProcess {
@@ -93,6 +95,7 @@ impl Spawner for LocalSpawner {
             .arg("--bootstrap")
             .arg(&file)
             .env("PYTHONHASHSEED", self.hash_seed.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

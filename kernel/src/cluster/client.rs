@@ -1,0 +1,132 @@
+//! Talking to the cluster's agents: one call to one agent, or every agent's
+//! inventory at once, turned into the snapshot the policy reads.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use raft_transport::control::ControlClient;
+
+use super::config::{ClusterConfig, ConfigError, CALLER_ID};
+use super::policy::{ClusterView, ServerView};
+use crate::agent::control::{ControlRequest, ControlResponse, Inventory};
+
+/// An agent that does not answer within this is treated as gone.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("agent {server}: {source}")]
+    Transport {
+        server: String,
+        #[source]
+        source: raft_transport::Error,
+    },
+    #[error("agent {server} answered with something unreadable: {message}")]
+    Protocol { server: String, message: String },
+    #[error("agent {server}: {message}")]
+    Refused { server: String, message: String },
+}
+
+pub struct ClusterClient {
+    pub config: ClusterConfig,
+    control: ControlClient,
+}
+
+impl ClusterClient {
+    /// `local` is the address to call from (this server's, port 0).
+    pub fn new(config: ClusterConfig, local: SocketAddr) -> Result<Self, ClusterError> {
+        let identity = config.identity(CALLER_ID)?;
+        let control =
+            ControlClient::new(&identity, local).map_err(|source| ClusterError::Transport {
+                server: "(local endpoint)".into(),
+                source,
+            })?;
+        Ok(Self { config, control })
+    }
+
+    pub async fn call(
+        &self,
+        server: &str,
+        request: &ControlRequest,
+    ) -> Result<ControlResponse, ClusterError> {
+        let entry = self.config.server(server)?;
+        let id = self.config.server_id(server)?;
+        let body = serde_json::to_vec(request).map_err(|e| ClusterError::Protocol {
+            server: server.to_owned(),
+            message: e.to_string(),
+        })?;
+        let raw = self
+            .control
+            .call(entry.agent, id, &body, CALL_TIMEOUT)
+            .await
+            .map_err(|source| ClusterError::Transport {
+                server: server.to_owned(),
+                source,
+            })?;
+        match serde_json::from_slice(&raw) {
+            Ok(ControlResponse::Error { message }) => Err(ClusterError::Refused {
+                server: server.to_owned(),
+                message,
+            }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ClusterError::Protocol {
+                server: server.to_owned(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Every agent's inventory, asked at once; agents that do not answer
+    /// are left out (and logged).
+    pub async fn inventories(&self) -> Vec<Inventory> {
+        let mut calls = tokio::task::JoinSet::new();
+        for s in &self.config.servers {
+            let name = s.name.clone();
+            calls.spawn({
+                let request = ControlRequest::Inventory;
+                let (control, agent, id) = (
+                    self.control.clone(),
+                    s.agent,
+                    self.config.server_id(&name).unwrap_or(0),
+                );
+                async move {
+                    let body = serde_json::to_vec(&request).unwrap_or_default();
+                    let raw = control.call(agent, id, &body, CALL_TIMEOUT).await;
+                    (name, raw)
+                }
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(Ok((name, raw))) = calls.join_next().await {
+            match raw.map(|b| serde_json::from_slice::<ControlResponse>(&b)) {
+                Ok(Ok(ControlResponse::Inventory(inv))) => out.push(inv),
+                Ok(other) => {
+                    tracing::warn!(server = %name, "unexpected inventory answer: {other:?}")
+                }
+                Err(e) => tracing::warn!(server = %name, error = %e, "agent unreachable"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// The policy's snapshot of the servers that answered.
+pub fn view(inventories: &[Inventory]) -> ClusterView {
+    ClusterView {
+        servers: inventories
+            .iter()
+            .map(|inv| ServerView {
+                id: inv.name.clone(),
+                gpus: inv.gpus,
+                idle_gpus: inv.idle_gpus,
+                subscribed: inv.replicas.iter().map(|r| r.gpus).sum(),
+                replicas: inv.replicas.len() as u32,
+                draining: inv.draining,
+                idle_for: Duration::ZERO,
+            })
+            .collect(),
+    }
+}

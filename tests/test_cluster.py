@@ -1,0 +1,95 @@
+"""Agents of a cluster over QUIC: three agents (fake GPUs) serve the cluster
+control protocol with the cluster's mutual TLS; `cluster status` asks each
+for its inventory; an agent that is gone is left out, not fatal."""
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+from conftest import KERNEL_BIN
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status(config):
+    out = subprocess.run([str(KERNEL_BIN), "cluster", "status", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout), out.stderr
+
+
+def test_agents_report_inventory_over_quic(tmp_path):
+    ca = tmp_path / "ca.pem"
+    subprocess.run([str(KERNEL_BIN), "cluster", "new-ca", str(ca)], check=True, timeout=30)
+    assert stat.S_IMODE(ca.stat().st_mode) == 0o600
+    names = ["s1", "s2", "s3"]
+    config = tmp_path / "cluster.json"
+    config.write_text(json.dumps({
+        "ca": "ca.pem",
+        "servers": [{"name": n, "agent": f"127.0.0.1:{free_udp_port()}"} for n in names],
+    }))
+    agents = {
+        n: subprocess.Popen([str(KERNEL_BIN), "agent", "--fake-gpus", "2", "--socket",
+                             str(tmp_path / n / "agent.sock"), "--cluster", str(config),
+                             "--name", n])
+        for n in names
+    }
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            inventories, _ = status(config)
+            if len(inventories) == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [i["name"] for i in inventories] == names
+        for i in inventories:
+            assert (i["gpus"], i["idle_gpus"], i["replicas"], i["draining"]) == (2, 2, [], False)
+
+        agents["s2"].send_signal(signal.SIGKILL)
+        agents["s2"].wait(timeout=10)
+        inventories, stderr = status(config)
+        assert [i["name"] for i in inventories] == ["s1", "s3"]
+        assert "s2" in stderr and "unreachable" in stderr
+
+        # Misconfigured: an agent whose name is not in the config says so and exits.
+        bad = subprocess.run([str(KERNEL_BIN), "agent", "--fake-gpus", "1", "--socket",
+                              str(tmp_path / "x" / "agent.sock"), "--cluster", str(config),
+                              "--name", "nope"], capture_output=True, text=True, timeout=30)
+        assert bad.returncode != 0 and "no server named \"nope\"" in bad.stderr
+    finally:
+        for p in agents.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
+
+
+def test_kubernetes_daemonset_runs_the_agent_with_the_nodes_gpus():
+    import yaml
+
+    from conftest import ROOT
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "notebookos-agent.yaml").read_text()))
+    [ds] = [d for d in docs if d["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    [agent] = pod["containers"]
+    args = agent["args"]
+    assert args[0] == "agent"
+    # Every flag the manifest passes is one the agent accepts: run its parser.
+    flags = dict(zip(args[1::2], args[2::2]))
+    assert set(flags) == {"--cluster", "--name", "--socket", "--metrics"}
+    out = subprocess.run([str(KERNEL_BIN), "agent", "--no-such-flag"], capture_output=True,
+                         text=True, timeout=30)
+    for flag in flags:
+        assert flag in out.stderr, (flag, out.stderr)
+    assert int(agent["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert pod["hostNetwork"] is True
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert os.path.dirname(flags["--cluster"]) in mounts
