@@ -105,10 +105,7 @@ impl Host {
         }
     }
 
-    fn hosted(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<(String, NodeId), (Hosted, Box<dyn ReplicaProcess>)>>
-    {
+    fn hosted(&self) -> std::sync::MutexGuard<'_, HostedReplicas> {
         self.hosted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
