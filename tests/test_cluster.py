@@ -4,13 +4,17 @@ for its inventory; an agent that is gone is left out, not fatal."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 
-from conftest import KERNEL_BIN
+import pytest
+
+from conftest import KERNEL_BIN, ROOT
 
 
 def free_udp_port():
@@ -74,8 +78,6 @@ def test_agents_report_inventory_over_quic(tmp_path):
 def test_kubernetes_daemonset_runs_the_agent_with_the_nodes_gpus():
     import yaml
 
-    from conftest import ROOT
-
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "notebookos-agent.yaml").read_text()))
     [ds] = [d for d in docs if d["kind"] == "DaemonSet"]
     pod = ds["spec"]["template"]["spec"]
@@ -93,3 +95,24 @@ def test_kubernetes_daemonset_runs_the_agent_with_the_nodes_gpus():
     assert pod["hostNetwork"] is True
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert os.path.dirname(flags["--cluster"]) in mounts
+
+
+def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path):
+    """Four servers as network namespaces (tests/cluster/netns.py): two
+    kernels each get 3 distinct servers; cutting one server off gets its
+    replicas replaced on a server the kernel did not use, state intact."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 for network namespaces")
+    report_file = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster" / "netns.py"),
+                          "--json", str(report_file)], capture_output=True, text=True, timeout=600)
+    assert report_file.exists(), run.stdout[-3000:] + run.stderr[-5000:]
+    report = json.loads(report_file.read_text())
+    for hosts in report["kernels"]:
+        assert len(set(hosts.values())) == 3 and "h1" in hosts.values(), report
+    cut = report["cut"]
+    replaced = report["replaced"]
+    assert cut not in replaced.values() and len(set(replaced.values())) == 3, report
+    assert report["verify"].startswith("all 3 replicas hold the same namespace"), report
+    assert report["values"] == ["42", "19999900000"], report
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -46,8 +46,8 @@ def current(single):
         "replicas": [
             {
                 "id": r["id"],
-                # Replicas start on this host unless a cluster places them (not built yet).
-                "host": host,
+                # A cluster names each replica's server; else they run here.
+                "host": r.get("host") or host,
                 "pid": r.get("pid") or "?",
                 "role": r["role"] + (", Raft leader" if r.get("leader") else ""),
                 "state": r["state"],

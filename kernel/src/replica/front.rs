@@ -12,7 +12,8 @@ use std::time::Duration;
 use raft_transport::{KernelCa, NodeId, ReplicaNode};
 
 use super::entry::{Entry, Frames, Mail};
-use super::group::{self, Bootstrap, GroupError, GroupState, Member, StateDir};
+use super::group::{Bootstrap, GroupError, GroupState, Member, StateDir};
+use super::remote::ClusterPlacement;
 use super::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
 use super::{lock, CellResult, Core, CoreConfig};
 use crate::channels::iopub::Iopub;
@@ -50,7 +51,7 @@ impl Plan {
             Ok(p) => p.filter(|g| {
                 g.members
                     .iter()
-                    .any(|m| m.id != g.front && group::pid_alive(m.pid))
+                    .any(|m| m.id != g.front && m.may_be_alive())
             }),
             Err(e) => {
                 tracing::warn!("ignoring unreadable replica state: {e}");
@@ -97,6 +98,8 @@ pub struct Front {
     group: Mutex<GroupState>,
     processes: Mutex<BTreeMap<NodeId, Box<dyn ReplicaProcess>>>,
     spawner: LocalSpawner,
+    /// Set when the kernel's replicas go to a cluster's servers.
+    cluster: Option<ClusterPlacement>,
     /// Which replica owns each comm (the one whose Python opened it).
     comm_owners: Mutex<HashMap<String, NodeId>>,
     argv: Vec<String>,
@@ -131,7 +134,13 @@ impl Front {
         let me = gstate.next_id;
         gstate.next_id += 1;
         let identity = ca.issue_identity(me).map_err(GroupError::from)?;
-        let listen: SocketAddr = format!("{}:0", opts.listen_ip)
+        let cluster = ClusterPlacement::from_env(plan.hash_seed)?;
+        let listen_ip = match &cluster {
+            // Peers on other servers must reach us: this server's address.
+            Some(c) => c.ip()?.to_string(),
+            None => opts.listen_ip,
+        };
+        let listen: SocketAddr = format!("{listen_ip}:0")
             .parse()
             .map_err(|e| GroupError::Start(format!("replica listen address: {e}")))?;
         let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
@@ -152,9 +161,10 @@ impl Front {
                 hash_seed: plan.hash_seed,
                 env: Vec::new(),
             },
+            cluster,
             comm_owners: Mutex::new(HashMap::new()),
             argv: opts.argv,
-            listen_ip: opts.listen_ip,
+            listen_ip,
             replicas: plan.replicas,
             stopping: AtomicBool::new(false),
         });
@@ -187,19 +197,28 @@ impl Front {
                 .parse()
                 .map_err(|e| GroupError::Start(format!("{e}")))?,
         );
+        if let Some(cluster) = &self.cluster {
+            let mut in_use = vec![cluster.me.clone()];
+            for _ in 1..self.replicas {
+                let (id, bootstrap) = self.bootstrap(ca, false)?;
+                let (server, process, addr) = cluster.start(bootstrap, &in_use).await?;
+                in_use.push(server);
+                members.insert(id, parse_addr(id, &addr)?);
+                self.adopt(id, addr, process);
+            }
+        }
         let mut started = Vec::new();
         for _ in 1..self.replicas {
+            if self.cluster.is_some() {
+                break;
+            }
             let (id, process) = self.launch(ca, false)?;
             started.push((id, process));
         }
         for (id, process) in started {
             let addr =
                 spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
-            members.insert(
-                id,
-                addr.parse()
-                    .map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")))?,
-            );
+            members.insert(id, parse_addr(id, &addr)?);
             self.adopt(id, addr, process);
         }
         {
@@ -209,6 +228,7 @@ impl Front {
                 id: core.id,
                 addr: my_addr.to_owned(),
                 pid: std::process::id(),
+                host: self.cluster.as_ref().map(|c| c.me.clone()),
             });
             g.members.sort_by_key(|m| m.id);
         }
@@ -229,7 +249,7 @@ impl Front {
             let g = lock(&self.group);
             g.members
                 .iter()
-                .filter(|m| m.id != old_front && group::pid_alive(m.pid))
+                .filter(|m| m.id != old_front && m.may_be_alive())
                 .cloned()
                 .collect()
         };
@@ -242,12 +262,15 @@ impl Front {
         for entry in [down, join] {
             propose_via_any(&core.node, &survivors, entry.encode()).await?;
         }
+        let kernel_id = lock(&self.group).kernel_id.clone();
         for m in &survivors {
-            self.adopt(
-                m.id,
-                m.addr.clone(),
-                Box::new(AdoptedProcess { pid: m.pid }),
-            );
+            let process: Box<dyn ReplicaProcess> = match (&m.host, &self.cluster) {
+                (Some(server), Some(cluster)) => {
+                    Box::new(cluster.adopt(server.clone(), kernel_id.clone(), m.id, m.pid))
+                }
+                _ => Box::new(AdoptedProcess { pid: m.pid }),
+            };
+            self.adopt(m.id, m.addr.clone(), process);
         }
         {
             let mut g = lock(&self.group);
@@ -257,6 +280,7 @@ impl Front {
                 id: core.id,
                 addr: my_addr.to_owned(),
                 pid: std::process::id(),
+                host: self.cluster.as_ref().map(|c| c.me.clone()),
             });
         }
         self.save();
@@ -272,6 +296,13 @@ impl Front {
         ca: &KernelCa,
         joining: bool,
     ) -> Result<(NodeId, Box<dyn ReplicaProcess>), FrontError> {
+        let (id, bootstrap) = self.bootstrap(ca, joining)?;
+        let process = self.spawner.spawn(&bootstrap)?;
+        Ok((id, process))
+    }
+
+    /// A new replica's id and what it starts from.
+    fn bootstrap(&self, ca: &KernelCa, joining: bool) -> Result<(NodeId, Bootstrap), FrontError> {
         let (id, front) = {
             let mut g = lock(&self.group);
             let id = g.next_id;
@@ -294,16 +325,32 @@ impl Front {
             argv,
             listen: format!("{}:0", self.listen_ip),
         };
-        let process = self.spawner.spawn(&bootstrap)?;
-        Ok((id, process))
+        Ok((id, bootstrap))
+    }
+
+    /// The servers this kernel's live replicas use.
+    fn hosts_in_use(&self, cluster: &ClusterPlacement) -> Vec<String> {
+        let mut hosts: Vec<String> = lock(&self.processes)
+            .values()
+            .filter(|p| p.alive())
+            .filter_map(|p| p.host())
+            .collect();
+        hosts.push(cluster.me.clone());
+        hosts
     }
 
     fn adopt(&self, id: NodeId, addr: String, process: Box<dyn ReplicaProcess>) {
         let pid = process.pid();
+        let host = process.host();
         lock(&self.processes).insert(id, process);
         let mut g = lock(&self.group);
         g.members.retain(|m| m.id != id);
-        g.members.push(Member { id, addr, pid });
+        g.members.push(Member {
+            id,
+            addr,
+            pid,
+            host,
+        });
         g.members.sort_by_key(|m| m.id);
     }
 
@@ -348,8 +395,20 @@ impl Front {
         if self.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (id, process) = self.launch(ca, true)?;
-        let addr = spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
+        let (id, process, addr) = match &self.cluster {
+            Some(cluster) => {
+                let in_use = self.hosts_in_use(cluster);
+                let (id, bootstrap) = self.bootstrap(ca, true)?;
+                let (_, process, addr) = cluster.start(bootstrap, &in_use).await?;
+                (id, process, addr)
+            }
+            None => {
+                let (id, process) = self.launch(ca, true)?;
+                let addr =
+                    spawn::wait_for_addr(&self.state, id, process.as_ref(), START_TIMEOUT).await?;
+                (id, process, addr)
+            }
+        };
         self.adopt(id, addr.clone(), process);
         self.save();
         core.propose(&Entry::MemberJoin {
@@ -380,6 +439,15 @@ impl Front {
         self.state.remove();
         core.stop.send_replace(true);
         let _ = core.node.shutdown().await;
+    }
+
+    /// The cluster server of each replica that runs on one.
+    pub fn hosts(&self) -> HashMap<NodeId, String> {
+        lock(&self.group)
+            .members
+            .iter()
+            .filter_map(|m| Some((m.id, m.host.clone()?)))
+            .collect()
     }
 
     pub fn pids(&self) -> HashMap<NodeId, u32> {
@@ -573,6 +641,11 @@ impl Core {
             front.stop(self).await;
         }
     }
+}
+
+fn parse_addr(id: NodeId, addr: &str) -> Result<SocketAddr, FrontError> {
+    addr.parse()
+        .map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")).into())
 }
 
 pub fn default_listen_ip() -> String {

@@ -44,6 +44,17 @@ pub struct Member {
     pub id: NodeId,
     pub addr: String,
     pub pid: u32,
+    /// The cluster server it runs on; absent: the front's machine.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl Member {
+    /// Whether it may still run: a local pid that exists, or a replica on
+    /// another server (its agent will say).
+    pub fn may_be_alive(&self) -> bool {
+        self.host.is_some() || pid_alive(self.pid)
+    }
 }
 
 /// `group.json`.
@@ -206,6 +217,7 @@ mod tests {
                 id: 1,
                 addr: "127.0.0.1:1".into(),
                 pid: 1,
+                host: None,
             }],
             next_id: 4,
         };

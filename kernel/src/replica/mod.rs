@@ -19,6 +19,7 @@ pub mod front;
 pub mod group;
 pub mod peer;
 mod relay;
+mod remote;
 pub mod spawn;
 pub mod statesync;
 
@@ -871,6 +872,7 @@ impl Group for Core {
         let m = self.node.metrics();
         let front = self.front_id();
         let processes = self.front.get().map(|f| f.pids()).unwrap_or_default();
+        let hosts = self.front.get().map(|f| f.hosts()).unwrap_or_default();
         let replicas: Vec<_> = m
             .voters
             .iter()
@@ -883,6 +885,7 @@ impl Group for Core {
                     "state": state,
                     "leader": m.leader == Some(*id),
                     "pid": processes.get(id),
+                    "host": hosts.get(id),
                 })
             })
             .collect();

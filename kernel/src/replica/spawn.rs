@@ -1,6 +1,5 @@
-//! Starting replicas. The embedded default starts them as local processes of
-//! this binary; a cluster starts them through host agents (another issue)
-//! behind the same [`Spawner`] interface.
+//! Starting replicas as local processes of this binary (the embedded
+//! default, and what an agent does for a cluster: see `remote.rs`).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -16,6 +15,10 @@ pub trait ReplicaProcess: Send + Sync {
     fn alive(&self) -> bool;
     /// Stops it (SIGKILL: a replica holds nothing that needs a clean exit).
     fn kill(&self);
+    /// The cluster server it runs on; `None`: this machine.
+    fn host(&self) -> Option<String> {
+        None
+    }
 }
 
 pub trait Spawner: Send + Sync {

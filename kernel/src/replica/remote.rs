@@ -1,0 +1,229 @@
+//! Replicas on other servers of a cluster, started through their agents.
+//!
+//! The front runs where Jupyter started it (one of the cluster's servers,
+//! `NOTEBOOKOS_SERVER`); each other replica goes to the server the policy
+//! picks, never one the kernel already uses, and is watched through its
+//! agent: a replica the agent no longer lists, or whose agent stops
+//! answering, is dead to the front, which then replaces it elsewhere.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft_transport::NodeId;
+
+use super::group::{Bootstrap, GroupError};
+use super::spawn::ReplicaProcess;
+use crate::agent::control::{ControlRequest, ControlResponse};
+use crate::cluster::client::{self, ClusterClient, ClusterError};
+use crate::cluster::config::ClusterConfig;
+use crate::cluster::policy::{Policy, ServerId};
+
+/// How often a remote replica's agent is asked whether it still runs it.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Unanswered checks in a row after which the replica counts as lost.
+const MISSES: u32 = 4;
+
+pub struct ClusterPlacement {
+    client: Arc<ClusterClient>,
+    policy: Policy,
+    /// The server this process (the front) runs on.
+    pub me: ServerId,
+    /// GPUs this kernel's replicas may ask for: what each subscribes.
+    gpus: u32,
+    hash_seed: u32,
+}
+
+impl ClusterPlacement {
+    /// From `NOTEBOOKOS_CLUSTER` (the config) and `NOTEBOOKOS_SERVER` (this
+    /// server's name), if set; `NOTEBOOKOS_KERNEL_GPUS` (default 1) is the
+    /// kernel's subscription.
+    pub fn from_env(hash_seed: u32) -> Result<Option<Self>, GroupError> {
+        let Some(path) = std::env::var_os("NOTEBOOKOS_CLUSTER") else {
+            return Ok(None);
+        };
+        let me = std::env::var("NOTEBOOKOS_SERVER").map_err(|_| {
+            GroupError::Start("NOTEBOOKOS_CLUSTER is set but NOTEBOOKOS_SERVER is not".into())
+        })?;
+        let gpus = match std::env::var("NOTEBOOKOS_KERNEL_GPUS") {
+            Ok(v) => v.trim().parse().map_err(|_| {
+                GroupError::Start(format!("NOTEBOOKOS_KERNEL_GPUS={v:?} is not a number"))
+            })?,
+            Err(_) => 1,
+        };
+        let start = |e: ClusterError| GroupError::Start(e.to_string());
+        let config = ClusterConfig::load(Path::new(&path)).map_err(|e| start(e.into()))?;
+        let ip = config.server(&me).map_err(|e| start(e.into()))?.agent.ip();
+        let policy = config.policy();
+        let client = ClusterClient::new(config, std::net::SocketAddr::new(ip, 0)).map_err(start)?;
+        Ok(Some(Self {
+            client: Arc::new(client),
+            policy,
+            me,
+            gpus,
+            hash_seed,
+        }))
+    }
+
+    /// This server's address: where the front's own replica listens.
+    pub fn ip(&self) -> Result<std::net::IpAddr, GroupError> {
+        self.client
+            .config
+            .server(&self.me)
+            .map(|s| s.agent.ip())
+            .map_err(|e| GroupError::Start(e.to_string()))
+    }
+
+    /// Starts a replica on the server the policy picks outside `in_use`;
+    /// returns the server, the process handle and the replica's address.
+    pub async fn start(
+        &self,
+        bootstrap: Bootstrap,
+        in_use: &[ServerId],
+    ) -> Result<(ServerId, Box<dyn ReplicaProcess>, String), GroupError> {
+        let view = client::view(&self.client.inventories().await);
+        let server = self
+            .policy
+            .replace(&view, self.gpus, in_use)
+            .map_err(|e| GroupError::Start(format!("no server for a replica: {e}")))?;
+        let (kernel_id, replica) = (bootstrap.kernel_id.clone(), bootstrap.id);
+        let request = ControlRequest::StartReplica {
+            bootstrap,
+            hash_seed: self.hash_seed,
+            gpus: self.gpus,
+        };
+        let answer = self
+            .client
+            .call(&server, &request)
+            .await
+            .map_err(|e| GroupError::Start(e.to_string()))?;
+        let ControlResponse::Started { pid, addr } = answer else {
+            return Err(GroupError::Start(format!(
+                "agent {server} answered {answer:?} to a replica start"
+            )));
+        };
+        tracing::info!(replica, %server, pid, %addr, "replica started on another server");
+        let process =
+            RemoteProcess::watch(self.client.clone(), server.clone(), kernel_id, replica, pid);
+        Ok((server, Box::new(process), addr))
+    }
+
+    /// A replica a previous front started on `server` (after a restart).
+    pub fn adopt(
+        &self,
+        server: ServerId,
+        kernel_id: String,
+        replica: NodeId,
+        pid: u32,
+    ) -> RemoteProcess {
+        RemoteProcess::watch(self.client.clone(), server, kernel_id, replica, pid)
+    }
+}
+
+/// A replica another server's agent runs for us.
+pub struct RemoteProcess {
+    pid: u32,
+    server: ServerId,
+    kernel_id: String,
+    replica: NodeId,
+    alive: Arc<AtomicBool>,
+    client: Arc<ClusterClient>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl RemoteProcess {
+    fn watch(
+        client: Arc<ClusterClient>,
+        server: ServerId,
+        kernel_id: String,
+        replica: NodeId,
+        pid: u32,
+    ) -> Self {
+        let alive = Arc::new(AtomicBool::new(true));
+        let watcher = tokio::spawn({
+            let (client, server, kernel_id, alive) = (
+                client.clone(),
+                server.clone(),
+                kernel_id.clone(),
+                alive.clone(),
+            );
+            async move {
+                let mut misses = 0;
+                loop {
+                    tokio::time::sleep(WATCH_INTERVAL).await;
+                    match client.call(&server, &ControlRequest::Inventory).await {
+                        Ok(ControlResponse::Inventory(inv)) => {
+                            misses = 0;
+                            let listed = inv
+                                .replicas
+                                .iter()
+                                .any(|h| h.kernel_id == kernel_id && h.replica == replica);
+                            if !listed {
+                                // The front says so, unless it is stopping the group.
+                                tracing::debug!(replica, %server, "the agent no longer runs this replica");
+                                break;
+                            }
+                        }
+                        other => {
+                            misses += 1;
+                            if misses >= MISSES {
+                                let why = match other {
+                                    Err(e) => e.to_string(),
+                                    Ok(r) => format!("{r:?}"),
+                                };
+                                tracing::warn!(replica, %server, "server unreachable: {why}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                alive.store(false, Ordering::Relaxed);
+            }
+        });
+        Self {
+            pid,
+            server,
+            kernel_id,
+            replica,
+            alive,
+            client,
+            watcher,
+        }
+    }
+}
+
+impl ReplicaProcess for RemoteProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    fn host(&self) -> Option<String> {
+        Some(self.server.clone())
+    }
+
+    fn kill(&self) {
+        self.watcher.abort();
+        self.alive.store(false, Ordering::Relaxed);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, server) = (self.client.clone(), self.server.clone());
+        let request = ControlRequest::StopReplica {
+            kernel_id: self.kernel_id.clone(),
+            replica: self.replica,
+        };
+        // A plain thread may block on the runtime wherever kill is called from.
+        let stopped = std::thread::spawn(move || {
+            runtime.block_on(async move { client.call(&server, &request).await })
+        })
+        .join();
+        if let Ok(Err(e)) = stopped {
+            tracing::debug!(replica = self.replica, "stopping a remote replica: {e}");
+        }
+    }
+}

@@ -1,0 +1,158 @@
+"""A cluster of four "servers" on this machine: network namespaces on one
+virtual switch, each running an agent with fake GPUs. Kernels start on
+server h1 (where "Jupyter" runs) and place their other replicas through the
+agents; then one server is cut off and its replicas must be replaced
+elsewhere with nothing lost.
+
+    python tests/cluster/netns.py --json REPORT     (root, iproute2)
+
+Layout: namespace ``<tag>-sw`` holds bridge br0; host ``<tag>-hN`` has eth0 =
+10.79.0.N/24, whose veth peer swpN is a bridge port. Cutting a server sets
+its switch port down: its packets vanish, as with a pulled cable.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+
+SERVERS = 4
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def ns(tag, n):
+    return f"{tag}-h{n}"
+
+
+def setup(tag):
+    sw = f"{tag}-sw"
+    sh("ip", "netns", "add", sw)
+    sh("ip", "netns", "exec", sw, "ip", "link", "add", "br0", "type", "bridge")
+    sh("ip", "netns", "exec", sw, "ip", "link", "set", "br0", "up")
+    for n in range(1, SERVERS + 1):
+        h = ns(tag, n)
+        sh("ip", "netns", "add", h)
+        sh("ip", "link", "add", f"{tag[-6:]}e{n}", "type", "veth", "peer", "name", f"{tag[-6:]}p{n}")
+        sh("ip", "link", "set", f"{tag[-6:]}e{n}", "netns", h)
+        sh("ip", "link", "set", f"{tag[-6:]}p{n}", "netns", sw)
+        sh("ip", "netns", "exec", h, "ip", "link", "set", f"{tag[-6:]}e{n}", "name", "eth0")
+        sh("ip", "netns", "exec", h, "ip", "addr", "add", f"10.79.0.{n}/24", "dev", "eth0")
+        sh("ip", "netns", "exec", h, "ip", "link", "set", "eth0", "up")
+        sh("ip", "netns", "exec", h, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", sw, "ip", "link", "set", f"{tag[-6:]}p{n}", "master", "br0")
+        sh("ip", "netns", "exec", sw, "ip", "link", "set", f"{tag[-6:]}p{n}", "up")
+
+
+def teardown(tag):
+    for n in range(1, SERVERS + 1):
+        sh("ip", "netns", "del", ns(tag, n), check=False)
+    sh("ip", "netns", "del", f"{tag}-sw", check=False)
+
+
+def cut(tag, n, up=False):
+    sh("ip", "netns", "exec", f"{tag}-sw", "ip", "link", "set", f"{tag[-6:]}p{n}",
+       "up" if up else "down")
+
+
+def outer(args):
+    from conftest import KERNEL_BIN
+
+    tag = f"nbc{os.getpid() % 100000}"
+    tmp = Path(tempfile.mkdtemp(prefix="nbos-cluster-"))
+    sh(str(KERNEL_BIN), "cluster", "new-ca", str(tmp / "ca.pem"))
+    config = tmp / "cluster.json"
+    config.write_text(json.dumps({
+        "ca": "ca.pem",
+        "servers": [{"name": f"h{n}", "agent": f"10.79.0.{n}:7400"}
+                    for n in range(1, SERVERS + 1)],
+    }))
+    agents = []
+    setup(tag)
+    try:
+        for n in range(1, SERVERS + 1):
+            log = open(tmp / f"agent-h{n}.log", "w")
+            agents.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns(tag, n), str(KERNEL_BIN), "agent", "--fake-gpus", "2",
+                 "--socket", str(tmp / f"h{n}" / "agent.sock"), "--cluster", str(config),
+                 "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT))
+        inner = subprocess.run(
+            ["ip", "netns", "exec", ns(tag, 1), sys.executable, __file__, "--inside",
+             "--tag", tag, "--tmp", str(tmp), "--json", args.json])
+        return inner.returncode
+    finally:
+        for a in agents:
+            a.terminate()
+        for a in agents:
+            try:
+                a.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                a.kill()
+        teardown(tag)
+        for log in sorted(tmp.glob("agent-*.log")):
+            text = log.read_text()
+            if "ERROR" in text or "WARN" in text:
+                print(f"--- {log.name}\n{text[-2000:]}", file=sys.stderr)
+
+
+def inside(args):
+    import conftest
+    from replicas import ReplicatedKernel
+
+    conftest.pytest_configure(None)
+    tmp = Path(args.tmp)
+    env = {"NOTEBOOKOS_CLUSTER": str(tmp / "cluster.json"), "NOTEBOOKOS_SERVER": "h1"}
+    report = {"kernels": [], "cut": None, "replaced": None, "verify": None, "values": None}
+    kernels = [ReplicatedKernel(tmp / f"k{i}", env=env) for i in range(2)]
+    try:
+        for k in kernels:
+            hosts = {m["id"]: m.get("host") for m in k.group()["members"]}
+            report["kernels"].append(hosts)
+        k = kernels[0]
+        assert k.fe.execute("x = 41\nimport numpy as np\nbig = np.arange(200_000)")[0]["status"] == "ok"
+        victim_id = k.peers()[0]
+        victim = {m["id"]: m.get("host") for m in k.group()["members"]}[victim_id]
+        report["cut"] = victim
+        cut(args.tag, int(victim[1:]))
+        # The front notices through the agent, declares it down, places a
+        # replacement on a server the kernel does not use.
+        deadline = time.monotonic() + 120
+        while True:
+            members = {m["id"]: m.get("host") for m in k.group()["members"]}
+            if victim_id not in members and len(members) == 3:
+                break
+            assert time.monotonic() < deadline, members
+            time.sleep(0.5)
+        k.wait_members(3, timeout=120)
+        report["replaced"] = {m["id"]: m.get("host") for m in k.group()["members"]}
+        k.fe.execute("x += 1")
+        report["verify"] = k.verify()
+        report["values"] = [k.eval("x"), k.eval("int(big.sum())")]
+    finally:
+        for k in kernels:
+            k.close()
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--inside", action="store_true")
+    ap.add_argument("--tag")
+    ap.add_argument("--tmp")
+    args = ap.parse_args()
+    sys.exit(inside(args) if args.inside else outer(args))
+
+
+if __name__ == "__main__":
+    main()
