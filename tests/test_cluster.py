@@ -98,9 +98,10 @@ def test_kubernetes_daemonset_runs_the_agent_with_the_nodes_gpus():
 
 
 def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path):
-    """Four servers as network namespaces (tests/cluster/netns.py): two
+    """Five servers as network namespaces (tests/cluster/netns.py): two
     kernels each get 3 distinct servers; cutting one server off gets its
-    replicas replaced on a server the kernel did not use, state intact."""
+    replicas replaced on a server the kernel did not use, state intact; a
+    kernel whose servers are all full migrates a replica and runs its cell."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("needs root and iproute2 for network namespaces")
     report_file = tmp_path / "report.json"
@@ -115,4 +116,13 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     assert cut not in replaced.values() and len(set(replaced.values())) == 3, report
     assert report["verify"].startswith("all 3 replicas hold the same namespace"), report
     assert report["values"] == ["42", "19999900000"], report
+    # All GPUs of the kernel's servers taken: its GPU cell waited, a replica
+    # migrated to the one free server, and the cell ran there.
+    m = report["migration"]
+    assert m["status"] == "ok", m
+    [free] = {"h1", "h2", "h3", "h4", "h5"} - set(m["hosts_before"]) - {cut}
+    assert "queued" in m["stderr"] and f"to {free}, which has 1 free GPU" in m["stderr"], m
+    assert m["stdout"].strip().endswith(f"/{free}/agent.sock"), m
+    assert free in m["hosts_after"] and len(m["hosts_after"]) == 3, m
+    assert m["value"] == "84" and m["verify"].startswith("all 3 replicas"), m
     assert run.returncode == 0, run.stderr[-3000:]

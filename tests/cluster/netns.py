@@ -1,8 +1,10 @@
-"""A cluster of four "servers" on this machine: network namespaces on one
+"""A cluster of five "servers" on this machine: network namespaces on one
 virtual switch, each running an agent with fake GPUs. Kernels start on
 server h1 (where "Jupyter" runs) and place their other replicas through the
 agents; then one server is cut off and its replicas must be replaced
-elsewhere with nothing lost.
+elsewhere with nothing lost; then every GPU of a kernel's servers is taken
+(held through the agents by a stand-in for other kernels) and its next GPU
+cell must migrate a replica to the free server and run there.
 
     python tests/cluster/netns.py --json REPORT     (root, iproute2)
 
@@ -23,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-SERVERS = 4
+SERVERS = 5
 
 
 def sh(*args, check=True):
@@ -62,6 +64,29 @@ def teardown(tag):
 def cut(tag, n, up=False):
     sh("ip", "netns", "exec", f"{tag}-sw", "ip", "link", "set", f"{tag[-6:]}p{n}",
        "up" if up else "down")
+
+
+def hog(socket_path, gpus):
+    """Holds `gpus` GPUs of an agent, as another kernel's cell would."""
+    import socket as so
+
+    c = so.socket(so.AF_UNIX)
+    c.connect(str(socket_path))
+    c.sendall(json.dumps({"op": "grant", "kernel": "hog", "replica": 0, "gpus": gpus,
+                          "lease_ms": 600_000}).encode() + b"\n")
+    answer = json.loads(c.makefile().readline())
+    c.close()
+    return answer["granted"]["id"]
+
+
+def release(socket_path, grant):
+    import socket as so
+
+    c = so.socket(so.AF_UNIX)
+    c.connect(str(socket_path))
+    c.sendall(json.dumps({"op": "release", "id": grant, "used_ms": 0}).encode() + b"\n")
+    c.makefile().readline()
+    c.close()
 
 
 def outer(args):
@@ -110,7 +135,9 @@ def inside(args):
 
     conftest.pytest_configure(None)
     tmp = Path(args.tmp)
-    env = {"NOTEBOOKOS_CLUSTER": str(tmp / "cluster.json"), "NOTEBOOKOS_SERVER": "h1"}
+    # The front runs on h1 and takes its GPUs from h1's agent.
+    env = {"NOTEBOOKOS_CLUSTER": str(tmp / "cluster.json"), "NOTEBOOKOS_SERVER": "h1",
+           "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}
     report = {"kernels": [], "cut": None, "replaced": None, "verify": None, "values": None}
     kernels = [ReplicatedKernel(tmp / f"k{i}", env=env) for i in range(2)]
     try:
@@ -137,6 +164,30 @@ def inside(args):
         k.fe.execute("x += 1")
         report["verify"] = k.verify()
         report["values"] = [k.eval("x"), k.eval("int(big.sum())")]
+
+        # Every GPU of this kernel's servers is taken: the next GPU cell
+        # waits, then one replica migrates to the free server and runs it.
+        used = set(report["replaced"].values())
+        grants = {h: hog(tmp / h / "agent.sock", 2) for h in sorted(used)}
+        reply, msgs = k.fe.execute(
+            "%%gpus 1\nimport os\nmigrated = x * 2\nprint(os.environ['NOTEBOOKOS_AGENT_SOCKET'])",
+            timeout=180)
+        from frontend import stream_text
+
+        for h, g in grants.items():
+            release(tmp / h / "agent.sock", g)
+        report["migration"] = {
+            "status": reply["status"],
+            "stderr": "".join(m["content"]["text"] for m in msgs
+                              if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"),
+            "stdout": stream_text([m for m in msgs if m["msg_type"] == "stream"
+                                   and m["content"]["name"] == "stdout"]),
+            "hosts_before": sorted(used),
+            "hosts_after": sorted({m.get("host") for m in k.group()["members"]}),
+        }
+        k.wait_members(3, timeout=120)
+        report["migration"]["value"] = k.eval("migrated")
+        report["migration"]["verify"] = k.verify()
     finally:
         for k in kernels:
             k.close()

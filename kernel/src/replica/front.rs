@@ -458,12 +458,32 @@ impl Front {
             .collect()
     }
 
-    pub async fn report_queued(&self, request: &Frames) {
+    /// Every replica yielded: the user is told, and in a cluster one replica
+    /// moves to a server with free GPUs if the cell still waits after
+    /// `migrate_after`.
+    pub async fn report_queued(self: &Arc<Self>, core: &Arc<Core>, cell: &str, request: &Frames) {
+        self.tell(
+            request,
+            "notebookos: no replica can run this cell now; it is queued until one can\n",
+        )
+        .await;
+        if self.cluster.is_some() {
+            let gpus = core.gpus_wanted(request);
+            tokio::spawn(self.clone().migrate_for(
+                core.clone(),
+                cell.to_owned(),
+                request.clone(),
+                gpus,
+            ));
+        }
+    }
+
+    /// A line on stderr under the cell's request.
+    async fn tell(&self, request: &Frames, text: &str) {
         let parent = request.to_message().ok().map(|m| m.header);
         let content = Stream {
             name: "stderr".into(),
-            text: "notebookos: no replica can run this cell now; it is queued until one can\n"
-                .into(),
+            text: text.into(),
         };
         self.iopub
             .publish(Outgoing::typed(
@@ -473,6 +493,97 @@ impl Front {
                 &content,
             ))
             .await;
+    }
+
+    /// Moves one replica to the server the policy picks (idle GPUs, room),
+    /// so `cell` runs there: the new replica joins and catches up from a
+    /// checkpoint, then bids; the old one leaves. Replica 1 stays where
+    /// Jupyter runs it.
+    async fn migrate_for(
+        self: Arc<Self>,
+        core: Arc<Core>,
+        cell: String,
+        request: Frames,
+        gpus: u32,
+    ) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        tokio::time::sleep(cluster.migrate_after()).await;
+        if !core.is_undecided(&cell) || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let hosts: Vec<(NodeId, String)> = {
+            let processes = lock(&self.processes);
+            lock(&self.group)
+                .members
+                .iter()
+                .filter(|m| m.id == core.id || processes.get(&m.id).is_some_and(|p| p.alive()))
+                .filter_map(|m| Some((m.id, m.host.clone()?)))
+                .collect()
+        };
+        let movable: Vec<String> = hosts
+            .iter()
+            .filter(|(id, _)| *id != core.id)
+            .map(|(_, h)| h.clone())
+            .collect();
+        let plan = match cluster.plan_migration(gpus, &hosts, &movable).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(cell, "no migration: {e}");
+                return;
+            }
+        };
+        let Some(&(from_id, _)) = hosts
+            .iter()
+            .find(|(id, h)| *id != core.id && *h == plan.from)
+        else {
+            return;
+        };
+        self.tell(
+            &request,
+            &format!(
+                "notebookos: migrating replica {from_id} from {} to {}, which has {gpus} free GPU(s), to run this cell\n",
+                plan.from, plan.to
+            ),
+        )
+        .await;
+        if let Err(e) = self.move_replica(&core, cluster, from_id, &plan.to).await {
+            tracing::warn!(cell, "migration failed: {e}");
+        }
+    }
+
+    async fn move_replica(
+        &self,
+        core: &Arc<Core>,
+        cluster: &ClusterPlacement,
+        from_id: NodeId,
+        to: &str,
+    ) -> Result<(), FrontError> {
+        let ca = {
+            let g = lock(&self.group);
+            KernelCa::from_pem(&g.kernel_id, &g.ca_pem).map_err(GroupError::from)?
+        };
+        let (id, bootstrap) = self.bootstrap(&ca, true)?;
+        let (process, addr) = cluster.start_on(bootstrap, to).await?;
+        self.adopt(id, addr.clone(), process);
+        self.save();
+        core.propose(&Entry::MemberJoin {
+            replica: id,
+            addr,
+            front: false,
+        })
+        .await?;
+        // The newcomer holds the state once its checkpoint is in; the group
+        // keeps a quorum meanwhile (two voters of three, plus the learner).
+        core.propose(&Entry::MemberDown { replica: from_id })
+            .await?;
+        if let Some(old) = lock(&self.processes).remove(&from_id) {
+            tokio::task::spawn_blocking(move || old.kill());
+        }
+        lock(&self.group).members.retain(|m| m.id != from_id);
+        self.save();
+        Ok(())
     }
 
     pub fn member_down(&self, replica: NodeId) {

@@ -352,7 +352,8 @@ impl Core {
                     self.resolve(&cell, CellResult::Lost { replica });
                 }
                 if replica == self.id {
-                    tracing::error!("this replica was declared down; exiting");
+                    // Moved away, replaced, or unable to apply a delta.
+                    tracing::warn!("this replica was removed from the group; exiting");
                     self.stop.send_replace(true);
                     return;
                 }
@@ -424,7 +425,7 @@ impl Core {
                 if let Some(front) = self.front.get() {
                     let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
                     if let Some(request) = request {
-                        front.report_queued(&request).await;
+                        front.report_queued(self, &cell, &request).await;
                     }
                 }
             }
@@ -435,6 +436,18 @@ impl Core {
         }
     }
 
+    /// GPUs the cell of `request` asks for.
+    pub(crate) fn gpus_wanted(&self, request: &Frames) -> u32 {
+        crate::gpu::wanted(&request_code(request), self.gpu.default_gpus())
+    }
+
+    /// Whether `cell` is open and nobody has won it yet.
+    pub(crate) fn is_undecided(&self, cell: &str) -> bool {
+        lock(&self.elections)
+            .get(cell)
+            .is_some_and(|c| c.winner.is_none())
+    }
+
     /// Whether this replica can run `cell` now: not told to yield, not catching
     /// up, and (for a cell that needs GPUs) granted them by the agent; the grant
     /// is then held for the cell until it ends or the election is lost.
@@ -442,7 +455,7 @@ impl Core {
         if self.must_yield() {
             return false;
         }
-        let wanted = crate::gpu::wanted(&request_code(request), self.gpu.default_gpus());
+        let wanted = self.gpus_wanted(request);
         if wanted == 0 {
             return true;
         }

@@ -18,7 +18,7 @@ use super::spawn::ReplicaProcess;
 use crate::agent::control::{ControlRequest, ControlResponse};
 use crate::cluster::client::{self, ClusterClient, ClusterError};
 use crate::cluster::config::ClusterConfig;
-use crate::cluster::policy::{Policy, ServerId};
+use crate::cluster::policy::{Migration, Policy, ServerId};
 
 /// How often a remote replica's agent is asked whether it still runs it.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
@@ -75,6 +75,10 @@ impl ClusterPlacement {
             .map_err(|e| GroupError::Start(e.to_string()))
     }
 
+    pub fn migrate_after(&self) -> Duration {
+        self.policy.migrate_after
+    }
+
     /// Starts a replica on the server the policy picks outside `in_use`;
     /// returns the server, the process handle and the replica's address.
     pub async fn start(
@@ -87,6 +91,42 @@ impl ClusterPlacement {
             .policy
             .replace(&view, self.gpus, in_use)
             .map_err(|e| GroupError::Start(format!("no server for a replica: {e}")))?;
+        let (process, addr) = self.start_on(bootstrap, &server).await?;
+        Ok((server, process, addr))
+    }
+
+    /// Where one of `movable` (a subset of the kernel's `hosts`) should go
+    /// so a cell asking for `gpus` runs now.
+    pub async fn plan_migration(
+        &self,
+        gpus: u32,
+        hosts: &[(NodeId, ServerId)],
+        movable: &[ServerId],
+    ) -> Result<Migration, GroupError> {
+        let view = client::view(&self.client.inventories().await);
+        let all: Vec<ServerId> = hosts.iter().map(|(_, h)| h.clone()).collect();
+        let mut plan = self
+            .policy
+            .migrate(&view, gpus, &all)
+            .map_err(|e| GroupError::Start(e.to_string()))?;
+        if !movable.contains(&plan.from) {
+            // The policy's pick is pinned (replica 1): move the busiest movable one.
+            plan.from = movable
+                .iter()
+                .max_by_key(|h| view.get(h).map_or(u32::MAX, |s| s.subscribed))
+                .cloned()
+                .ok_or_else(|| GroupError::Start("no replica can move".into()))?;
+        }
+        Ok(plan)
+    }
+
+    /// Starts a replica on `server`; returns the process handle and its address.
+    pub async fn start_on(
+        &self,
+        bootstrap: Bootstrap,
+        server: &str,
+    ) -> Result<(Box<dyn ReplicaProcess>, String), GroupError> {
+        let server = server.to_owned();
         let (kernel_id, replica) = (bootstrap.kernel_id.clone(), bootstrap.id);
         let request = ControlRequest::StartReplica {
             bootstrap,
@@ -104,9 +144,8 @@ impl ClusterPlacement {
             )));
         };
         tracing::info!(replica, %server, pid, %addr, "replica started on another server");
-        let process =
-            RemoteProcess::watch(self.client.clone(), server.clone(), kernel_id, replica, pid);
-        Ok((server, Box::new(process), addr))
+        let process = RemoteProcess::watch(self.client.clone(), server, kernel_id, replica, pid);
+        Ok((Box::new(process), addr))
     }
 
     /// A replica a previous front started on `server` (after a restart).
