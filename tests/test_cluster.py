@@ -101,7 +101,9 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     """Five servers as network namespaces (tests/cluster/netns.py): two
     kernels each get 3 distinct servers; cutting one server off gets its
     replicas replaced on a server the kernel did not use, state intact; a
-    kernel whose servers are all full migrates a replica and runs its cell."""
+    kernel whose servers are all full migrates a replica and runs its cell;
+    the autoscaler drains and removes an idle server and asks for one when
+    every GPU is taken."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("needs root and iproute2 for network namespaces")
     report_file = tmp_path / "report.json"
@@ -125,4 +127,14 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     assert m["stdout"].strip().endswith(f"/{free}/agent.sock"), m
     assert free in m["hosts_after"] and len(m["hosts_after"]) == 3, m
     assert m["value"] == "84" and m["verify"].startswith("all 3 replicas"), m
+    # The autoscaler drained one idle server (never h1, where the kernels'
+    # replica 1 runs) and gave it back; the kernels moved off it, nothing
+    # lost; with every GPU taken it asked the provider for one server.
+    a = report["autoscale"]
+    [gone] = a["removed"]
+    assert gone not in ("h1", cut), a
+    for hosts in a["hosts_after_drain"]:
+        assert gone not in hosts and len(hosts) == 3 and "h1" in hosts, a
+    assert a["verify"].startswith("all 3 replicas") and a["value"] == "84", a
+    assert a["added"] == ["1"], a
     assert run.returncode == 0, run.stderr[-3000:]

@@ -107,7 +107,9 @@ fn agent_options(
 }
 
 const CLUSTER_USAGE: &str =
-    "usage: notebookos-kernel cluster (new-ca FILE | status CONFIG [--from IP])";
+    "usage: notebookos-kernel cluster (new-ca FILE | status CONFIG [--from IP] \
+| autoscale CONFIG --add CMD --remove CMD [--every SECONDS] [--cooldown SECONDS] \
+[--headroom GPUS] [--scale-in-after SECONDS] [--from IP])";
 
 /// `cluster new-ca FILE`: a cluster CA; `cluster status CONFIG`: every
 /// agent's inventory, as JSON.
@@ -128,6 +130,51 @@ async fn cluster_command(mut args: impl Iterator<Item = String>) -> anyhow::Resu
             let cluster = client::ClusterClient::new(cfg, std::net::SocketAddr::new(from, 0))?;
             let inventories = cluster.inventories().await;
             println!("{}", serde_json::to_string_pretty(&inventories)?);
+            Ok(())
+        }
+        (Some("autoscale"), Some(file)) => {
+            use notebookos_kernel::cluster::{autoscale, provider::ShellProvider};
+            use std::time::Duration;
+            let secs = |v: String, flag: &str| -> anyhow::Result<Duration> {
+                Ok(Duration::from_secs_f64(
+                    v.parse().with_context(|| format!("{flag} SECONDS"))?,
+                ))
+            };
+            let mut opts = autoscale::AutoscaleOptions {
+                config: PathBuf::from(file),
+                from: "127.0.0.1:0".parse()?,
+                every: Duration::from_secs(30),
+                cooldown: Duration::from_secs(300),
+                headroom_gpus: None,
+                scale_in_after: None,
+            };
+            let (mut add, mut remove) = (None, None);
+            while let Some(flag) = args.next() {
+                let value = args
+                    .next()
+                    .with_context(|| format!("{flag} needs a value\n{CLUSTER_USAGE}"))?;
+                match flag.as_str() {
+                    "--add" => add = Some(value),
+                    "--remove" => remove = Some(value),
+                    "--every" => opts.every = secs(value, "--every")?,
+                    "--cooldown" => opts.cooldown = secs(value, "--cooldown")?,
+                    "--scale-in-after" => {
+                        opts.scale_in_after = Some(secs(value, "--scale-in-after")?)
+                    }
+                    "--headroom" => {
+                        opts.headroom_gpus = Some(value.parse().context("--headroom GPUS")?)
+                    }
+                    "--from" => {
+                        opts.from =
+                            std::net::SocketAddr::new(value.parse().context("--from IP")?, 0)
+                    }
+                    _ => bail!("unknown option {flag}\n{CLUSTER_USAGE}"),
+                }
+            }
+            let (Some(add), Some(remove)) = (add, remove) else {
+                bail!("autoscale needs --add CMD and --remove CMD\n{CLUSTER_USAGE}");
+            };
+            autoscale::run(opts, Box::new(ShellProvider { add, remove })).await?;
             Ok(())
         }
         _ => bail!("{CLUSTER_USAGE}"),

@@ -4,7 +4,8 @@ server h1 (where "Jupyter" runs) and place their other replicas through the
 agents; then one server is cut off and its replicas must be replaced
 elsewhere with nothing lost; then every GPU of a kernel's servers is taken
 (held through the agents by a stand-in for other kernels) and its next GPU
-cell must migrate a replica to the free server and run there.
+cell must migrate a replica to the free server and run there; then the
+live autoscaler drains an idle server and asks for one when GPUs run out.
 
     python tests/cluster/netns.py --json REPORT     (root, iproute2)
 
@@ -149,6 +150,7 @@ def inside(args):
         victim_id = k.peers()[0]
         victim = {m["id"]: m.get("host") for m in k.group()["members"]}[victim_id]
         report["cut"] = victim
+        args.cut = victim
         cut(args.tag, int(victim[1:]))
         # The front notices through the agent, declares it down, places a
         # replacement on a server the kernel does not use.
@@ -188,11 +190,56 @@ def inside(args):
         k.wait_members(3, timeout=120)
         report["migration"]["value"] = k.eval("migrated")
         report["migration"]["verify"] = k.verify()
+
+        report["autoscale"] = autoscale(args, tmp, kernels)
     finally:
         for k in kernels:
             k.close()
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
+
+
+def autoscale(args, tmp, kernels):
+    """The live autoscaler with fast knobs: the idle cluster drains one
+    server (its replicas move) and gives it back; then every GPU is taken
+    and it asks for a server."""
+    from conftest import KERNEL_BIN
+
+    added, removed = tmp / "added", tmp / "removed"
+    scaler = subprocess.Popen(
+        [str(KERNEL_BIN), "cluster", "autoscale", str(tmp / "cluster.json"),
+         "--add", f"echo $NOTEBOOKOS_SCALE_OUT >> {added}; echo h6",
+         "--remove", f"echo $NOTEBOOKOS_SERVER >> {removed}",
+         "--every", "1", "--cooldown", "600", "--headroom", "0", "--scale-in-after", "3",
+         "--from", "10.79.0.1"],
+        stderr=open(tmp / "autoscale.log", "w"))
+    out = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not (removed.exists() and removed.read_text().strip()):
+            assert time.monotonic() < deadline, (tmp / "autoscale.log").read_text()[-3000:]
+            time.sleep(0.5)
+        out["removed"] = removed.read_text().split()
+        for k in kernels:
+            k.wait_members(3, timeout=120)
+        out["hosts_after_drain"] = [sorted({m.get("host") for m in k.group()["members"]})
+                                    for k in kernels]
+        out["verify"] = kernels[0].verify()
+        out["value"] = kernels[0].eval("migrated")
+        # Every GPU of the servers still up is taken: demand crosses the threshold.
+        up = [f"h{n}" for n in range(1, SERVERS + 1) if f"h{n}" != args.cut]
+        grants = {h: hog(tmp / h / "agent.sock", 2) for h in up}
+        deadline = time.monotonic() + 60
+        while not (added.exists() and added.read_text().strip()):
+            assert time.monotonic() < deadline, (tmp / "autoscale.log").read_text()[-3000:]
+            time.sleep(0.5)
+        out["added"] = added.read_text().split()
+        for h, g in grants.items():
+            release(tmp / h / "agent.sock", g)
+    finally:
+        scaler.terminate()
+        scaler.wait(timeout=10)
+    return out
 
 
 def main():

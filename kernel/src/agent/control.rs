@@ -14,7 +14,7 @@ use raft_transport::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::replica::group::{Bootstrap, StateDir};
-use crate::replica::spawn::{self, LocalSpawner, ReplicaProcess, Spawner};
+use crate::replica::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
 
 /// How long a replica may take to listen (Python and IPython load first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,6 +33,14 @@ pub enum ControlRequest {
         kernel_id: String,
         replica: NodeId,
     },
+    /// A kernel's replica 1, started here by Jupyter rather than by us: it
+    /// counts in the inventory, and is never stopped to drain the server.
+    Register {
+        kernel_id: String,
+        replica: NodeId,
+        gpus: u32,
+        pid: u32,
+    },
     /// A draining server takes no new replicas (the policy skips it).
     Drain {
         draining: bool,
@@ -45,6 +53,9 @@ pub struct Hosted {
     pub replica: NodeId,
     pub gpus: u32,
     pub pid: u32,
+    /// Replica 1 of its kernel: it stays where Jupyter runs it.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,15 +141,40 @@ impl Host {
                 ControlResponse::Ok
             }
             ControlRequest::StopReplica { kernel_id, replica } => {
-                match self.hosted().remove(&(kernel_id, replica)) {
-                    Some((_, process)) => {
-                        tokio::task::spawn_blocking(move || process.kill());
+                let mut hosted = self.hosted();
+                match hosted.get(&(kernel_id.clone(), replica)) {
+                    Some((h, _)) if h.pinned => ControlResponse::Error {
+                        message: format!("replica {replica} is its kernel's replica 1; it stays"),
+                    },
+                    Some(_) => {
+                        if let Some((_, process)) = hosted.remove(&(kernel_id, replica)) {
+                            tokio::task::spawn_blocking(move || process.kill());
+                        }
                         ControlResponse::Ok
                     }
                     None => ControlResponse::Error {
                         message: format!("no replica {replica} of that kernel here"),
                     },
                 }
+            }
+            ControlRequest::Register {
+                kernel_id,
+                replica,
+                gpus,
+                pid,
+            } => {
+                let hosted = Hosted {
+                    kernel_id: kernel_id.clone(),
+                    replica,
+                    gpus,
+                    pid,
+                    pinned: true,
+                };
+                self.hosted().insert(
+                    (kernel_id, replica),
+                    (hosted, Box::new(AdoptedProcess { pid })),
+                );
+                ControlResponse::Ok
             }
             ControlRequest::StartReplica {
                 bootstrap,
@@ -205,6 +241,7 @@ impl Host {
             replica: bootstrap.id,
             gpus,
             pid,
+            pinned: false,
         };
         tracing::info!(kernel = %hosted.kernel_id, replica = hosted.replica, pid, %addr, "replica started");
         self.hosted().insert(

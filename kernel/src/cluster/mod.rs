@@ -7,9 +7,11 @@
 //! * [`config`]: `cluster.json`, the servers and the cluster CA.
 //! * [`client`]: calls to the agents (QUIC, mutual TLS), and the policy's
 //!   snapshot from their inventories.
+//! * [`autoscale`]: the live autoscaler (`cluster autoscale`).
 //! * [`provider`]: where servers come from (a shell command, or in-process
 //!   for the simulator).
 
+pub mod autoscale;
 pub mod client;
 pub mod config;
 pub mod policy;

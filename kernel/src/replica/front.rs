@@ -185,6 +185,9 @@ impl Front {
         } else {
             front.form(&core, &ca, &my_addr).await?;
         }
+        if let Some(cluster) = &front.cluster {
+            cluster.register(&gstate.kernel_id, core.id).await?;
+        }
         tokio::spawn(front.clone().supervise(core.clone(), ca));
         Ok(core)
     }

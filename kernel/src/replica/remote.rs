@@ -148,6 +148,22 @@ impl ClusterPlacement {
         Ok((Box::new(process), addr))
     }
 
+    /// Tells this server's agent about replica 1 (this process), which
+    /// Jupyter started: it then counts there and is never drained away.
+    pub async fn register(&self, kernel_id: &str, replica: NodeId) -> Result<(), GroupError> {
+        let request = ControlRequest::Register {
+            kernel_id: kernel_id.to_owned(),
+            replica,
+            gpus: self.gpus,
+            pid: std::process::id(),
+        };
+        self.client
+            .call(&self.me, &request)
+            .await
+            .map(drop)
+            .map_err(|e| GroupError::Start(e.to_string()))
+    }
+
     /// A replica a previous front started on `server` (after a restart).
     pub fn adopt(
         &self,
