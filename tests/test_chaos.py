@@ -39,3 +39,28 @@ def test_chaos_short_form_loses_nothing(tmp_path):
     if netns:
         assert report["packets_dropped"] > 0, report
     assert report["ok"] and run.returncode == 0
+
+
+def test_chaos_through_the_cluster_loses_nothing(tmp_path):
+    """The same run on five network-namespace servers: peers placed by the
+    policy, a peer's server cut off for 16 s (replaced, then back), packets
+    dropped on the front's link, kills and a restart of replica 1."""
+    if not can_netns():
+        import pytest
+
+        pytest.skip("needs root and iproute2 for network namespaces")
+    out = tmp_path / "chaos.json"
+    run = subprocess.run(
+        [sys.executable, str(HERE / "chaos" / "run.py"), "--cells", "200", "--faults", "5",
+         "--seed", os.environ.get("NOTEBOOKOS_TEST_SEED", "1"), "--cluster", "--json", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    print(run.stdout.splitlines()[-1])
+    assert report["variables_lost"] == [] and report["unexpected"] == [], report
+    assert set(report["faults"]) == {"kill_peer", "kill_running", "partition", "drop_packets",
+                                     "kill_front"}, report
+    assert report["partitioned"] and report["packets_dropped"] > 0, report
+    for e in report["fault_errored"]:
+        assert e["error"].startswith("ReplicaLost: replica "), e
+    assert report["ok"] and run.returncode == 0

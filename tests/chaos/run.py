@@ -16,7 +16,12 @@ Faults (chosen and placed by the seed, one kind after another):
   kernel has no netem; tbf tail drops are real packet loss.)
 
 With --netns the whole run (client, kernel, replicas) moves into a network
-namespace it creates, so shaping touches nothing else.
+namespace it creates, so shaping touches nothing else. With --cluster it
+runs on five "servers" (network namespaces on a virtual switch, each with
+an agent; tests/cluster/netns.py): replica 1 on h1, the peers placed by
+the policy; then `partition` replaces freeze_peer: a peer's server is cut
+off from the switch for 16 s (long enough to be declared lost and
+replaced) and comes back, and packets are dropped on h1's link.
 
 It prints a report and exits non-zero if a variable was lost, a cell errored
 without saying why, or a faulted cell's error does not name the fault.
@@ -42,7 +47,9 @@ from notebook import FINGERPRINT, cells  # noqa: E402
 from replicas import ReplicatedKernel  # noqa: E402
 
 KINDS = ["kill_peer", "kill_running", "freeze_peer", "drop_packets", "kill_front"]
+CLUSTER_KINDS = ["kill_peer", "kill_running", "partition", "drop_packets", "kill_front"]
 WINDOW = 5
+PARTITION_SECONDS = 16
 
 
 def status(reply):
@@ -64,9 +71,9 @@ def reference(notebook):
         fe.close()
 
 
-def plan(n_cells, n_faults, seed, netns):
+def plan(n_cells, n_faults, seed, netns, cluster):
     rng = random.Random(seed)
-    kinds = [k for k in KINDS if netns or k != "drop_packets"]
+    kinds = CLUSTER_KINDS if cluster else [k for k in KINDS if netns or k != "drop_packets"]
     # Far enough apart that each fault's replacement catches up first.
     slots = list(range(5, n_cells - WINDOW, max(1, (n_cells - 10) // max(1, n_faults))))
     at = sorted(rng.sample(slots, min(n_faults, len(slots))))
@@ -75,19 +82,23 @@ def plan(n_cells, n_faults, seed, netns):
     return dict(zip(at, order))
 
 
+DEV = "lo"
+
+
 def tc(*args):
     return subprocess.run(["tc", *args], check=True, capture_output=True, text=True).stdout
 
 
-def run(n_cells, n_faults, seed, netns, tmp):
+def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
+    """`cluster`: (switch tag, the kernel's cluster environment), or None."""
     notebook = cells(n_cells, seed)
     ref_status, ref_fp = reference(notebook)
-    faults = plan(n_cells, n_faults, seed, netns)
+    faults = plan(n_cells, n_faults, seed, netns, cluster)
     report = {
         "cells": n_cells, "seed": seed, "cells_run": 0, "faults": {},
         "fault_errored": [], "unexpected": [], "packets_dropped": 0,
     }
-    rk = ReplicatedKernel(Path(tmp) / "chaos")
+    rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None)
     frozen = None
     shaping_until = None
     try:
@@ -96,9 +107,9 @@ def run(n_cells, n_faults, seed, netns, tmp):
                 os.kill(frozen[0], signal.SIGCONT)
                 frozen = None
             if shaping_until is not None and i >= shaping_until:
-                stats = tc("-s", "qdisc", "show", "dev", "lo")
+                stats = tc("-s", "qdisc", "show", "dev", DEV)
                 report["packets_dropped"] += int(stats.split("dropped ")[1].split(",")[0])
-                tc("qdisc", "del", "dev", "lo", "root")
+                tc("qdisc", "del", "dev", DEV, "root")
                 shaping_until = None
             kind = faults.get(i)
             if kind:
@@ -109,12 +120,19 @@ def run(n_cells, n_faults, seed, netns, tmp):
             if kind == "kill_peer":
                 rk.steer(rk.front())
                 rk.kill(rk.peers()[0])
+            elif kind == "partition":
+                import netns as cluster_netns
+
+                server = {m["id"]: m.get("host") for m in rk.group()["members"]}[rk.peers()[0]]
+                cluster_netns.cut(cluster[0], int(server[1:]))
+                cut_at = time.monotonic()
+                report.setdefault("partitioned", []).append(server)
             elif kind == "freeze_peer":
                 pid = rk.pid(rk.peers()[0])
                 os.kill(pid, signal.SIGSTOP)
                 frozen = (pid, i + WINDOW)
             elif kind == "drop_packets":
-                tc("qdisc", "replace", "dev", "lo", "root", "tbf", "rate", "8mbit",
+                tc("qdisc", "replace", "dev", DEV, "root", "tbf", "rate", "8mbit",
                    "burst", "16kb", "latency", "20ms")
                 shaping_until = i + WINDOW
             elif kind == "kill_front":
@@ -144,6 +162,10 @@ def run(n_cells, n_faults, seed, netns, tmp):
                 rk.unsteer()
             reply, _ = rk.fe.execute(cell, timeout=300)
             report["cells_run"] += 1
+            if kind == "partition":
+                # Long enough to be declared lost and replaced; then it is back.
+                time.sleep(max(0.0, PARTITION_SECONDS - (time.monotonic() - cut_at)))
+                cluster_netns.cut(cluster[0], int(server[1:]), up=True)
             if kind == "kill_peer":
                 rk.unsteer()
             if status(reply) != ref_status[i]:
@@ -152,7 +174,7 @@ def run(n_cells, n_faults, seed, netns, tmp):
         if frozen:
             os.kill(frozen[0], signal.SIGCONT)
         if shaping_until is not None:
-            tc("qdisc", "del", "dev", "lo", "root")
+            tc("qdisc", "del", "dev", DEV, "root")
         rk.unsteer()
         rk.wait_members(3)
         rk.verify()
@@ -163,6 +185,18 @@ def run(n_cells, n_faults, seed, netns, tmp):
     extra = sorted(k for k in got if k not in ref_fp)
     report.update(variables_compared=len(ref_fp), variables_lost=lost, variables_extra=extra)
     return report
+
+
+def in_cluster(argv):
+    """Re-runs this script on server h1 of a five-server cluster."""
+    sys.path.insert(0, str(HERE.parent / "cluster"))
+    import netns as cluster_netns
+
+    tmp = Path(tempfile.mkdtemp(prefix="nbos-chaos-cluster-"))
+    with cluster_netns.cluster(tmp) as (tag, env):
+        return subprocess.run(["ip", "netns", "exec", cluster_netns.ns(tag, 1), sys.executable,
+                               __file__, *argv, "--inside", "--tag", tag,
+                               "--kernel-env", json.dumps(env)]).returncode
 
 
 def in_namespace(argv):
@@ -183,16 +217,27 @@ def main():
     ap.add_argument("--faults", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--netns", action="store_true")
+    ap.add_argument("--cluster", action="store_true")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tag", help=argparse.SUPPRESS)
+    ap.add_argument("--kernel-env", help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.cluster and not args.inside:
+        sys.exit(in_cluster(sys.argv[1:]))
     if args.netns and not args.inside:
-        sys.exit(in_namespace([a for a in sys.argv[1:]]))
+        sys.exit(in_namespace(sys.argv[1:]))
+    cluster = None
+    if args.cluster:
+        global DEV
+        DEV = "eth0"
+        sys.path.insert(0, str(HERE.parent / "cluster"))
+        cluster = (args.tag, json.loads(args.kernel_env))
     # The notebookos kernelspecs, as the tests have them; "python3" is
     # ipykernel's own, in this environment.
     conftest.pytest_configure(None)
     with tempfile.TemporaryDirectory(prefix="nbos-chaos-") as tmp:
-        report = run(args.cells, args.faults, args.seed, args.netns, tmp)
+        report = run(args.cells, args.faults, args.seed, args.netns or args.cluster, tmp, cluster)
     ok = not report["variables_lost"] and not report["unexpected"]
     report["ok"] = ok
     text = json.dumps(report, indent=1)

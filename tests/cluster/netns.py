@@ -15,6 +15,7 @@ its switch port down: its packets vanish, as with a pulled cable.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -90,11 +91,13 @@ def release(socket_path, grant):
     c.close()
 
 
-def outer(args):
+@contextlib.contextmanager
+def cluster(tmp):
+    """Five servers with agents (2 fake GPUs each); yields (tag, the kernel
+    environment for a front on h1)."""
     from conftest import KERNEL_BIN
 
     tag = f"nbc{os.getpid() % 100000}"
-    tmp = Path(tempfile.mkdtemp(prefix="nbos-cluster-"))
     sh(str(KERNEL_BIN), "cluster", "new-ca", str(tmp / "ca.pem"))
     config = tmp / "cluster.json"
     config.write_text(json.dumps({
@@ -111,10 +114,9 @@ def outer(args):
                 ["ip", "netns", "exec", ns(tag, n), str(KERNEL_BIN), "agent", "--fake-gpus", "2",
                  "--socket", str(tmp / f"h{n}" / "agent.sock"), "--cluster", str(config),
                  "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT))
-        inner = subprocess.run(
-            ["ip", "netns", "exec", ns(tag, 1), sys.executable, __file__, "--inside",
-             "--tag", tag, "--tmp", str(tmp), "--json", args.json])
-        return inner.returncode
+        # The front runs on h1 and takes its GPUs from h1's agent.
+        yield tag, {"NOTEBOOKOS_CLUSTER": str(config), "NOTEBOOKOS_SERVER": "h1",
+                    "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}
     finally:
         for a in agents:
             a.terminate()
@@ -130,13 +132,21 @@ def outer(args):
                 print(f"--- {log.name}\n{text[-2000:]}", file=sys.stderr)
 
 
+def outer(args):
+    tmp = Path(tempfile.mkdtemp(prefix="nbos-cluster-"))
+    with cluster(tmp) as (tag, _):
+        inner = subprocess.run(
+            ["ip", "netns", "exec", ns(tag, 1), sys.executable, __file__, "--inside",
+             "--tag", tag, "--tmp", str(tmp), "--json", args.json])
+        return inner.returncode
+
+
 def inside(args):
     import conftest
     from replicas import ReplicatedKernel
 
     conftest.pytest_configure(None)
     tmp = Path(args.tmp)
-    # The front runs on h1 and takes its GPUs from h1's agent.
     env = {"NOTEBOOKOS_CLUSTER": str(tmp / "cluster.json"), "NOTEBOOKOS_SERVER": "h1",
            "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}
     report = {"kernels": [], "cut": None, "replaced": None, "verify": None, "values": None}
