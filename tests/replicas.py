@@ -68,6 +68,19 @@ class ReplicatedKernel:
     def kill(self, replica):
         os.kill(self.pid(replica), signal.SIGKILL)
 
+    def kill_front_and_restart(self):
+        """Replica 1 dies; Jupyter's restart brings a new one, which rejoins
+        the survivors. The next cell is steered to a peer meanwhile."""
+        self.steer(self.peers()[0])
+        self.kill(self.front())
+        deadline = time.monotonic() + 20
+        while self.fe.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.fe.km.restart_kernel(now=True)
+        self.fe.kc.wait_for_ready(timeout=120)
+        self.fe.flush_iopub()
+        self.unsteer()
+
     def placement(self):
         reply, msgs = self.fe.execute("%notebookos", silent=True)
         assert reply["status"] == "ok", reply

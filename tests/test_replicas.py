@@ -85,15 +85,7 @@ def test_kill_each_replica_in_turn_loses_nothing(rk, ipykernel_outputs):
             assert rk.eval("'lost_marker' in globals()") == "False"
         if i == front_kill:
             rk.wait_members(3)
-            rk.steer(rk.peers()[0])
-            rk.kill(rk.front())
-            deadline = time.monotonic() + 20
-            while rk.fe.km.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            rk.fe.km.restart_kernel(now=True)
-            rk.fe.kc.wait_for_ready(timeout=90)
-            rk.fe.flush_iopub()
-            rk.unsteer()
+            rk.kill_front_and_restart()
         got = outputs(*rk.fe.execute(cell, timeout=90))
         assert got == ipykernel_outputs[i], f"cell {i} (kills at {peer_kill}, {running_kill}, {front_kill})"
     rk.wait_members(3)

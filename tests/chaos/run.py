@@ -136,15 +136,7 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
                    "burst", "16kb", "latency", "20ms")
                 shaping_until = i + WINDOW
             elif kind == "kill_front":
-                rk.steer(rk.peers()[0])
-                rk.kill(rk.front())
-                deadline = time.monotonic() + 20
-                while rk.fe.km.is_alive() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                rk.fe.km.restart_kernel(now=True)
-                rk.fe.kc.wait_for_ready(timeout=120)
-                rk.fe.flush_iopub()
-                rk.unsteer()
+                rk.kill_front_and_restart()
             elif kind == "kill_running":
                 victim = rk.peers()[-1]
                 rk.steer(victim)

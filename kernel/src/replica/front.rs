@@ -412,6 +412,18 @@ impl Front {
                 (id, process, addr)
             }
         };
+        self.join(core, id, addr, process).await
+    }
+
+    /// Takes a started replica into the group: it then catches up from a
+    /// checkpoint the leader sends.
+    async fn join(
+        &self,
+        core: &Arc<Core>,
+        id: NodeId,
+        addr: String,
+        process: Box<dyn ReplicaProcess>,
+    ) -> Result<(), FrontError> {
         self.adopt(id, addr.clone(), process);
         self.save();
         core.propose(&Entry::MemberJoin {
@@ -569,14 +581,7 @@ impl Front {
         };
         let (id, bootstrap) = self.bootstrap(&ca, true)?;
         let (process, addr) = cluster.start_on(bootstrap, to).await?;
-        self.adopt(id, addr.clone(), process);
-        self.save();
-        core.propose(&Entry::MemberJoin {
-            replica: id,
-            addr,
-            front: false,
-        })
-        .await?;
+        self.join(core, id, addr, process).await?;
         // The newcomer holds the state once its checkpoint is in; the group
         // keeps a quorum meanwhile (two voters of three, plus the learner).
         core.propose(&Entry::MemberDown { replica: from_id })

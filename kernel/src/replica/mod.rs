@@ -113,6 +113,8 @@ pub struct Core {
     /// The last delta blob we made or applied, kept so a replica that joins
     /// mid-way (or missed the push) can fetch it from us.
     recent_blobs: Mutex<std::collections::VecDeque<(BlobHash, u64)>>,
+    /// Replicas whose checkpoint entry is in the log: ready to vote.
+    checkpointed: Mutex<std::collections::BTreeSet<NodeId>>,
     /// Log index of the last entry fully applied here.
     applied: std::sync::atomic::AtomicU64,
     /// The last decided cell's winner.
@@ -170,6 +172,7 @@ impl Core {
             digests: Mutex::new(HashMap::new()),
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
+            checkpointed: Mutex::new(std::collections::BTreeSet::new()),
             last_winner: Mutex::new(None),
             front: OnceLock::new(),
             gpu: crate::gpu::Grants::from_env(),
@@ -260,9 +263,10 @@ impl Core {
     }
 
     /// Leader: removes from Raft's membership every replica the log has
-    /// declared down. A removal refused because another membership change is
-    /// in flight, or lost to a change of leader, is retried here, so a dead
-    /// voter never lingers to cost the group its quorum.
+    /// declared down, and promotes every learner whose checkpoint is in the
+    /// log. A change refused because another is in flight, or lost to a
+    /// change of leader, is retried here, so a dead voter never lingers to
+    /// cost the group its quorum and a caught-up learner always votes.
     async fn reconcile_membership(self: Arc<Self>) {
         let mut stop = self.stop.subscribe();
         loop {
@@ -287,6 +291,21 @@ impl Core {
                 match self.node.remove(replica).await {
                     Ok(()) => tracing::info!(replica, "removed a downed replica from the group"),
                     Err(e) => tracing::debug!(replica, error = %e, "removal will be retried"),
+                }
+            }
+            let ready: Vec<NodeId> = {
+                let checkpointed = lock(&self.checkpointed);
+                let elections = lock(&self.elections);
+                m.learners
+                    .iter()
+                    .copied()
+                    .filter(|id| checkpointed.contains(id) && !elections.is_down(*id))
+                    .collect()
+            };
+            for replica in ready {
+                match self.node.promote(replica).await {
+                    Ok(()) => tracing::info!(replica, "replica joined"),
+                    Err(e) => tracing::debug!(replica, error = %e, "promotion will be retried"),
                 }
             }
         }
@@ -385,9 +404,11 @@ impl Core {
                 upto,
             } => {
                 let hash = BlobHash(blob);
+                lock(&self.checkpointed).insert(replica);
                 if replica == self.id && self.is_restoring() {
                     self.restore_from(from, hash, upto).await;
-                } else {
+                } else if from != self.id {
+                    // Its maker keeps it a while for a joiner whose push was lost.
                     self.node.remove_blob(&hash);
                 }
             }
@@ -714,6 +735,10 @@ impl Core {
             }
         };
         let data = Bytes::from(packed);
+        // Kept here too: if the push is lost (a dropped link), the joiner fetches it.
+        let len = data.len() as u64;
+        let kept = self.node.publish_blob(data.clone());
+        self.keep_recent_blob(kept, len);
         let hash = match self.node.send_blob(replica, data).await {
             Ok(h) => h,
             Err(e) => {
@@ -731,10 +756,12 @@ impl Core {
             tracing::warn!(replica, error = %e, "could not propose checkpoint");
             return;
         }
-        if let Err(e) = self.node.promote(replica).await {
-            tracing::warn!(replica, error = %e, "could not promote replica");
+        // Refused while another membership change is in flight: the
+        // reconciler promotes it later.
+        match self.node.promote(replica).await {
+            Ok(()) => tracing::info!(replica, "replica joined"),
+            Err(e) => tracing::debug!(replica, error = %e, "promotion will be retried"),
         }
-        tracing::info!(replica, "replica joined");
     }
 
     async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash, upto: u64) {
