@@ -20,10 +20,13 @@ class ReplicatedKernel:
     knob stands in for "no free GPU on that host"), so the next cell runs on ``r``.
     """
 
-    def __init__(self, tmp, kernel_name="notebookos", replicas=3, env=None, **frontend):
+    def __init__(self, tmp, kernel_name="notebookos", replicas=3, env=None, yield_file=None,
+                 **frontend):
+        """``yield_file``: where steering is written; replicas that an agent
+        starts read it only if that agent's environment names the same file."""
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.yield_file = self.tmp / "yield"
+        self.yield_file = Path(yield_file) if yield_file else self.tmp / "yield"
         self.yield_file.write_text("")
         self.state = self.tmp / "state"
         env = {

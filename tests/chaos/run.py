@@ -90,7 +90,8 @@ def tc(*args):
 
 
 def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
-    """`cluster`: (switch tag, the kernel's cluster environment), or None."""
+    """`cluster`: (switch tag, the kernel's cluster environment, the yield
+    file the agents' replicas read), or None."""
     notebook = cells(n_cells, seed)
     ref_status, ref_fp = reference(notebook)
     faults = plan(n_cells, n_faults, seed, netns, cluster)
@@ -98,7 +99,8 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
         "cells": n_cells, "seed": seed, "cells_run": 0, "faults": {},
         "fault_errored": [], "unexpected": [], "packets_dropped": 0,
     }
-    rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None)
+    rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None,
+                          yield_file=cluster[2] if cluster else None)
     frozen = None
     shaping_until = None
     try:
@@ -149,9 +151,11 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
                 report["cells_run"] += 1
                 said = f"{reply.get('ename')}: {reply.get('evalue')}"
                 report["fault_errored"].append({"cell": i, "error": said})
-                if reply.get("ename") != "ReplicaLost" or "namespace is as before" not in said:
-                    report["unexpected"].append({"cell": i, "fault": kind, "got": said})
                 rk.unsteer()
+                if reply.get("ename") != "ReplicaLost" or "namespace is as before" not in said:
+                    # It ran to the end after all: running it again would run it twice.
+                    report["unexpected"].append({"cell": i, "fault": kind, "got": said})
+                    continue
             reply, _ = rk.fe.execute(cell, timeout=300)
             report["cells_run"] += 1
             if kind == "partition":
@@ -188,7 +192,8 @@ def in_cluster(argv):
     with cluster_netns.cluster(tmp) as (tag, env):
         return subprocess.run(["ip", "netns", "exec", cluster_netns.ns(tag, 1), sys.executable,
                                __file__, *argv, "--inside", "--tag", tag,
-                               "--kernel-env", json.dumps(env)]).returncode
+                               "--kernel-env", json.dumps(env),
+                               "--yield-file", str(tmp / "yield")]).returncode
 
 
 def in_namespace(argv):
@@ -213,6 +218,7 @@ def main():
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     ap.add_argument("--kernel-env", help=argparse.SUPPRESS)
+    ap.add_argument("--yield-file", help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.cluster and not args.inside:
@@ -224,7 +230,7 @@ def main():
         global DEV
         DEV = "eth0"
         sys.path.insert(0, str(HERE.parent / "cluster"))
-        cluster = (args.tag, json.loads(args.kernel_env))
+        cluster = (args.tag, json.loads(args.kernel_env), args.yield_file)
     # The notebookos kernelspecs, as the tests have them; "python3" is
     # ipykernel's own, in this environment.
     conftest.pytest_configure(None)

@@ -94,7 +94,8 @@ def release(socket_path, grant):
 @contextlib.contextmanager
 def cluster(tmp):
     """Five servers with agents (2 fake GPUs each); yields (tag, the kernel
-    environment for a front on h1)."""
+    environment for a front on h1). Replicas the agents start read
+    steering from ``tmp/yield`` (see ReplicatedKernel's yield_file)."""
     from conftest import KERNEL_BIN
 
     tag = f"nbc{os.getpid() % 100000}"
@@ -113,7 +114,8 @@ def cluster(tmp):
             agents.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns(tag, n), str(KERNEL_BIN), "agent", "--fake-gpus", "2",
                  "--socket", str(tmp / f"h{n}" / "agent.sock"), "--cluster", str(config),
-                 "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT))
+                 "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "NOTEBOOKOS_YIELD_FILE": str(tmp / "yield")}))
         # The front runs on h1 and takes its GPUs from h1's agent.
         yield tag, {"NOTEBOOKOS_CLUSTER": str(config), "NOTEBOOKOS_SERVER": "h1",
                     "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}
