@@ -29,6 +29,7 @@ pub enum ClusterError {
     Refused { server: String, message: String },
 }
 
+#[derive(Clone)]
 pub struct ClusterClient {
     pub config: ClusterConfig,
     control: ControlClient,
@@ -83,29 +84,22 @@ impl ClusterClient {
     pub async fn inventories(&self) -> Vec<Inventory> {
         let mut calls = tokio::task::JoinSet::new();
         for s in &self.config.servers {
-            let name = s.name.clone();
-            calls.spawn({
-                let request = ControlRequest::Inventory;
-                let (control, agent, id) = (
-                    self.control.clone(),
-                    s.agent,
-                    self.config.server_id(&name).unwrap_or(0),
-                );
-                async move {
-                    let body = serde_json::to_vec(&request).unwrap_or_default();
-                    let raw = control.call(agent, id, &body, CALL_TIMEOUT).await;
-                    (name, raw)
-                }
+            let (client, name) = (self.clone(), s.name.clone());
+            calls.spawn(async move {
+                let answer = client.call(&name, &ControlRequest::Inventory).await;
+                (name, answer)
             });
         }
         let mut out = Vec::new();
-        while let Some(Ok((name, raw))) = calls.join_next().await {
-            match raw.map(|b| serde_json::from_slice::<ControlResponse>(&b)) {
-                Ok(Ok(ControlResponse::Inventory(inv))) => out.push(inv),
-                Ok(other) => {
+        while let Some(Ok((name, answer))) = calls.join_next().await {
+            match answer {
+                Ok(ControlResponse::Inventory(inv)) => out.push(inv),
+                Err(e @ ClusterError::Transport { .. }) => {
+                    tracing::warn!(server = %name, error = %e, "agent unreachable")
+                }
+                other => {
                     tracing::warn!(server = %name, "unexpected inventory answer: {other:?}")
                 }
-                Err(e) => tracing::warn!(server = %name, error = %e, "agent unreachable"),
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
