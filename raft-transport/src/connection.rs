@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
@@ -17,6 +17,7 @@ use crate::bulk::BlobStore;
 use crate::config::TransportTuning;
 use crate::error::{Error, Result, TlsError};
 use crate::rpc::{self, StreamKind};
+use crate::socket::{Released, TrackedSocket};
 use crate::tls::{node_server_name, NodeIdentity};
 use crate::types::{NodeId, Raft};
 
@@ -67,7 +68,13 @@ struct Cached {
 /// Shared by the Raft network, the blob API and the accept loop.
 pub(crate) struct Transport {
     pub(crate) me: NodeId,
-    pub(crate) endpoint: quinn::Endpoint,
+    /// Taken out by [`Transport::close`]: quinn releases the socket only once every
+    /// `Endpoint` handle is gone, and openraft's tasks may hold this `Transport` for longer.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// Resolves when the OS has the UDP socket back; taken by the first `shutdown`.
+    released: Mutex<Option<Released>>,
+    /// Every task serving this replica's connections and streams, so that shutdown can end them.
+    tasks: Mutex<tokio::task::JoinSet<()>>,
     client_config: quinn::ClientConfig,
     pub(crate) tuning: TransportTuning,
     conns: Mutex<HashMap<NodeId, Cached>>,
@@ -75,8 +82,9 @@ pub(crate) struct Transport {
     dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     /// Fault injection: drop all traffic (tests and chaos drills).
     isolated: AtomicBool,
-    /// Set once Raft exists; streams arriving before that are dropped (peers retry).
-    pub(crate) raft: OnceLock<Raft>,
+    /// Set once Raft exists, cleared at shutdown (Raft holds this transport in turn);
+    /// streams arriving while it is unset are refused (peers retry).
+    raft: Mutex<Option<Raft>>,
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) blob_streams: Arc<tokio::sync::Semaphore>,
     pub(crate) max_blob_size: u64,
@@ -102,15 +110,18 @@ impl Transport {
             .map_err(|e| TlsError::Pem(format!("QUIC client config: {e}")))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
-        let endpoint = quinn::Endpoint::new(
+        let (socket, released) = TrackedSocket::wrap(udp_socket(listen, tuning.socket_buffer)?)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server_config),
-            udp_socket(listen, tuning.socket_buffer)?,
+            socket,
             Arc::new(quinn::TokioRuntime),
         )?;
         Ok(Arc::new(Self {
             me: identity.id,
-            endpoint,
+            endpoint: Mutex::new(Some(endpoint)),
+            released: Mutex::new(Some(released)),
+            tasks: Mutex::new(tokio::task::JoinSet::new()),
             client_config,
             blob_streams: Arc::new(tokio::sync::Semaphore::new(
                 tuning.max_concurrent_blob_streams,
@@ -119,11 +130,43 @@ impl Transport {
             conns: Mutex::new(HashMap::new()),
             dial_locks: Mutex::new(HashMap::new()),
             isolated: AtomicBool::new(false),
-            raft: OnceLock::new(),
+            raft: Mutex::new(None),
             blobs: Arc::new(BlobStore::default()),
             max_blob_size,
             inbox,
         }))
+    }
+
+    /// The endpoint, until the transport is closed.
+    pub(crate) fn endpoint(&self) -> Option<quinn::Endpoint> {
+        relock(&self.endpoint).clone()
+    }
+
+    pub(crate) fn local_addr(&self) -> Result<SocketAddr> {
+        match self.endpoint() {
+            Some(e) => Ok(e.local_addr()?),
+            None => Err(Error::Shutdown),
+        }
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        self.endpoint().map_or(0, |e| e.open_connections())
+    }
+
+    pub(crate) fn set_raft(&self, raft: Raft) {
+        *relock(&self.raft) = Some(raft);
+    }
+
+    pub(crate) fn raft(&self) -> Option<Raft> {
+        relock(&self.raft).clone()
+    }
+
+    /// Runs `task` until it ends or the transport shuts down.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = relock(&self.tasks);
+        // Reap what has finished so the set stays as small as the live tasks.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
     }
 
     pub(crate) fn is_isolated(&self) -> bool {
@@ -142,9 +185,8 @@ impl Transport {
         }
     }
 
-    fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Cached>> {
-        // A poisoned map only means a panic elsewhere; its contents are still consistent.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_conns(&self) -> MutexGuard<'_, HashMap<NodeId, Cached>> {
+        relock(&self.conns)
     }
 
     fn cached(&self, peer: NodeId) -> Option<quinn::Connection> {
@@ -229,8 +271,10 @@ impl Transport {
             Ok(a) => a,
             Err(e) => return Err(Error::Config(format!("peer {peer} address {addr:?}: {e}"))),
         };
-        let connecting = self
-            .endpoint
+        let Some(endpoint) = self.endpoint() else {
+            return Err(Self::unreachable(peer, "this replica is shut down"));
+        };
+        let connecting = endpoint
             .connect_with(self.client_config.clone(), sock, &node_server_name(peer))
             .map_err(|e| Self::unreachable(peer, e))?;
         let conn = tokio::time::timeout(self.tuning.connect_timeout, connecting)
@@ -250,7 +294,7 @@ impl Transport {
         tracing::debug!(peer, %sock, "connected");
         self.register(peer, &conn, true);
         // Serve the peer's streams on our connection too; it is the pair's only one.
-        tokio::spawn(crate::server::serve_connection(
+        self.spawn(crate::server::serve_connection(
             self.clone(),
             peer,
             conn.clone(),
@@ -320,11 +364,46 @@ impl Transport {
         retry
     }
 
-    pub(crate) fn close(&self) {
+    /// Closes every connection and the endpoint, ends the serving tasks, and waits until
+    /// the UDP socket is back with the OS (at most `patience`): after this the address can
+    /// be bound again.
+    pub(crate) async fn shut_down(&self, patience: std::time::Duration) {
+        let endpoint = self.close();
+        if let Some(endpoint) = endpoint {
+            // Lets peers see the close instead of timing out; bounded by the drain period.
+            if tokio::time::timeout(patience, endpoint.wait_idle()).await.is_err() {
+                tracing::warn!(me = self.me, "connections still draining at shutdown");
+            }
+        }
+        let mut tasks = std::mem::take(&mut *relock(&self.tasks));
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let released = relock(&self.released).take();
+        if let Some(released) = released {
+            if tokio::time::timeout(patience, released.wait()).await.is_err() {
+                tracing::warn!(me = self.me, "UDP socket still open after shutdown");
+            }
+        }
+    }
+
+    /// Closes everything at once, without waiting; returns the endpoint handle it dropped
+    /// from the transport.
+    pub(crate) fn close(&self) -> Option<quinn::Endpoint> {
         let conns: Vec<_> = self.lock_conns().drain().map(|(_, c)| c.conn).collect();
         for c in conns {
             c.close(CLOSE_SHUTDOWN.into(), b"shutdown");
         }
-        self.endpoint.close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        relock(&self.raft).take();
+        relock(&self.tasks).abort_all();
+        let endpoint = relock(&self.endpoint).take();
+        if let Some(e) = &endpoint {
+            e.close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        }
+        endpoint
     }
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; what it guards is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -19,6 +19,7 @@
 //! * `network`: openraft's `RaftNetworkFactory`/`RaftNetwork` over the connections.
 //! * `server`: accepts connections/streams and dispatches them to Raft, the blob store, or
 //!   (for proposals forwarded by followers) the leader's Raft.
+//! * `socket`: the UDP socket under the endpoint, which says when it is closed.
 //! * [`bulk`]: content-addressed blob store and the blob stream protocol.
 //! * [`log_store`]: in-memory Raft log with an optional append-only file.
 //! * [`state_machine`]: the applied entries, snapshots, the committed-entry subscription.
@@ -34,6 +35,7 @@ mod network;
 pub mod node;
 mod rpc;
 mod server;
+mod socket;
 pub mod state_machine;
 pub mod tls;
 pub mod types;

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 pub use openraft::ServerState;
 use openraft::{BasicNode, ChangeMembers};
-use tokio::task::JoinHandle;
 
 use crate::bulk::{self, BlobHash};
 use crate::config::ReplicaConfig;
@@ -22,6 +21,9 @@ use crate::types::{NodeId, Raft, RaftMetrics, TypeConfig};
 
 /// How long a forwarded proposal may take, end to end.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest `shutdown` waits for connections to drain and for the socket to close.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Mailbox messages queued before the application reads them; beyond this, senders wait.
 const INBOX_DEPTH: usize = 1024;
@@ -80,7 +82,6 @@ pub struct ReplicaNode {
     raft: Raft,
     transport: Arc<Transport>,
     sm: StateMachineStore,
-    accept: JoinHandle<()>,
     inbox: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(NodeId, Bytes)>>>,
 }
 
@@ -99,7 +100,7 @@ impl ReplicaNode {
             config.max_blob_size,
             inbox_tx,
         )?;
-        let bound = transport.endpoint.local_addr()?;
+        let bound = transport.local_addr()?;
         let addr = config.advertise.unwrap_or(bound);
         let (log, sm) = match &config.data_dir {
             Some(dir) => (
@@ -114,9 +115,8 @@ impl ReplicaNode {
         let raft = Raft::new(id, raft_config, network, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
-        // `set` only fails if already set, which cannot happen on a fresh transport.
-        let _ = transport.raft.set(raft.clone());
-        let accept = tokio::spawn(crate::server::accept_loop(transport.clone()));
+        transport.set_raft(raft.clone());
+        transport.spawn(crate::server::accept_loop(transport.clone()));
         tracing::info!(id, %addr, "replica started");
         Ok(Self {
             id,
@@ -124,7 +124,6 @@ impl ReplicaNode {
             raft,
             transport,
             sm,
-            accept,
             inbox: std::sync::Mutex::new(Some(inbox_rx)),
         })
     }
@@ -367,7 +366,7 @@ impl ReplicaNode {
             snapshot_index: m.snapshot.map(|l| l.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
-            open_connections: self.transport.endpoint.open_connections(),
+            open_connections: self.transport.open_connections(),
         }
     }
 
@@ -404,11 +403,12 @@ impl ReplicaNode {
         self.transport.set_isolated(isolated);
     }
 
-    /// Stops Raft and closes every connection.
+    /// Stops Raft, closes every connection and ends every task serving them. When it
+    /// returns, the replica's UDP socket is closed, so its address can be bound again
+    /// (a replica restarting in place).
     pub async fn shutdown(&self) -> Result<()> {
         let res = self.raft.shutdown().await;
-        self.transport.close();
-        self.accept.abort();
+        self.transport.shut_down(SHUTDOWN_PATIENCE).await;
         res.map_err(|e| Error::Raft(e.to_string()))
     }
 }
@@ -417,7 +417,6 @@ impl Drop for ReplicaNode {
     /// A replica dropped without [`ReplicaNode::shutdown`] at least stops talking to peers,
     /// so it cannot linger as a zombie member. (openraft's core task stops on `shutdown`.)
     fn drop(&mut self) {
-        self.accept.abort();
         self.transport.close();
     }
 }

@@ -12,13 +12,17 @@ use crate::types::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// Accepts connections until the endpoint closes.
 pub(crate) async fn accept_loop(transport: Arc<Transport>) {
-    while let Some(incoming) = transport.endpoint.accept().await {
+    let Some(endpoint) = transport.endpoint() else {
+        return;
+    };
+    while let Some(incoming) = endpoint.accept().await {
         if transport.is_isolated() {
             incoming.refuse();
             continue;
         }
-        let transport = transport.clone();
-        tokio::spawn(async move {
+        let t = transport.clone();
+        transport.spawn(async move {
+            let transport = t;
             match incoming.await {
                 Ok(conn) => accept_connection(transport, conn).await,
                 // Includes peers whose certificate is not signed by the kernel CA.
@@ -104,9 +108,9 @@ pub(crate) async fn serve_connection(
             conn.close(crate::connection::CLOSE_ISOLATED.into(), b"isolated");
             return;
         }
-        let transport = transport.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_stream(&transport, peer, send, recv).await {
+        let t = transport.clone();
+        transport.spawn(async move {
+            if let Err(e) = serve_stream(&t, peer, send, recv).await {
                 tracing::debug!(peer, error = %e, "stream failed");
             }
         });
@@ -127,7 +131,7 @@ async fn serve_stream(
         StreamKind::Message => return bulk::serve_message(transport, peer, send, recv).await,
         _ => {}
     }
-    let Some(raft) = transport.raft.get() else {
+    let Some(raft) = transport.raft() else {
         return rpc::write_response::<()>(&mut send, Err("raft not started".into())).await;
     };
     // Raft replies are latency-critical: send them ahead of any blob data.

@@ -583,3 +583,23 @@ async fn peer_without_a_certificate_cannot_connect_or_read() {
     assert!(propose(nodes.values(), payload(1)).await > idx);
     shutdown_all(nodes).await;
 }
+
+/// After `shutdown` returns, nothing of the replica holds its UDP port: a replica restarting
+/// in place binds it at once, even with peers that were talking to it a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_port() {
+    init_tracing();
+    let ca = KernelCa::generate("t-release").unwrap();
+    for round in 0..5 {
+        let mut nodes = cluster(&ca, 3).await;
+        for i in 0..20 {
+            propose(nodes.values(), payload(i)).await;
+        }
+        let victim = 1 + round % 3;
+        let addr = nodes[&victim].addr();
+        nodes.remove(&victim).unwrap().shutdown().await.unwrap();
+        std::net::UdpSocket::bind(addr)
+            .unwrap_or_else(|e| panic!("round {round}: port of replica {victim} still held: {e}"));
+        shutdown_all(nodes).await;
+    }
+}
