@@ -193,6 +193,23 @@ def test_nothing_listens_on_all_interfaces(tmp_path):
         agent.wait(timeout=10)
 
 
+def test_only_the_connection_file_ports_take_tcp(tmp_path):
+    """The zmq sockets behind the size guards are unix sockets in a private
+    directory: over TCP the kernel's processes listen on the connection
+    file's five ports and nothing else, so no client can bypass a guard."""
+    rk = ReplicatedKernel(tmp_path / "k")
+    try:
+        reply, _ = rk.fe.execute("x = 1")
+        assert reply["status"] == "ok", reply
+        socks = _sockets(_descendants(rk.fe.km.provisioner.process.pid))
+        tcp = sorted(int(a.split(":")[1], 16) for p, a in socks if p.startswith("tcp"))
+        info = json.loads(Path(rk.fe.km.connection_file).read_text())
+        want = sorted(info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb"))
+        assert tcp == want, f"listening on TCP {tcp}, the connection file names {want}"
+    finally:
+        rk.close()
+
+
 def test_secrets_never_reach_the_logs(tmp_path):
     log = tmp_path / "kernel.log"
     with open(log, "w") as f:

@@ -163,6 +163,12 @@ async fn renew_loop(agent: Arc<AgentClient>, id: u64) {
 }
 
 fn retain_primary(gpus: &[u32]) -> Vec<Arc<cudarc::driver::CudaContext>> {
+    if !crate::agent::inventory::cuda_driver_present() {
+        if !gpus.is_empty() {
+            tracing::warn!(?gpus, "no CUDA driver to bind the granted GPUs");
+        }
+        return Vec::new();
+    }
     gpus.iter()
         .filter_map(|g| {
             let ordinal = *g as usize;

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::channels::iopub::Iopub;
 use crate::channels::stdin::Stdin;
-use crate::channels::{control, heartbeat, iopub, router, shell, Session};
+use crate::channels::{control, heartbeat, iopub, router, shell, Backends, Session};
 use crate::connection::{Channel, ConnectionInfo};
 use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
 use crate::replica::{self, CellResult, Core};
@@ -31,6 +31,8 @@ pub enum KernelError {
     Channel(#[from] crate::channels::ChannelError),
     #[error(transparent)]
     Python(#[from] PythonError),
+    #[error("cannot create the directory for the kernel's inner sockets: {0}")]
+    Backends(#[source] std::io::Error),
 }
 
 /// What a handled request asks of the channel loop afterwards.
@@ -78,14 +80,17 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let signer = Signer::new(&info.signature_scheme, info.key.as_bytes())?;
     let session = Session::new(signer);
 
-    let (iopub, publisher) = iopub::bind(&info.endpoint(Channel::Iopub), session.clone()).await?;
+    let backends = Backends::create().map_err(KernelError::Backends)?;
+    let (iopub, publisher) =
+        iopub::bind(&info.endpoint(Channel::Iopub), &backends, session.clone()).await?;
     tokio::spawn(publisher.run());
-    let hb = heartbeat::bind(&info.endpoint(Channel::Heartbeat)).await?;
+    let hb = heartbeat::bind(&info.endpoint(Channel::Heartbeat), &backends).await?;
     tokio::spawn(heartbeat::serve(hb));
-    let stdin = Stdin::bind(&info.endpoint(Channel::Stdin), session.clone()).await?;
-    let (shell_sink, shell_recv) = router::bind("shell", &info.endpoint(Channel::Shell)).await?;
+    let stdin = Stdin::bind(&info.endpoint(Channel::Stdin), &backends, session.clone()).await?;
+    let (shell_sink, shell_recv) =
+        router::bind("shell", &info.endpoint(Channel::Shell), &backends).await?;
     let (control_sink, control_recv) =
-        router::bind("control", &info.endpoint(Channel::Control)).await?;
+        router::bind("control", &info.endpoint(Channel::Control), &backends).await?;
 
     let plan = match start.replicas {
         0 | 1 => None,

@@ -55,7 +55,10 @@ async fn start_group(
         cfg.transport = tuning.clone();
         // Keep snapshots out of the latency measurement's way.
         cfg.snapshot_after_entries = 1_000_000;
-        nodes.insert(id, ReplicaNode::start(cfg).await?);
+        nodes.insert(
+            id,
+            ReplicaNode::start(cfg, raft_transport::Journal::default()).await?,
+        );
     }
     let members: BTreeMap<NodeId, SocketAddr> =
         nodes.iter().map(|(id, n)| (*id, n.addr())).collect();

@@ -100,7 +100,7 @@ async fn main() -> Result<()> {
     let pem = std::fs::read_to_string(&args.identity)?;
     let mut cfg = ReplicaConfig::new(NodeIdentity::from_pem(args.id, &pem)?, args.listen);
     cfg.data_dir = args.data_dir;
-    let node = ReplicaNode::start(cfg).await?;
+    let node = ReplicaNode::start(cfg, raft_transport::Journal::default()).await?;
     if args.init {
         node.initialize(args.peers).await?;
     }

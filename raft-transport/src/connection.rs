@@ -371,7 +371,10 @@ impl Transport {
         let endpoint = self.close();
         if let Some(endpoint) = endpoint {
             // Lets peers see the close instead of timing out; bounded by the drain period.
-            if tokio::time::timeout(patience, endpoint.wait_idle()).await.is_err() {
+            if tokio::time::timeout(patience, endpoint.wait_idle())
+                .await
+                .is_err()
+            {
                 tracing::warn!(me = self.me, "connections still draining at shutdown");
             }
         }
@@ -380,7 +383,10 @@ impl Transport {
         while tasks.join_next().await.is_some() {}
         let released = relock(&self.released).take();
         if let Some(released) = released {
-            if tokio::time::timeout(patience, released.wait()).await.is_err() {
+            if tokio::time::timeout(patience, released.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!(me = self.me, "UDP socket still open after shutdown");
             }
         }

@@ -2,8 +2,9 @@
 //!
 //! The crate gives the replicas of one kernel two things:
 //!
-//! * a consensus log of opaque application entries (`Vec<u8>`), driven by
-//!   [openraft](https://docs.rs/openraft/0.9) and exposed through [`ReplicaNode`];
+//! * a consensus log of application entries, driven by
+//!   [openraft](https://docs.rs/openraft/0.9) and exposed through [`ReplicaNode`], applied
+//!   in order by the application's own [`Application`], whose state is the snapshot;
 //! * a bulk data channel for large, content-addressed blobs ([`ReplicaNode::send_blob`]).
 //!
 //! Every pair of replicas shares one QUIC connection, authenticated with mutual TLS:
@@ -22,7 +23,7 @@
 //! * `socket`: the UDP socket under the endpoint, which says when it is closed.
 //! * [`bulk`]: content-addressed blob store and the blob stream protocol.
 //! * [`log_store`]: in-memory Raft log with an optional append-only file.
-//! * [`state_machine`]: the applied entries, snapshots, the committed-entry subscription.
+//! * [`state_machine`]: openraft's state machine over the [`Application`], snapshots.
 //! * [`node`]: the [`ReplicaNode`] façade used by the kernel.
 
 pub mod bulk;
@@ -48,6 +49,6 @@ pub use node::{PendingProposal, Proposed, ReplicaMetrics, ReplicaNode, ServerSta
 pub use openraft;
 #[doc(hidden)]
 pub use rpc::{decode_request, WireError};
-pub use state_machine::{CommittedEntries, CommittedEntry};
+pub use state_machine::{Application, CommittedEntries, CommittedEntry, Journal};
 pub use tls::{KernelCa, NodeIdentity, NodeKey, NodePublicKey};
 pub use types::{NodeId, TypeConfig};

@@ -16,7 +16,7 @@ use crate::connection::Transport;
 use crate::error::{Error, Result};
 use crate::log_store::LogStore;
 use crate::network::NetworkFactory;
-use crate::state_machine::{CommittedEntries, StateMachineStore};
+use crate::state_machine::{Application, StateMachineStore};
 use crate::types::{NodeId, Raft, RaftMetrics, TypeConfig};
 
 /// How long a forwarded proposal may take, end to end.
@@ -86,10 +86,11 @@ pub struct ReplicaNode {
 }
 
 impl ReplicaNode {
-    /// Binds the endpoint, opens the log and starts Raft. A fresh group is then formed by
-    /// calling [`ReplicaNode::initialize`] on one replica; a replica added later waits to
-    /// be added with [`ReplicaNode::add_learner`] by the leader.
-    pub async fn start(config: ReplicaConfig) -> Result<Self> {
+    /// Binds the endpoint, opens the log and starts Raft, with `app` applying the committed
+    /// entries. A fresh group is then formed by calling [`ReplicaNode::initialize`] on one
+    /// replica; a replica added later waits to be added with [`ReplicaNode::add_learner`]
+    /// by the leader.
+    pub async fn start(config: ReplicaConfig, app: impl Application) -> Result<Self> {
         let id = config.identity.id;
         let raft_config = Arc::new(config.raft_config()?);
         let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(INBOX_DEPTH);
@@ -105,9 +106,12 @@ impl ReplicaNode {
         let (log, sm) = match &config.data_dir {
             Some(dir) => (
                 LogStore::open(dir, config.fsync)?,
-                StateMachineStore::new(Some(dir))?,
+                StateMachineStore::new(Box::new(app), Some(dir))?,
             ),
-            None => (LogStore::in_memory(), StateMachineStore::new(None)?),
+            None => (
+                LogStore::in_memory(),
+                StateMachineStore::new(Box::new(app), None)?,
+            ),
         };
         let network = NetworkFactory {
             transport: transport.clone(),
@@ -238,16 +242,6 @@ impl ReplicaNode {
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         Ok(PendingProposal { rx })
-    }
-
-    /// Every committed application entry from the start of the log, in order.
-    pub fn subscribe_committed(&self) -> CommittedEntries {
-        self.sm.subscribe(0)
-    }
-
-    /// Committed application entries with a log index greater than `index`.
-    pub fn subscribe_committed_after(&self, index: u64) -> CommittedEntries {
-        self.sm.subscribe(index)
     }
 
     /// Index of the last entry applied on this replica (0 before any).

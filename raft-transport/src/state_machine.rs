@@ -1,18 +1,19 @@
-//! The replicated state: every committed application entry, in log order.
+//! The replicated state: the application's, applied synchronously in log order.
 //!
-//! The application data is opaque to this crate, so the state machine simply keeps the
-//! applied entries. That serves two purposes: subscribers ([`CommittedEntries`]) read them
-//! in order at their own pace without ever missing one, and a snapshot is exactly this
-//! list (postcard-encoded `Vec<CommittedEntry>`), so a replica that installs a snapshot
-//! can still replay the application's history. The kernel layers its own typed entries
-//! (and, later, its own compaction) on top.
+//! This crate does not know what the entries mean. The application gives the state machine
+//! an [`Application`], which applies each committed entry as openraft applies it, under the
+//! state machine's lock, and which serialises its own state for a snapshot. A snapshot is
+//! therefore exactly the application's state at the snapshot's log index, openraft's
+//! snapshot policy builds it, and the log is purged behind it: memory is what the
+//! application keeps, not the history of the log.
 //!
 //! With a data directory the latest snapshot is also written to disk, so that a restarted
 //! replica whose log was purged up to the snapshot can rebuild its state.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
@@ -20,7 +21,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -35,11 +36,28 @@ pub struct CommittedEntry {
     pub data: Bytes,
 }
 
-#[derive(Default)]
+/// What the application replicates. Every method runs under the state machine's lock, on
+/// openraft's storage task: keep them quick and never block on I/O; hand slow work (a
+/// cell, a transfer) to tasks of the application's own.
+pub trait Application: Send + 'static {
+    /// Applies one committed application entry.
+    fn apply(&mut self, entry: CommittedEntry);
+
+    /// The voters changed (a membership entry was applied, or a snapshot installed).
+    fn membership(&mut self, _voters: BTreeSet<NodeId>) {}
+
+    /// The state after the last applied entry, for a snapshot.
+    fn snapshot(&self) -> Result<Vec<u8>, String>;
+
+    /// Replaces the state with a snapshot's, taken at log index `index`: a replica that
+    /// lagged behind the purged log, or one restarting from its data directory.
+    fn install(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+}
+
 struct State {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    entries: Vec<CommittedEntry>,
+    app: Box<dyn Application>,
     snapshot: Option<StoredSnapshot>,
     snapshot_seq: u64,
 }
@@ -56,8 +74,8 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
-pub(crate) struct Shared {
-    state: RwLock<State>,
+struct Shared {
+    state: Mutex<State>,
     applied: tokio::sync::watch::Sender<u64>,
     dir: Option<PathBuf>,
 }
@@ -68,19 +86,36 @@ pub struct StateMachineStore {
     shared: Arc<Shared>,
 }
 
+fn voters(m: &StoredMembership) -> BTreeSet<NodeId> {
+    m.membership().voter_ids().collect()
+}
+
+fn storage_error(e: impl ToString) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
 impl StateMachineStore {
     /// `dir`: where the latest snapshot is kept across restarts (`None`: memory only).
-    pub fn new(dir: Option<&Path>) -> io::Result<Self> {
-        let mut state = State::default();
+    pub fn new(app: Box<dyn Application>, dir: Option<&Path>) -> io::Result<Self> {
+        let mut state = State {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            app,
+            snapshot: None,
+            snapshot_seq: 0,
+        };
         if let Some(dir) = dir {
             std::fs::create_dir_all(dir)?;
             if let Some(file) = read_snapshot_file(&dir.join(SNAPSHOT_FILE))? {
-                let entries: Vec<CommittedEntry> =
-                    postcard::from_bytes(&file.data).map_err(io::Error::other)?;
-                tracing::info!(entries = entries.len(), last = ?file.meta.last_log_id, "loaded snapshot from disk");
+                let index = file.meta.last_log_id.map_or(0, |l| l.index);
+                state
+                    .app
+                    .install(index, &file.data)
+                    .map_err(storage_error)?;
+                state.app.membership(voters(&file.meta.last_membership));
+                tracing::info!(last = ?file.meta.last_log_id, "loaded snapshot from disk");
                 state.last_applied = file.meta.last_log_id;
                 state.membership = file.meta.last_membership.clone();
-                state.entries = entries;
                 state.snapshot = Some(StoredSnapshot {
                     meta: file.meta,
                     data: Arc::new(file.data),
@@ -91,39 +126,20 @@ impl StateMachineStore {
         let (applied, _) = tokio::sync::watch::channel(last);
         Ok(Self {
             shared: Arc::new(Shared {
-                state: RwLock::new(state),
+                state: Mutex::new(state),
                 applied,
                 dir: dir.map(Path::to_path_buf),
             }),
         })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.shared.state.write().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Index of the last applied log entry (0 before any).
     pub fn last_applied_index(&self) -> u64 {
         *self.shared.applied.borrow()
-    }
-
-    /// A copy of all applied application entries.
-    pub fn entries(&self) -> Vec<CommittedEntry> {
-        self.read().entries.clone()
-    }
-
-    /// A reader that yields every committed entry after log index `after`, in order.
-    pub fn subscribe(&self, after: u64) -> CommittedEntries {
-        CommittedEntries {
-            sm: self.clone(),
-            after,
-            applied: self.shared.applied.subscribe(),
-            buf: Default::default(),
-        }
     }
 
     // openraft's StorageError is large; it is what the storage traits return anyway.
@@ -154,82 +170,36 @@ fn read_snapshot_file(path: &Path) -> io::Result<Option<SnapshotFile>> {
     }
 }
 
-/// Committed application entries in log order, starting after a given index.
-///
-/// Never skips or reorders entries: it reads from the state machine's list rather than
-/// from a bounded channel, so a slow subscriber only lags, it does not lose data.
-pub struct CommittedEntries {
-    sm: StateMachineStore,
-    after: u64,
-    applied: tokio::sync::watch::Receiver<u64>,
-    buf: std::collections::VecDeque<CommittedEntry>,
-}
-
-impl CommittedEntries {
-    /// The next committed entry; `None` once the replica has shut down.
-    pub async fn next(&mut self) -> Option<CommittedEntry> {
-        loop {
-            if let Some(e) = self.buf.pop_front() {
-                self.after = e.index;
-                return Some(e);
-            }
-            {
-                let state = self.sm.read();
-                let start = state.entries.partition_point(|e| e.index <= self.after);
-                // Hand out bounded batches to keep the read lock short.
-                self.buf
-                    .extend(state.entries[start..].iter().take(1024).cloned());
-            }
-            if self.buf.is_empty() {
-                // Wait for the applied index to move; an error means the node is gone.
-                self.applied.changed().await.ok()?;
-            }
-        }
-    }
-
-    /// Returns the next entry if one is already committed, without waiting.
-    pub fn try_next(&mut self) -> Option<CommittedEntry> {
-        if self.buf.is_empty() {
-            let state = self.sm.read();
-            let start = state.entries.partition_point(|e| e.index <= self.after);
-            self.buf
-                .extend(state.entries[start..].iter().take(1024).cloned());
-        }
-        let e = self.buf.pop_front()?;
-        self.after = e.index;
-        Some(e)
-    }
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, data) = {
-            let mut state = self.write();
+        let stored = {
+            let mut state = self.lock();
             state.snapshot_seq += 1;
-            let data = postcard::to_stdvec(&state.entries)
-                .map_err(|e| StorageIOError::read_state_machine(&io::Error::other(e)))?;
+            let data = state
+                .app
+                .snapshot()
+                .map_err(|e| StorageIOError::read_state_machine(&storage_error(e)))?;
             let last = state.last_applied;
             let snapshot_id = match last {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, state.snapshot_seq),
                 None => format!("empty-{}", state.snapshot_seq),
             };
-            let meta = SnapshotMeta {
-                last_log_id: last,
-                last_membership: state.membership.clone(),
-                snapshot_id,
-            };
             let stored = StoredSnapshot {
-                meta: meta.clone(),
+                meta: SnapshotMeta {
+                    last_log_id: last,
+                    last_membership: state.membership.clone(),
+                    snapshot_id,
+                },
                 data: Arc::new(data),
             };
             state.snapshot = Some(stored.clone());
-            (meta, stored)
+            stored
         };
-        self.persist_snapshot(&data)?;
-        tracing::debug!(snapshot = %meta.snapshot_id, bytes = data.data.len(), "built snapshot");
+        self.persist_snapshot(&stored)?;
+        tracing::debug!(snapshot = %stored.meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(data.data.as_ref().clone()),
+            meta: stored.meta,
+            snapshot: Box::new(stored.data.as_ref().clone()),
         })
     }
 }
@@ -238,7 +208,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let state = self.read();
+        let state = self.lock();
         Ok((state.last_applied, state.membership.clone()))
     }
 
@@ -249,18 +219,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut responses = Vec::new();
         let last = {
-            let mut state = self.write();
+            let mut state = self.lock();
             for entry in entries {
                 let index = entry.log_id.index;
                 match entry.payload {
                     EntryPayload::Blank => {}
-                    EntryPayload::Normal(data) => state.entries.push(CommittedEntry {
+                    EntryPayload::Normal(data) => state.app.apply(CommittedEntry {
                         index,
                         term: entry.log_id.leader_id.term,
                         data: Bytes::from(data),
                     }),
                     EntryPayload::Membership(m) => {
                         state.membership = StoredMembership::new(Some(entry.log_id), m);
+                        let voters = voters(&state.membership);
+                        state.app.membership(voters);
                     }
                 }
                 state.last_applied = Some(entry.log_id);
@@ -285,16 +257,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Vec<u8>>,
     ) -> Result<(), StorageError> {
-        let entries: Vec<CommittedEntry> = postcard::from_bytes(&snapshot).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), &io::Error::other(e))
-        })?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: Arc::new(*snapshot),
         };
         let last = {
-            let mut state = self.write();
-            state.entries = entries;
+            let mut state = self.lock();
+            let index = meta.last_log_id.map_or(0, |l| l.index);
+            state.app.install(index, &stored.data).map_err(|e| {
+                StorageIOError::read_snapshot(Some(meta.signature()), &storage_error(e))
+            })?;
+            state.app.membership(voters(&meta.last_membership));
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership.clone();
             state.snapshot = Some(stored.clone());
@@ -307,11 +280,93 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let state = self.read();
+        let state = self.lock();
         Ok(state.snapshot.as_ref().map(|s| Snapshot {
             meta: s.meta.clone(),
             snapshot: Box::new(s.data.as_ref().clone()),
         }))
+    }
+}
+
+/// An [`Application`] that keeps every entry: for tests, benchmarks and tools that want the
+/// raw log. Its memory grows with the log; a real application keeps its own, bounded state.
+#[derive(Clone, Default)]
+pub struct Journal {
+    shared: Arc<JournalShared>,
+}
+
+#[derive(Default)]
+struct JournalShared {
+    entries: Mutex<Vec<CommittedEntry>>,
+    appended: tokio::sync::Notify,
+}
+
+impl Journal {
+    fn entries_lock(&self) -> MutexGuard<'_, Vec<CommittedEntry>> {
+        self.shared
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of every entry applied so far.
+    pub fn entries(&self) -> Vec<CommittedEntry> {
+        self.entries_lock().clone()
+    }
+
+    /// A reader that yields every entry after log index `after`, in order.
+    pub fn subscribe(&self, after: u64) -> CommittedEntries {
+        CommittedEntries {
+            journal: self.clone(),
+            after,
+        }
+    }
+}
+
+impl Application for Journal {
+    fn apply(&mut self, entry: CommittedEntry) {
+        self.entries_lock().push(entry);
+        self.shared.appended.notify_waiters();
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        postcard::to_stdvec(&*self.entries_lock()).map_err(|e| e.to_string())
+    }
+
+    fn install(&mut self, _index: u64, data: &[u8]) -> Result<(), String> {
+        let entries: Vec<CommittedEntry> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+        *self.entries_lock() = entries;
+        self.shared.appended.notify_waiters();
+        Ok(())
+    }
+}
+
+/// A [`Journal`]'s entries in log order, starting after a given index.
+pub struct CommittedEntries {
+    journal: Journal,
+    after: u64,
+}
+
+impl CommittedEntries {
+    /// The next entry, waiting for it to be applied.
+    pub async fn next(&mut self) -> CommittedEntry {
+        let shared = self.journal.shared.clone();
+        loop {
+            let appended = shared.appended.notified();
+            if let Some(e) = self.try_next() {
+                return e;
+            }
+            appended.await;
+        }
+    }
+
+    /// The next entry if one is already applied, without waiting.
+    pub fn try_next(&mut self) -> Option<CommittedEntry> {
+        let entries = self.journal.entries_lock();
+        let at = entries.partition_point(|e| e.index <= self.after);
+        let e = entries.get(at)?.clone();
+        self.after = e.index;
+        Some(e)
     }
 }
 
@@ -329,8 +384,9 @@ mod tests {
 
     #[tokio::test]
     async fn apply_subscribe_snapshot_install() {
-        let mut sm = StateMachineStore::new(None).unwrap();
-        let mut sub = sm.subscribe(0);
+        let journal = Journal::default();
+        let mut sm = StateMachineStore::new(Box::new(journal.clone()), None).unwrap();
+        let mut sub = journal.subscribe(0);
         let blank = Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
             payload: EntryPayload::Blank,
@@ -340,21 +396,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r, vec![1, 2, 3]);
-        assert_eq!(sub.next().await.unwrap().data, Bytes::from_static(b"a"));
-        assert_eq!(sub.next().await.unwrap().index, 3);
+        assert_eq!(sub.next().await.data, Bytes::from_static(b"a"));
+        assert_eq!(sub.next().await.index, 3);
         assert!(sub.try_next().is_none());
 
         let snap = sm.build_snapshot().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut other = StateMachineStore::new(Some(dir.path())).unwrap();
+        let other_journal = Journal::default();
+        let mut other =
+            StateMachineStore::new(Box::new(other_journal.clone()), Some(dir.path())).unwrap();
         other
             .install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();
-        assert_eq!(other.entries(), sm.entries());
+        assert_eq!(other_journal.entries(), journal.entries());
         assert_eq!(other.last_applied_index(), 3);
         // A restarted replica reloads the snapshot it had installed.
-        let reloaded = StateMachineStore::new(Some(dir.path())).unwrap();
-        assert_eq!(reloaded.entries(), sm.entries());
+        let reloaded = Journal::default();
+        let sm = StateMachineStore::new(Box::new(reloaded.clone()), Some(dir.path())).unwrap();
+        assert_eq!(reloaded.entries(), journal.entries());
+        assert_eq!(sm.last_applied_index(), 3);
+    }
+
+    /// An application whose state is one number: a snapshot holds that, not the log.
+    struct Counter(u64);
+
+    impl Application for Counter {
+        fn apply(&mut self, _entry: CommittedEntry) {
+            self.0 += 1;
+        }
+        fn snapshot(&self) -> Result<Vec<u8>, String> {
+            Ok(self.0.to_le_bytes().to_vec())
+        }
+        fn install(&mut self, _index: u64, data: &[u8]) -> Result<(), String> {
+            let bytes: [u8; 8] = data.try_into().map_err(|_| "bad counter".to_string())?;
+            self.0 = u64::from_le_bytes(bytes);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_the_applications_state_not_the_log() {
+        let mut sm = StateMachineStore::new(Box::new(Counter(0)), None).unwrap();
+        let entries: Vec<Entry> = (1..=10_000).map(|i| entry(i, &[0u8; 100])).collect();
+        sm.apply(entries).await.unwrap();
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(*snap.snapshot, 10_000u64.to_le_bytes().to_vec());
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(10_000));
     }
 }

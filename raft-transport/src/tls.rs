@@ -308,83 +308,16 @@ pub(crate) fn cert_is_for_node(cert: &CertificateDer<'_>, id: NodeId) -> bool {
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = base64_encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
-fn pem_decode_all(pem: &str) -> Result<Vec<(String, Vec<u8>)>, TlsError> {
-    let mut out = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    for line in pem.lines().map(str::trim) {
-        if let Some(label) = line
-            .strip_prefix("-----BEGIN ")
-            .and_then(|l| l.strip_suffix("-----"))
-        {
-            current = Some((label.to_string(), String::new()));
-        } else if let Some(label) = line
-            .strip_prefix("-----END ")
-            .and_then(|l| l.strip_suffix("-----"))
-        {
-            let (open, body) = current
-                .take()
-                .ok_or_else(|| TlsError::Pem(format!("END {label} without BEGIN")))?;
-            if open != label {
-                return Err(TlsError::Pem(format!("BEGIN {open} closed by END {label}")));
-            }
-            out.push((open, base64_decode(&body)?));
-        } else if let Some((_, body)) = current.as_mut() {
-            body.push_str(line);
-        }
-    }
-    Ok(out)
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-// A dozen lines of base64 beats another dependency for PEM bundles of a few hundred bytes.
-fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn base64_decode(text: &str) -> Result<Vec<u8>, TlsError> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| *c != b'=') {
-        let v = B64
-            .iter()
-            .position(|x| *x == c)
-            .ok_or_else(|| TlsError::Pem(format!("invalid base64 byte {c:#x}")))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
+fn pem_decode_all(text: &str) -> Result<Vec<(String, Vec<u8>)>, TlsError> {
+    let blocks = pem::parse_many(text).map_err(|e| TlsError::Pem(e.to_string()))?;
+    Ok(blocks
+        .into_iter()
+        .map(|b| (b.tag().to_string(), b.into_contents()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -392,11 +325,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_round_trip() {
+    fn pem_round_trip_and_garbage() {
         for len in 0..20 {
             let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(base64_decode(&base64_encode(&data)).unwrap(), data);
+            let text = pem_encode("CERTIFICATE", &data);
+            assert!(!text.contains('\r'), "LF line endings");
+            assert_eq!(
+                pem_decode_all(&text).unwrap(),
+                vec![("CERTIFICATE".into(), data)]
+            );
         }
+        let bad = "-----BEGIN CERTIFICATE-----\n@@@@\n-----END CERTIFICATE-----\n";
+        assert!(matches!(pem_decode_all(bad), Err(TlsError::Pem(_))));
+        let unclosed = "-----BEGIN CERTIFICATE-----\nAAAA\n";
+        assert!(pem_decode_all(unclosed).map_or(true, |b| b.is_empty()));
     }
 
     #[test]

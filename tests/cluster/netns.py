@@ -115,7 +115,10 @@ def cluster(tmp):
                 ["ip", "netns", "exec", ns(tag, n), str(KERNEL_BIN), "agent", "--fake-gpus", "2",
                  "--socket", str(tmp / f"h{n}" / "agent.sock"), "--cluster", str(config),
                  "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "NOTEBOOKOS_YIELD_FILE": str(tmp / "yield")}))
+                # The replicas an agent starts embed its host's Python environment,
+                # as a kernelspec's env names it for replica 1.
+                env={**os.environ, "NOTEBOOKOS_YIELD_FILE": str(tmp / "yield"),
+                     "NOTEBOOKOS_PYTHON": sys.executable}))
         # The front runs on h1 and takes its GPUs from h1's agent.
         yield tag, {"NOTEBOOKOS_CLUSTER": str(config), "NOTEBOOKOS_SERVER": "h1",
                     "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}

@@ -21,9 +21,37 @@ pub fn fake(n: u32) -> Vec<Gpu> {
         .collect()
 }
 
+/// Whether the CUDA driver library can be loaded, under any of the names
+/// cudarc tries. cudarc panics when it cannot load it, so nothing may call
+/// into cudarc on a host where this is false.
+pub fn cuda_driver_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        cudarc::get_lib_name_candidates("cuda").iter().any(|name| {
+            let Ok(name) = std::ffi::CString::new(name.as_str()) else {
+                return false;
+            };
+            // SAFETY: dlopen/dlclose on a NUL-terminated name; the handle is not used
+            // beyond closing it again.
+            unsafe {
+                let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+                if handle.is_null() {
+                    return false;
+                }
+                libc::dlclose(handle);
+                true
+            }
+        })
+    })
+}
+
 /// The GPUs the CUDA driver reports, or none when there is no usable driver.
 pub fn discover() -> Vec<Gpu> {
-    // cudarc panics when libcuda cannot be loaded; that only means "no GPUs".
+    if !cuda_driver_present() {
+        tracing::info!("no CUDA driver on this host; no GPUs");
+        return Vec::new();
+    }
+    // A driver too old for a symbol cudarc expects also panics in cudarc.
     let found = std::panic::catch_unwind(|| -> Result<Vec<Gpu>, cudarc::driver::DriverError> {
         use cudarc::driver::result;
         result::init()?;
@@ -49,8 +77,29 @@ pub fn discover() -> Vec<Gpu> {
             Vec::new()
         }
         Err(_) => {
-            tracing::info!("no CUDA driver on this host; no GPUs");
+            tracing::warn!("the CUDA driver lacks what cudarc needs; no GPUs");
             Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a host without a driver: zero GPUs, and no panic (not even a caught one,
+    /// whose message and backtrace would reach the kernel's stderr).
+    #[test]
+    fn discovery_never_panics() {
+        static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        std::panic::set_hook(Box::new(|_| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let gpus = discover();
+        drop(std::panic::take_hook());
+        assert_eq!(PANICS.load(std::sync::atomic::Ordering::SeqCst), 0);
+        if !cuda_driver_present() {
+            assert!(gpus.is_empty());
         }
     }
 }

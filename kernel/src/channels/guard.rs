@@ -3,7 +3,7 @@
 //! The zmq library buffers a whole frame before handing it over, so a
 //! client announcing a 1 GiB frame would make the kernel allocate 1 GiB.
 //! The guard owns the connection-file endpoint, forwards each connection
-//! byte for byte to the socket (bound on an ephemeral loopback port), and
+//! byte for byte to the socket (bound in a private directory), and
 //! reads the ZMTP 3 framing of what the client sends: a message (or
 //! command) larger than the limit closes that connection before its body
 //! is read. Replies flow back unread.
@@ -11,7 +11,7 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 
 /// Largest message a client may send, unless `NOTEBOOKOS_MAX_MESSAGE_BYTES`
 /// says otherwise. Jupyter messages are small; buffers (widget uploads)
@@ -130,7 +130,8 @@ impl Framing {
 }
 
 /// Binds `endpoint` (tcp://ip:port or ipc://path from the connection file)
-/// and forwards every connection to `backend` (a loopback tcp endpoint).
+/// and forwards every connection to `backend` (the zmq socket's ipc://
+/// endpoint in the kernel's private [`super::Backends`] directory).
 pub async fn serve(
     channel: &'static str,
     endpoint: &str,
@@ -138,7 +139,12 @@ pub async fn serve(
     limit: u64,
 ) -> io::Result<()> {
     if let Some(path) = endpoint.strip_prefix("ipc://") {
-        let _ = std::fs::remove_file(path);
+        // A socket file left by an earlier kernel on this connection file.
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::debug!(path, "replaced a stale socket file"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let listener = UnixListener::bind(path)?;
         tokio::spawn(async move {
             loop {
@@ -158,7 +164,9 @@ pub async fn serve(
         loop {
             match listener.accept().await {
                 Ok((client, _)) => {
-                    let _ = client.set_nodelay(true);
+                    if let Err(e) = client.set_nodelay(true) {
+                        tracing::debug!(channel, "no TCP_NODELAY on a client: {e}");
+                    }
                     tokio::spawn(forward(channel, client, backend.clone(), limit));
                 }
                 Err(e) => accept_failed(channel, e).await,
@@ -178,16 +186,28 @@ async fn forward<C>(channel: &'static str, client: C, backend: String, limit: u6
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let server = match TcpStream::connect(backend.trim_start_matches("tcp://")).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(channel, "cannot reach the socket behind the guard: {e}");
-            return;
-        }
+    let Some(path) = backend.strip_prefix("ipc://") else {
+        tracing::error!(
+            channel,
+            backend,
+            "the socket behind the guard must be an ipc endpoint"
+        );
+        return;
     };
-    let _ = server.set_nodelay(true);
+    match UnixStream::connect(path).await {
+        Ok(server) => pipe(channel, client, server, limit).await,
+        Err(e) => tracing::warn!(channel, "cannot reach the socket behind the guard: {e}"),
+    }
+}
+
+/// Copies both ways between a client and the socket, checking the client's framing.
+async fn pipe<C, S>(channel: &'static str, client: C, server: S, limit: u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
-    let (mut server_rx, mut server_tx) = server.into_split();
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
     let inbound = async {
         let mut framing = Framing::new(limit);
         let mut buf = vec![0u8; 64 << 10];

@@ -3,10 +3,10 @@
 
 use zeromq::{RepSocket, SocketRecv, SocketSend};
 
-use super::ChannelError;
+use super::{Backends, ChannelError};
 
-pub async fn bind(endpoint: &str) -> Result<RepSocket, ChannelError> {
-    super::bind("heartbeat", endpoint).await
+pub async fn bind(endpoint: &str, backends: &Backends) -> Result<RepSocket, ChannelError> {
+    super::bind("heartbeat", endpoint, backends).await
 }
 
 pub async fn serve(mut socket: RepSocket) {

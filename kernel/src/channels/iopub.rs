@@ -90,9 +90,10 @@ impl Iopub {
 
 pub async fn bind(
     endpoint: &str,
+    backends: &super::Backends,
     session: Arc<Session>,
 ) -> Result<(Iopub, Publisher), ChannelError> {
-    let socket: XPubSocket = super::bind("iopub", endpoint).await?;
+    let socket: XPubSocket = super::bind("iopub", endpoint, backends).await?;
     Ok(publisher(Sink::Zmq(socket), session))
 }
 

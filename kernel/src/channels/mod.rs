@@ -9,6 +9,7 @@ pub mod router;
 pub mod shell;
 pub mod stdin;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::wire::Signer;
@@ -30,13 +31,53 @@ impl Session {
     }
 }
 
+/// Where the zmq sockets behind the guards listen: unix sockets in a
+/// directory of this kernel's own (mode 0700), so that no other user can
+/// reach them and the guard cannot be bypassed; and no TCP port is taken that
+/// the connection file may have handed to another channel. Removed on drop.
+#[derive(Debug)]
+pub struct Backends {
+    dir: PathBuf,
+}
+
+impl Backends {
+    pub fn create() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        // Short on purpose: a unix socket path must fit in 108 bytes.
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = base.join(format!("nbos-{}", &id[..12]));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn endpoint(&self, channel: &str) -> String {
+        format!("ipc://{}", self.dir.join(channel).display())
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "cannot remove the sockets' directory: {e}");
+        }
+    }
+}
+
 /// A fresh zmq socket serving an endpoint from the connection file: the
-/// socket listens on an ephemeral loopback port, behind a [`guard`] that
-/// owns the endpoint and bounds what a client may send.
-async fn bind<S: zeromq::Socket>(channel: &'static str, endpoint: &str) -> Result<S, ChannelError> {
+/// socket listens in `backends`, behind a [`guard`] that owns the endpoint
+/// and bounds what a client may send.
+async fn bind<S: zeromq::Socket>(
+    channel: &'static str,
+    endpoint: &str,
+    backends: &Backends,
+) -> Result<S, ChannelError> {
     let mut socket = S::new();
     let inner = socket
-        .bind("tcp://127.0.0.1:0")
+        .bind(&backends.endpoint(channel))
         .await
         .map_err(|source| ChannelError::Bind {
             endpoint: endpoint.to_owned(),

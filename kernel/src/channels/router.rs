@@ -21,8 +21,9 @@ pub const RECV_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_mi
 pub async fn bind(
     channel: &'static str,
     endpoint: &str,
+    backends: &super::Backends,
 ) -> Result<(RouterSendHalf, RouterRecvHalf), ChannelError> {
-    let socket: RouterSocket = super::bind(channel, endpoint).await?;
+    let socket: RouterSocket = super::bind(channel, endpoint, backends).await?;
     Ok(socket.split())
 }
 

@@ -22,8 +22,12 @@ pub struct Stdin {
 }
 
 impl Stdin {
-    pub async fn bind(endpoint: &str, session: Arc<Session>) -> Result<Arc<Self>, ChannelError> {
-        let (sink, recv) = router::bind("stdin", endpoint).await?;
+    pub async fn bind(
+        endpoint: &str,
+        backends: &super::Backends,
+        session: Arc<Session>,
+    ) -> Result<Arc<Self>, ChannelError> {
+        let (sink, recv) = router::bind("stdin", endpoint, backends).await?;
         let stdin = Arc::new(Self {
             sink: tokio::sync::Mutex::new(sink),
             waiter: Mutex::new(None),

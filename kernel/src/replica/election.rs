@@ -4,10 +4,16 @@
 //! now, YIELD if not. The first LEAD applied for a cell wins; later bids are
 //! ignored. Bids from replicas already declared down are ignored too. A cell
 //! ends exactly once: by its winner's `Done`, or because its winner went down.
+//!
+//! Memory is bounded: open cells are the few in flight, and of the finished ones only the
+//! last [`FINISHED_KEPT`] are remembered, which is what turns away a duplicate `Request`
+//! (a proposal retried while leadership moved arrives within seconds, not thousands of
+//! cells later).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use raft_transport::NodeId;
+use serde::{Deserialize, Serialize};
 
 use super::entry::{CellId, Frames};
 
@@ -23,7 +29,10 @@ pub enum BidOutcome {
     Ignored,
 }
 
-#[derive(Debug)]
+/// How many finished cells are remembered to ignore duplicates of their requests.
+pub const FINISHED_KEPT: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
     pub request: Frames,
     pub winner: Option<NodeId>,
@@ -42,11 +51,52 @@ pub enum Ending {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Elections {
     open: HashMap<CellId, Cell>,
-    finished: HashSet<CellId>,
+    finished: Finished,
     down: BTreeSet<NodeId>,
+}
+
+/// The most recently finished cells, oldest first.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "VecDeque<CellId>", into = "VecDeque<CellId>")]
+struct Finished {
+    order: VecDeque<CellId>,
+    set: HashSet<CellId>,
+}
+
+impl Finished {
+    fn contains(&self, cell: &str) -> bool {
+        self.set.contains(cell)
+    }
+
+    fn insert(&mut self, cell: CellId) {
+        if self.set.insert(cell.clone()) {
+            self.order.push_back(cell);
+        }
+        while self.order.len() > FINISHED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+impl From<VecDeque<CellId>> for Finished {
+    fn from(order: VecDeque<CellId>) -> Self {
+        let mut f = Finished::default();
+        for cell in order {
+            f.insert(cell);
+        }
+        f
+    }
+}
+
+impl From<Finished> for VecDeque<CellId> {
+    fn from(f: Finished) -> Self {
+        f.order
+    }
 }
 
 impl Elections {
@@ -143,6 +193,15 @@ impl Elections {
     pub fn winner(&self, cell: &str) -> Option<NodeId> {
         self.open.get(cell).and_then(|c| c.winner)
     }
+
+    /// Open cells that `replica` won and has not finished.
+    pub fn won_by(&self, replica: NodeId) -> Vec<(CellId, Frames)> {
+        self.open
+            .iter()
+            .filter(|(_, c)| c.winner == Some(replica))
+            .map(|(id, c)| (id.clone(), c.request.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +256,26 @@ mod tests {
         // A late duplicate Request does not reopen it.
         e.open("c".into(), frames());
         assert!(e.get("c").is_none());
+    }
+
+    #[test]
+    fn finished_cells_are_remembered_up_to_a_bound() {
+        let mut e = Elections::default();
+        for i in 0..(FINISHED_KEPT + 10) {
+            let cell = format!("c{i}");
+            e.open(cell.clone(), frames());
+            e.bid(&cell, 1, true, &voters());
+            assert!(e.finish(&cell, 1).is_some());
+        }
+        assert_eq!(e.finished.order.len(), FINISHED_KEPT);
+        assert_eq!(e.finished.set.len(), FINISHED_KEPT);
+        // A recent duplicate is refused, a forgotten one would open again.
+        let recent = format!("c{}", FINISHED_KEPT + 9);
+        e.open(recent.clone(), frames());
+        assert!(e.get(&recent).is_none());
+        // The bound survives a snapshot round trip.
+        let copy: Elections = postcard::from_bytes(&postcard::to_stdvec(&e).unwrap()).unwrap();
+        assert_eq!(copy, e);
     }
 
     #[test]

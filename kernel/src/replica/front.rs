@@ -143,9 +143,10 @@ impl Front {
         let listen: SocketAddr = format!("{listen_ip}:0")
             .parse()
             .map_err(|e| GroupError::Start(format!("replica listen address: {e}")))?;
-        let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
-        let my_addr = node.addr().to_string();
         let rejoin = plan.prior.is_some();
+        let (app, handle) = super::replica_app(me, me, rejoin);
+        let node = ReplicaNode::start(super::replica_config(identity, listen), app).await?;
+        let my_addr = node.addr().to_string();
         let old_front = gstate.front;
 
         let front = Arc::new(Front {
@@ -174,8 +175,8 @@ impl Front {
             exec: opts.exec,
             iopub: opts.iopub,
             interrupt: opts.interrupt,
-            front_id: me,
             joining: rejoin,
+            app: handle,
         });
         let _ = core.front.set(front.clone());
         core.start().await;

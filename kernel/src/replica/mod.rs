@@ -4,8 +4,10 @@
 //!
 //! * [`entry`]: what goes in the log and in the replicas' mailboxes.
 //! * [`election`]: who runs a cell, decided from the log alone.
-//! * `core` (this file): the applier every replica runs, the winner's side of a
-//!   cell, and the hooks the shim calls (`%notebookos`, digests).
+//! * [`applier`]: the pure state machine over the log: entries in, effects out;
+//!   its group state is what a Raft snapshot holds.
+//! * `core` (this file): the effects every replica carries out, the winner's
+//!   side of a cell, and the hooks the shim calls (`%notebookos`, digests).
 //! * `front`: what only the replica facing Jupyter does: proposes requests,
 //!   publishes relayed output, supervises the other replicas.
 //! * `peer`: the `notebookos-kernel replica` process.
@@ -13,6 +15,7 @@
 //! * [`group`], [`spawn`]: on-disk group state and starting replicas.
 //! * `statesync`: packing namespace deltas and checkpoints.
 
+pub mod applier;
 pub mod election;
 pub mod entry;
 pub mod front;
@@ -37,8 +40,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::channels::iopub::Iopub;
 use crate::python::{Executor, Group};
 use crate::wire::Message;
-use election::{BidOutcome, Elections};
+use applier::{Applier, CheckpointRef, DeltaRef, Effect};
 use entry::{CellId, Delta, Entry, Frames, Mail};
+
+pub use applier::CellResult;
 
 pub use front::{Front, FrontError};
 
@@ -48,6 +53,11 @@ const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 /// Delta blobs each replica keeps after applying them.
 const RECENT_BLOBS: usize = 4;
 const RECENT_BLOB_BYTES: u64 = 512 << 20;
+
+/// Entries between snapshots (a cell is about four), and how many of them stay
+/// in the log behind a snapshot.
+const SNAPSHOT_AFTER_ENTRIES: u64 = 1000;
+const KEEP_ENTRIES_AFTER_SNAPSHOT: u64 = 500;
 
 /// Deltas up to this size travel inside the log entry; larger ones as blobs.
 const INLINE_DELTA: usize = 64 << 10;
@@ -65,28 +75,89 @@ pub fn replica_config(
 ) -> raft_transport::ReplicaConfig {
     let mut config = raft_transport::ReplicaConfig::new(identity, listen);
     config.max_blob_size = 1 << 40;
+    // A snapshot is the small group state, so take one often and keep the log
+    // short; a follower that lags more than the kept tail catches up by snapshot.
+    config.snapshot_after_entries = SNAPSHOT_AFTER_ENTRIES;
+    config.keep_entries_after_snapshot = KEEP_ENTRIES_AFTER_SNAPSHOT;
     config
 }
 
-/// How a replicated cell ended, as the front reports it.
-#[derive(Debug, Clone)]
-pub enum CellResult {
-    /// The winner's reply content (JSON).
-    Reply(String),
-    /// The winner died while running it.
-    Lost { replica: NodeId },
+/// The effects of one applied entry (or installed snapshot), at its log index.
+struct Batch {
+    index: u64,
+    effects: Vec<Effect>,
 }
 
-/// A replica joining a running group takes no part until a checkpoint arrives.
-#[derive(Debug)]
-enum Restore {
-    Current,
-    /// Waiting; after our own MemberJoin, deltas are kept (with their log
-    /// index) to replay those the checkpoint does not include.
-    Waiting {
-        joined: bool,
-        buffered: Vec<(u64, NodeId, Delta)>,
-    },
+/// Raft's view of this replica's application: entries are applied by the
+/// [`Applier`] as they commit, under the state machine's lock; the effects go,
+/// in order, to [`Core`]'s executor.
+pub struct ReplicaApp {
+    applier: Arc<Mutex<Applier>>,
+    effects: mpsc::UnboundedSender<Batch>,
+}
+
+/// [`Core`]'s end of a [`ReplicaApp`].
+pub struct AppHandle {
+    applier: Arc<Mutex<Applier>>,
+    effects: mpsc::UnboundedReceiver<Batch>,
+}
+
+/// The application to start a replica's [`ReplicaNode`] with, and the handle
+/// its [`Core`] takes.
+pub fn replica_app(me: NodeId, front: NodeId, joining: bool) -> (ReplicaApp, AppHandle) {
+    let applier = Arc::new(Mutex::new(Applier::new(me, front, joining)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        ReplicaApp {
+            applier: applier.clone(),
+            effects: tx,
+        },
+        AppHandle {
+            applier,
+            effects: rx,
+        },
+    )
+}
+
+impl ReplicaApp {
+    fn emit(&self, index: u64, effects: Vec<Effect>) {
+        if self.effects.send(Batch { index, effects }).is_err() {
+            // The executor is gone: the replica is stopping.
+            tracing::debug!(index, "effects dropped at shutdown");
+        }
+    }
+}
+
+impl raft_transport::Application for ReplicaApp {
+    fn apply(&mut self, e: raft_transport::CommittedEntry) {
+        let effects = match Entry::decode(&e.data) {
+            Ok(entry) => {
+                tracing::debug!(index = e.index, entry = entry.kind(), "apply");
+                lock(&self.applier).apply(e.index, entry)
+            }
+            Err(err) => {
+                tracing::warn!(index = e.index, "skipping log entry: {err}");
+                Vec::new()
+            }
+        };
+        self.emit(e.index, effects);
+    }
+
+    fn membership(&mut self, voters: BTreeSet<NodeId>) {
+        lock(&self.applier).membership(voters);
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        Ok(lock(&self.applier).snapshot())
+    }
+
+    fn install(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        let effects = lock(&self.applier)
+            .install(index, data)
+            .map_err(|e| e.to_string())?;
+        self.emit(index, effects);
+        Ok(())
+    }
 }
 
 /// What every replica runs.
@@ -98,10 +169,11 @@ pub struct Core {
     iopub: Iopub,
     interrupt: Box<dyn Fn() + Send + Sync>,
     runtime: tokio::runtime::Handle,
-    elections: Mutex<Elections>,
-    /// The replica facing Jupyter.
-    front_id: Mutex<NodeId>,
-    restore: Mutex<Restore>,
+    /// The group state as of the last committed entry (ahead of the effects
+    /// carried out so far).
+    applier: Arc<Mutex<Applier>>,
+    effects: Mutex<Option<mpsc::UnboundedReceiver<Batch>>>,
+    /// Holds the current namespace (a joiner: once its checkpoint is restored).
     ready: watch::Sender<bool>,
     /// A file listing replica ids that must yield: stands in for "no free
     /// resources on this replica's host" until the GPU agent decides that.
@@ -113,12 +185,10 @@ pub struct Core {
     /// The last delta blob we made or applied, kept so a replica that joins
     /// mid-way (or missed the push) can fetch it from us.
     recent_blobs: Mutex<std::collections::VecDeque<(BlobHash, u64)>>,
-    /// Replicas whose checkpoint entry is in the log: ready to vote.
-    checkpointed: Mutex<std::collections::BTreeSet<NodeId>>,
-    /// Log index of the last entry fully applied here.
+    /// Log index of the last entry whose effects are carried out here.
     applied: std::sync::atomic::AtomicU64,
-    /// The last decided cell's winner.
-    last_winner: Mutex<Option<NodeId>>,
+    /// Cells this replica is running, so a snapshot's `Run` never starts one twice.
+    running: Mutex<BTreeSet<CellId>>,
     /// Set on the replica facing Jupyter.
     front: OnceLock<Arc<Front>>,
     /// GPU grants this replica holds, per cell it bid to lead.
@@ -140,20 +210,12 @@ pub struct CoreConfig {
     pub exec: Executor,
     pub iopub: Iopub,
     pub interrupt: Box<dyn Fn() + Send + Sync>,
-    pub front_id: NodeId,
     pub joining: bool,
+    pub app: AppHandle,
 }
 
 impl Core {
     pub fn new(cfg: CoreConfig) -> Arc<Self> {
-        let restore = if cfg.joining {
-            Restore::Waiting {
-                joined: false,
-                buffered: Vec::new(),
-            }
-        } else {
-            Restore::Current
-        };
         let (ready, _) = watch::channel(!cfg.joining);
         Arc::new(Self {
             id: cfg.node.id(),
@@ -163,17 +225,15 @@ impl Core {
             iopub: cfg.iopub,
             interrupt: cfg.interrupt,
             runtime: tokio::runtime::Handle::current(),
-            elections: Mutex::new(Elections::default()),
-            front_id: Mutex::new(cfg.front_id),
-            restore: Mutex::new(restore),
+            applier: cfg.app.applier,
+            effects: Mutex::new(Some(cfg.app.effects)),
             ready,
             yield_file: std::env::var_os("NOTEBOOKOS_YIELD_FILE").map(PathBuf::from),
             waiters: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
-            checkpointed: Mutex::new(std::collections::BTreeSet::new()),
-            last_winner: Mutex::new(None),
+            running: Mutex::new(BTreeSet::new()),
             front: OnceLock::new(),
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
@@ -191,7 +251,9 @@ impl Core {
         {
             tracing::error!("cannot start namespace replication: {e}");
         }
-        tokio::spawn(self.clone().apply_loop());
+        if let Some(effects) = lock(&self.effects).take() {
+            tokio::spawn(self.clone().effect_loop(effects));
+        }
         tokio::spawn(self.clone().reconcile_membership());
         if let Some(inbox) = self.node.take_messages() {
             tokio::spawn(self.clone().mail_loop(inbox));
@@ -199,11 +261,24 @@ impl Core {
     }
 
     pub fn front_id(&self) -> NodeId {
-        *lock(&self.front_id)
+        lock(&self.applier).state().front
     }
 
     fn is_restoring(&self) -> bool {
-        !matches!(*lock(&self.restore), Restore::Current)
+        lock(&self.applier).is_restoring() || !*self.ready.borrow()
+    }
+
+    fn is_down(&self, replica: NodeId) -> bool {
+        lock(&self.applier).state().elections.is_down(replica)
+    }
+
+    fn request_of(&self, cell: &str) -> Option<Frames> {
+        let applier = lock(&self.applier);
+        applier
+            .state()
+            .elections
+            .get(cell)
+            .map(|c| c.request.clone())
     }
 
     /// Resolves once this replica holds the current namespace.
@@ -278,15 +353,13 @@ impl Core {
                 continue;
             }
             let m = self.node.metrics();
-            let stale: Vec<NodeId> = {
-                let elections = lock(&self.elections);
-                m.voters
-                    .iter()
-                    .chain(&m.learners)
-                    .copied()
-                    .filter(|id| elections.is_down(*id))
-                    .collect()
-            };
+            let stale: Vec<NodeId> = m
+                .voters
+                .iter()
+                .chain(&m.learners)
+                .copied()
+                .filter(|id| self.is_down(*id))
+                .collect();
             for replica in stale {
                 match self.node.remove(replica).await {
                     Ok(()) => tracing::info!(replica, "removed a downed replica from the group"),
@@ -294,12 +367,12 @@ impl Core {
                 }
             }
             let ready: Vec<NodeId> = {
-                let checkpointed = lock(&self.checkpointed);
-                let elections = lock(&self.elections);
+                let applier = lock(&self.applier);
+                let state = applier.state();
                 m.learners
                     .iter()
                     .copied()
-                    .filter(|id| checkpointed.contains(id) && !elections.is_down(*id))
+                    .filter(|id| state.checkpointed.contains(id) && !state.elections.is_down(*id))
                     .collect()
             };
             for replica in ready {
@@ -311,149 +384,78 @@ impl Core {
         }
     }
 
-    async fn apply_loop(self: Arc<Self>) {
-        let mut committed = self.node.subscribe_committed();
-        while let Some(e) = committed.next().await {
-            match Entry::decode(&e.data) {
-                Ok(entry) => {
-                    tracing::debug!(index = e.index, entry = entry.kind(), "apply");
-                    self.apply(entry, e.index).await
-                }
-                Err(err) => tracing::warn!(index = e.index, "skipping log entry: {err}"),
+    /// Carries out the applier's effects in log order. Those that change the
+    /// namespace are awaited, so deltas apply one at a time and in order; the
+    /// rest are spawned or quick.
+    async fn effect_loop(self: Arc<Self>, mut effects: mpsc::UnboundedReceiver<Batch>) {
+        while let Some(batch) = effects.recv().await {
+            for effect in batch.effects {
+                self.carry_out(effect).await;
             }
             self.applied
-                .store(e.index, std::sync::atomic::Ordering::Release);
+                .store(batch.index, std::sync::atomic::Ordering::Release);
             if *self.stop.borrow() {
                 return;
             }
         }
     }
 
-    async fn apply(self: &Arc<Self>, entry: Entry, index: u64) {
-        match entry {
-            Entry::Request {
-                cell,
-                request,
-                lead,
-            } => {
-                lock(&self.elections).open(cell.clone(), request);
-                match lead {
-                    Some(replica) => self.on_bid(cell, replica, true).await,
-                    None if !self.is_restoring() => {
-                        tokio::spawn(self.clone().bid(cell));
-                    }
-                    None => {}
+    async fn carry_out(self: &Arc<Self>, effect: Effect) {
+        match effect {
+            Effect::Bid { cell } => {
+                tokio::spawn(self.clone().bid(cell));
+            }
+            Effect::Run { cell, request } => {
+                if lock(&self.running).insert(cell.clone()) {
+                    tokio::spawn(self.clone().run_cell(cell, request));
                 }
             }
-            Entry::Bid {
-                cell,
-                replica,
-                lead,
-            } => self.on_bid(cell, replica, lead).await,
-            Entry::Done {
-                cell,
-                replica,
-                reply,
-                delta,
-            } => {
-                if lock(&self.elections).finish(&cell, replica).is_none() {
-                    return;
-                }
-                if replica != self.id {
-                    self.take_delta(index, replica, delta).await;
-                }
-                self.resolve(&cell, CellResult::Reply(reply));
+            Effect::ReleaseGpus { cell } => {
+                self.gpu.release(&cell, std::time::Duration::ZERO).await;
             }
-            Entry::MemberDown { replica } => {
+            Effect::Queued { cell, request } => {
+                if let Some(front) = self.front.get() {
+                    front.report_queued(self, &cell, &request).await;
+                }
+            }
+            Effect::Resolve { cell, result } => self.resolve(&cell, result),
+            Effect::ApplyDelta(delta) => {
+                if *self.ready.borrow() {
+                    self.apply_delta(delta).await;
+                }
+            }
+            Effect::Restore { checkpoint, replay } => self.restore_from(checkpoint, replay).await,
+            Effect::DropBlob { blob } => {
+                self.node.remove_blob(&BlobHash(blob));
+            }
+            Effect::AddMember { replica, addr } => {
+                if self.is_leader() {
+                    tokio::spawn(self.clone().add_member(replica, addr));
+                }
+            }
+            Effect::AnswerVerify { nonce, to } => {
+                tokio::spawn(self.clone().answer_verify(nonce, to));
+            }
+            Effect::MemberDown { replica } => {
                 tracing::info!(replica, "replica down");
-                let lost = lock(&self.elections).replica_down(replica);
-                for (cell, _) in lost {
-                    self.resolve(&cell, CellResult::Lost { replica });
-                }
-                if replica == self.id {
-                    // Moved away, replaced, or unable to apply a delta.
-                    tracing::warn!("this replica was removed from the group; exiting");
-                    self.stop.send_replace(true);
-                    return;
-                }
                 // Removal from Raft's membership: `reconcile_membership`.
                 if let Some(front) = self.front.get() {
                     front.member_down(replica);
                 }
             }
-            Entry::MemberJoin {
-                replica,
-                addr,
-                front,
-            } => {
-                if front {
-                    *lock(&self.front_id) = replica;
-                }
-                if replica == self.id {
-                    if let Restore::Waiting { joined, .. } = &mut *lock(&self.restore) {
-                        *joined = true;
-                    }
-                } else if self.is_leader() {
-                    tokio::spawn(self.clone().add_member(replica, addr));
-                }
+            Effect::Leave { reason } => {
+                tracing::error!("{reason}; this replica leaves the group");
+                self.leave();
             }
-            Entry::Checkpoint {
-                replica,
-                from,
-                blob,
-                upto,
-            } => {
-                let hash = BlobHash(blob);
-                lock(&self.checkpointed).insert(replica);
-                if replica == self.id && self.is_restoring() {
-                    self.restore_from(from, hash, upto).await;
-                } else if from != self.id {
-                    // Its maker keeps it a while for a joiner whose push was lost.
-                    self.node.remove_blob(&hash);
-                }
-            }
-            Entry::Verify { nonce, from } => {
-                if from != self.id && !self.is_restoring() {
-                    tokio::spawn(self.clone().answer_verify(nonce, from));
-                }
-            }
-            Entry::Shutdown => {
-                if self.front.get().is_none() {
+            Effect::Stop { shutdown } => {
+                if !shutdown {
+                    // Moved away, replaced, or unable to apply a delta.
+                    tracing::warn!("this replica was removed from the group; exiting");
+                    self.stop.send_replace(true);
+                } else if self.front.get().is_none() {
                     self.stop.send_replace(true);
                 }
             }
-        }
-    }
-
-    async fn on_bid(self: &Arc<Self>, cell: CellId, replica: NodeId, lead: bool) {
-        let voters = self.node.metrics().voters;
-        let outcome = lock(&self.elections).bid(&cell, replica, lead, &voters);
-        match outcome {
-            BidOutcome::Won(winner) => {
-                *lock(&self.last_winner) = Some(winner);
-                if winner != self.id {
-                    // Lost the election: the GPUs we took for it go back.
-                    self.gpu.release(&cell, std::time::Duration::ZERO).await;
-                }
-                if winner == self.id {
-                    let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
-                    if let Some(request) = request {
-                        tokio::spawn(self.clone().run_cell(cell, request));
-                    }
-                }
-            }
-            BidOutcome::AllYielded => {
-                if let Some(front) = self.front.get() {
-                    let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
-                    if let Some(request) = request {
-                        front.report_queued(self, &cell, &request).await;
-                    }
-                }
-            }
-            BidOutcome::Ignored if replica == self.id && lead => {
-                self.gpu.release(&cell, std::time::Duration::ZERO).await;
-            }
-            BidOutcome::Open | BidOutcome::Ignored => {}
         }
     }
 
@@ -464,7 +466,9 @@ impl Core {
 
     /// Whether `cell` is open and nobody has won it yet.
     pub(crate) fn is_undecided(&self, cell: &str) -> bool {
-        lock(&self.elections)
+        lock(&self.applier)
+            .state()
+            .elections
             .get(cell)
             .is_some_and(|c| c.winner.is_none())
     }
@@ -486,8 +490,9 @@ impl Core {
     }
 
     async fn bid(self: Arc<Self>, cell: CellId) {
-        let request = lock(&self.elections).get(&cell).map(|c| c.request.clone());
-        let Some(request) = request else { return };
+        let Some(request) = self.request_of(&cell) else {
+            return;
+        };
         let lead = self.try_lead(&cell, &request).await;
         let bid = Entry::Bid {
             cell: cell.clone(),
@@ -504,11 +509,7 @@ impl Core {
         // Yielded: lead as soon as we can, unless someone else does first.
         loop {
             tokio::time::sleep(REBID_INTERVAL).await;
-            let open = {
-                let e = lock(&self.elections);
-                e.get(&cell).is_some_and(|c| c.winner.is_none())
-            };
-            if !open || *self.stop.borrow() {
+            if !self.is_undecided(&cell) || *self.stop.borrow() {
                 return;
             }
             if self.try_lead(&cell, &request).await {
@@ -557,7 +558,7 @@ impl Core {
         let delta = self.ship_delta(packed).await;
         tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
         let done = Entry::Done {
-            cell,
+            cell: cell.clone(),
             replica: self.id,
             reply,
             delta,
@@ -565,6 +566,7 @@ impl Core {
         if let Err(e) = self.propose(&done).await {
             tracing::error!(error = %e, "could not report a finished cell");
         }
+        lock(&self.running).remove(&cell);
     }
 
     async fn execute_here(&self, msg: &Message) -> String {
@@ -658,34 +660,15 @@ impl Core {
         }
     }
 
-    async fn take_delta(self: &Arc<Self>, index: u64, from: NodeId, delta: Delta) {
-        {
-            let mut restore = lock(&self.restore);
-            match &mut *restore {
-                Restore::Current => {}
-                // Before our MemberJoin the checkpoint covers it.
-                Restore::Waiting { joined: false, .. } => return,
-                Restore::Waiting {
-                    joined: true,
-                    buffered,
-                } => {
-                    buffered.push((index, from, delta));
-                    return;
-                }
-            }
-        }
-        self.apply_delta(from, delta).await;
-    }
-
-    async fn apply_delta(self: &Arc<Self>, from: NodeId, delta: Delta) {
+    async fn apply_delta(self: &Arc<Self>, delta: DeltaRef) {
         let t = std::time::Instant::now();
-        let applied = match self.delta_bytes(from, delta).await {
+        let applied = match self.delta_bytes(delta.from, delta.delta).await {
             Some(data) => statesync::apply_delta(&self.exec, data)
                 .await
                 .map_err(|e| e.to_string()),
             None => Err("delta unavailable".into()),
         };
-        tracing::debug!(elapsed = ?t.elapsed(), "state delta applied");
+        tracing::debug!(elapsed = ?t.elapsed(), index = delta.index, "state delta applied");
         if let Err(e) = applied {
             tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
             self.leave();
@@ -696,10 +679,8 @@ impl Core {
     /// removed (and so replaced). Through the log rather than by exiting, so that
     /// replicas failing alike leave one at a time and the rest keep a quorum.
     fn leave(self: &Arc<Self>) {
-        *lock(&self.restore) = Restore::Waiting {
-            joined: false,
-            buffered: Vec::new(),
-        };
+        lock(&self.applier).left();
+        self.ready.send_replace(false);
         let core = self.clone();
         tokio::spawn(async move {
             if let Err(e) = core.propose(&Entry::MemberDown { replica: core.id }).await {
@@ -710,7 +691,9 @@ impl Core {
 
     fn resolve(&self, cell: &str, result: CellResult) {
         if let Some(tx) = lock(&self.waiters).remove(cell) {
-            let _ = tx.send(result);
+            if tx.send(result).is_err() {
+                tracing::debug!(cell, "nobody waits for this cell any more");
+            }
         }
     }
 
@@ -764,12 +747,13 @@ impl Core {
         }
     }
 
-    async fn restore_from(self: &Arc<Self>, from: NodeId, hash: BlobHash, upto: u64) {
+    async fn restore_from(self: &Arc<Self>, checkpoint: CheckpointRef, replay: Vec<DeltaRef>) {
+        let hash = BlobHash(checkpoint.blob);
         let data = match self.node.remove_blob(&hash) {
             Some(d) => Ok(d),
             None => self
                 .node
-                .fetch_blob(from, hash)
+                .fetch_blob(checkpoint.from, hash)
                 .await
                 .map_err(|e| e.to_string()),
         };
@@ -784,20 +768,11 @@ impl Core {
             self.leave();
             return;
         }
-        let buffered = match std::mem::replace(&mut *lock(&self.restore), Restore::Current) {
-            Restore::Waiting { buffered, .. } => buffered,
-            Restore::Current => Vec::new(),
-        };
-        for (_, from, delta) in buffered.into_iter().filter(|(index, ..)| *index > upto) {
-            self.apply_delta(from, delta).await;
+        self.ready.send_replace(true);
+        for delta in replay {
+            self.apply_delta(delta).await;
         }
         tracing::info!(id = self.id, "caught up from checkpoint");
-        self.ready.send_replace(true);
-        // Cells that were waiting for bids while we restored.
-        let undecided = lock(&self.elections).undecided();
-        for cell in undecided {
-            tokio::spawn(self.clone().bid(cell));
-        }
     }
 
     async fn answer_verify(self: Arc<Self>, nonce: String, to: NodeId) {
@@ -861,8 +836,11 @@ impl Core {
                 replica,
                 digest,
             } => {
-                if let Some(tx) = lock(&self.digests).get(&nonce) {
-                    let _ = tx.send((replica, digest));
+                let sent = lock(&self.digests)
+                    .get(&nonce)
+                    .map(|tx| tx.send((replica, digest)).is_ok());
+                if sent != Some(true) {
+                    tracing::debug!(from, "a digest arrived after its request ended");
                 }
             }
         }
@@ -877,7 +855,7 @@ impl Core {
 
     /// The running cell's winner, if any (for interrupts).
     pub fn running_on(&self) -> Option<NodeId> {
-        *lock(&self.last_winner)
+        lock(&self.applier).state().last_winner
     }
 }
 
@@ -941,7 +919,7 @@ impl Group for Core {
             "self": self.id,
             "front": front,
             "replicas": replicas,
-            "last_winner": *lock(&self.last_winner),
+            "last_winner": self.running_on(),
             "gpu_usage": usage,
         })
         .to_string()

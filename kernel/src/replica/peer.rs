@@ -59,7 +59,8 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
         .listen
         .parse()
         .map_err(|_| PeerError::Listen(b.listen.clone()))?;
-    let node = ReplicaNode::start(super::replica_config(identity, listen)).await?;
+    let (app, handle) = super::replica_app(b.id, b.front, b.joining);
+    let node = ReplicaNode::start(super::replica_config(identity, listen), app).await?;
     group::write_private(&b.addr_file, node.addr().to_string().as_bytes())?;
 
     let interrupter = python.clone();
@@ -69,8 +70,8 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
         exec: python.main().clone(),
         iopub,
         interrupt: Box::new(move || interrupter.interrupt()),
-        front_id: b.front,
         joining: b.joining,
+        app: handle,
     });
     let _ = core.remote_stdin.set(stdin);
     bridge.set_group(core.clone());

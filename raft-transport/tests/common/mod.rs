@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use raft_transport::{Error, KernelCa, NodeId, ReplicaConfig, ReplicaNode};
+use raft_transport::{Error, Journal, KernelCa, NodeId, ReplicaConfig, ReplicaNode};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -28,8 +28,21 @@ pub fn config(ca: &KernelCa, id: NodeId) -> ReplicaConfig {
     ReplicaConfig::new(ca.issue_identity(id).unwrap(), loopback())
 }
 
+/// Each test runs in a process of its own (nextest), so a node's address names its journal.
+static JOURNALS: std::sync::Mutex<BTreeMap<SocketAddr, Journal>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Starts a replica whose application keeps every entry ([`journal`]).
 pub async fn start(cfg: ReplicaConfig) -> ReplicaNode {
-    ReplicaNode::start(cfg).await.unwrap()
+    let j = Journal::default();
+    let node = ReplicaNode::start(cfg, j.clone()).await.unwrap();
+    JOURNALS.lock().unwrap().insert(node.addr(), j);
+    node
+}
+
+/// The entries `node` has applied.
+pub fn journal(node: &ReplicaNode) -> Journal {
+    JOURNALS.lock().unwrap()[&node.addr()].clone()
 }
 
 /// Starts `n` replicas (ids 1..=n) with `tweak` applied to each config and forms a group.
@@ -121,12 +134,11 @@ pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
 
 /// All application entries a replica has applied, as payloads.
 pub async fn applied_payloads(node: &ReplicaNode) -> Vec<Vec<u8>> {
-    let mut sub = node.subscribe_committed();
-    let mut out = Vec::new();
-    while let Some(e) = sub.try_next() {
-        out.push(e.data.to_vec());
-    }
-    out
+    journal(node)
+        .entries()
+        .into_iter()
+        .map(|e| e.data.to_vec())
+        .collect()
 }
 
 pub async fn shutdown_all(nodes: BTreeMap<NodeId, ReplicaNode>) {
