@@ -17,7 +17,7 @@ use crate::channels::stdin::Stdin;
 use crate::channels::{control, heartbeat, iopub, router, shell, Backends, Session};
 use crate::connection::{Channel, ConnectionInfo};
 use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
-use crate::replica::{self, CellResult, Core};
+use crate::replica::{self, CellResult, Front};
 use crate::wire::{
     self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell,
 };
@@ -60,7 +60,7 @@ pub struct Kernel {
     pub shell_sink: shell::Sink,
     python: Arc<PythonRuntime>,
     /// The replica group, once formed; `None` inside with a single replica.
-    group: std::sync::OnceLock<Option<Arc<Core>>>,
+    group: std::sync::OnceLock<Option<Arc<Front>>>,
     group_known: watch::Sender<bool>,
     connection: ConnectionInfo,
     shutdown: watch::Sender<bool>,
@@ -140,8 +140,8 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         std::mem::forget(write);
         let kernel = kernel.clone();
         crate::signals::watch_sigint(read, move || {
-            if let Some(Some(core)) = kernel.group.get() {
-                core.forward_interrupt();
+            if let Some(Some(front)) = kernel.group.get() {
+                front.core().forward_interrupt();
             }
         });
     }
@@ -165,10 +165,10 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                     argv,
                     listen_ip: replica::front::default_listen_ip(),
                 };
-                let core = match replica::Front::start(plan, opts).await {
-                    Ok(core) => {
-                        bridge.set_group(core.clone());
-                        Some(core)
+                let front = match replica::Front::start(plan, opts).await {
+                    Ok(front) => {
+                        bridge.set_group(front.core().clone());
+                        Some(front)
                     }
                     Err(e) => {
                         tracing::error!(
@@ -177,7 +177,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                         None
                     }
                 };
-                kernel.set_group(core);
+                kernel.set_group(front);
             });
         }
     }
@@ -207,8 +207,8 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
             break;
         }
     }
-    if let Some(Some(core)) = kernel.group.get() {
-        core.stop_group().await;
+    if let Some(Some(front)) = kernel.group.get() {
+        front.stop().await;
     }
     iopub.flush().await;
     Ok(0)
@@ -262,18 +262,18 @@ impl Kernel {
 
     pub fn interrupt(&self) {
         match self.group.get() {
-            Some(Some(core)) => core.interrupt_cell(),
+            Some(Some(front)) => front.core().interrupt_cell(),
             _ => self.python.interrupt(),
         }
     }
 
-    fn set_group(&self, group: Option<Arc<Core>>) {
+    fn set_group(&self, group: Option<Arc<Front>>) {
         let _ = self.group.set(group);
         self.group_known.send_replace(true);
     }
 
     /// The replica group, once it is known whether there is one.
-    async fn group(&self) -> Option<&Arc<Core>> {
+    async fn group(&self) -> Option<&Arc<Front>> {
         let mut known = self.group_known.subscribe();
         let _ = known.wait_for(|k| *k).await;
         self.group.get().and_then(Option::as_ref)
@@ -335,7 +335,7 @@ impl Kernel {
             Some(_) => None,
         };
         let json = match group {
-            Some(core) => match core.execute(request).await {
+            Some(front) => match front.core().execute(request).await {
                 Ok(CellResult::Reply(json)) => Ok(Some(json)),
                 Ok(CellResult::Lost { replica }) => {
                     return Outcome::reply(self.replica_lost(exec, request, replica).await)
@@ -398,7 +398,7 @@ impl Kernel {
     /// A comm message for a comm another replica opened is mailed there.
     async fn routed_to_owner(&self, request: &Message) -> bool {
         match self.group.get() {
-            Some(Some(core)) => core.route_comm(request),
+            Some(Some(front)) => front.route_comm(request),
             _ => false,
         }
     }
@@ -465,8 +465,8 @@ impl Kernel {
         }
         // A restart must come back with a clean namespace everywhere, so the
         // other replicas go too (the next replica 1 starts a fresh group).
-        if let Some(Some(core)) = self.group.get() {
-            core.stop_group().await;
+        if let Some(Some(front)) = self.group.get() {
+            front.stop().await;
         }
         Outcome {
             reply: Some(self.reply(request, &content)),

@@ -91,6 +91,7 @@ pub struct FrontOptions {
 }
 
 pub struct Front {
+    core: Arc<Core>,
     iopub: Iopub,
     stdin: Arc<dyn InputChannel>,
     session: Arc<Session>,
@@ -109,8 +110,8 @@ pub struct Front {
 }
 
 impl Front {
-    /// Forms the group (or rejoins the survivors) and returns this replica's core.
-    pub async fn start(plan: Plan, opts: FrontOptions) -> Result<Arc<Core>, FrontError> {
+    /// Forms the group (or rejoins the survivors).
+    pub async fn start(plan: Plan, opts: FrontOptions) -> Result<Arc<Self>, FrontError> {
         let program = std::env::current_exe().map_err(|e| GroupError::Start(e.to_string()))?;
         let (ca, mut gstate) = match &plan.prior {
             Some(g) => (
@@ -149,8 +150,20 @@ impl Front {
         let my_addr = node.addr().to_string();
         let old_front = gstate.front;
 
-        let front = Arc::new(Front {
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let core = Core::new(CoreConfig {
+            kernel_id: gstate.kernel_id.clone(),
+            node,
+            exec: opts.exec,
             iopub: opts.iopub.clone(),
+            interrupt: opts.interrupt,
+            joining: rejoin,
+            app: handle,
+            events: Some(events),
+        });
+        let front = Arc::new(Front {
+            core: core.clone(),
+            iopub: opts.iopub,
             stdin: opts.stdin,
             session: opts.session,
             state: plan.state.clone(),
@@ -169,31 +182,46 @@ impl Front {
             replicas: plan.replicas,
             stopping: AtomicBool::new(false),
         });
-        let core = Core::new(CoreConfig {
-            kernel_id: gstate.kernel_id.clone(),
-            node,
-            exec: opts.exec,
-            iopub: opts.iopub,
-            interrupt: opts.interrupt,
-            joining: rejoin,
-            app: handle,
-        });
-        let _ = core.front.set(front.clone());
         core.start().await;
+        tokio::spawn(front.clone().serve_events(events_rx));
 
         if rejoin {
-            front.rejoin(&core, old_front, &my_addr).await?;
+            front.rejoin(old_front, &my_addr).await?;
         } else {
-            front.form(&core, &ca, &my_addr).await?;
+            front.form(&ca, &my_addr).await?;
         }
         if let Some(cluster) = &front.cluster {
             cluster.register(&gstate.kernel_id, core.id).await?;
         }
-        tokio::spawn(front.clone().supervise(core.clone(), ca));
-        Ok(core)
+        tokio::spawn(front.clone().supervise(ca));
+        Ok(front)
     }
 
-    async fn form(&self, core: &Arc<Core>, ca: &KernelCa, my_addr: &str) -> Result<(), FrontError> {
+    /// This replica's core.
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// What the core reports, in order.
+    async fn serve_events(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<super::CoreEvent>,
+    ) {
+        use super::CoreEvent;
+        while let Some(event) = events.recv().await {
+            match event {
+                CoreEvent::MemberDown { replica } => {
+                    lock(&self.comm_owners).retain(|_, owner| *owner != replica);
+                }
+                CoreEvent::Queued { cell, request } => self.report_queued(&cell, &request).await,
+                CoreEvent::Iopub { from, msgs } => self.publish_relayed(from, msgs).await,
+                CoreEvent::InputRequest { from, request } => self.relay_input(from, request),
+            }
+        }
+    }
+
+    async fn form(&self, ca: &KernelCa, my_addr: &str) -> Result<(), FrontError> {
+        let core = &self.core;
         let mut members = BTreeMap::new();
         members.insert(
             core.id,
@@ -243,12 +271,8 @@ impl Front {
     }
 
     /// Jupyter restarted us after replica 1 died: join the survivors, drop the dead front.
-    async fn rejoin(
-        &self,
-        core: &Arc<Core>,
-        old_front: NodeId,
-        my_addr: &str,
-    ) -> Result<(), FrontError> {
+    async fn rejoin(&self, old_front: NodeId, my_addr: &str) -> Result<(), FrontError> {
+        let core = &self.core;
         let survivors: Vec<Member> = {
             let g = lock(&self.group);
             g.members
@@ -363,13 +387,26 @@ impl Front {
             return;
         }
         let g = lock(&self.group).clone();
+        self.core.set_places(
+            g.members
+                .iter()
+                .map(|m| {
+                    let place = super::Place {
+                        pid: m.pid,
+                        host: m.host.clone(),
+                    };
+                    (m.id, place)
+                })
+                .collect(),
+        );
         if let Err(e) = self.state.save(&g) {
             tracing::warn!("cannot save replica state: {e}");
         }
     }
 
     /// Replaces replicas whose process is gone.
-    async fn supervise(self: Arc<Self>, core: Arc<Core>, ca: KernelCa) {
+    async fn supervise(self: Arc<Self>, ca: KernelCa) {
+        let core = self.core.clone();
         loop {
             tokio::time::sleep(SUPERVISE_INTERVAL).await;
             if self.stopping.load(Ordering::Relaxed) {
@@ -388,14 +425,14 @@ impl Front {
                 }
                 lock(&self.group).members.retain(|m| m.id != id);
                 self.save();
-                if let Err(e) = self.replace(&core, &ca).await {
+                if let Err(e) = self.replace(&ca).await {
                     tracing::error!("could not start a replacement replica: {e}");
                 }
             }
         }
     }
 
-    async fn replace(&self, core: &Arc<Core>, ca: &KernelCa) -> Result<(), FrontError> {
+    async fn replace(&self, ca: &KernelCa) -> Result<(), FrontError> {
         if self.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -413,31 +450,32 @@ impl Front {
                 (id, process, addr)
             }
         };
-        self.join(core, id, addr, process).await
+        self.join(id, addr, process).await
     }
 
     /// Takes a started replica into the group: it then catches up from a
     /// checkpoint the leader sends.
     async fn join(
         &self,
-        core: &Arc<Core>,
         id: NodeId,
         addr: String,
         process: Box<dyn ReplicaProcess>,
     ) -> Result<(), FrontError> {
         self.adopt(id, addr.clone(), process);
         self.save();
-        core.propose(&Entry::MemberJoin {
-            replica: id,
-            addr,
-            front: false,
-        })
-        .await?;
+        self.core
+            .propose(&Entry::MemberJoin {
+                replica: id,
+                addr,
+                front: false,
+            })
+            .await?;
         Ok(())
     }
 
     /// Clean shutdown: the replicas exit, their state goes.
-    pub async fn stop(&self, core: &Core) {
+    pub async fn stop(&self) {
+        let core = &self.core;
         self.stopping.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await;
         let processes: Vec<_> = std::mem::take(&mut *lock(&self.processes))
@@ -454,43 +492,26 @@ impl Front {
         .ok();
         self.state.remove();
         core.stop.send_replace(true);
-        let _ = core.node.shutdown().await;
-    }
-
-    /// The cluster server of each replica that runs on one.
-    pub fn hosts(&self) -> HashMap<NodeId, String> {
-        lock(&self.group)
-            .members
-            .iter()
-            .filter_map(|m| Some((m.id, m.host.clone()?)))
-            .collect()
-    }
-
-    pub fn pids(&self) -> HashMap<NodeId, u32> {
-        lock(&self.group)
-            .members
-            .iter()
-            .map(|m| (m.id, m.pid))
-            .collect()
+        if let Err(e) = core.node.shutdown().await {
+            tracing::debug!("replica shutdown: {e}");
+        }
     }
 
     /// Every replica yielded: the user is told, and in a cluster one replica
     /// moves to a server with free GPUs if the cell still waits after
     /// `migrate_after`.
-    pub async fn report_queued(self: &Arc<Self>, core: &Arc<Core>, cell: &str, request: &Frames) {
+    async fn report_queued(self: &Arc<Self>, cell: &str, request: &Frames) {
         self.tell(
             request,
             "notebookos: no replica can run this cell now; it is queued until one can\n",
         )
         .await;
         if self.cluster.is_some() {
-            let gpus = core.gpus_wanted(request);
-            tokio::spawn(self.clone().migrate_for(
-                core.clone(),
-                cell.to_owned(),
-                request.clone(),
-                gpus,
-            ));
+            let gpus = self.core.gpus_wanted(request);
+            tokio::spawn(
+                self.clone()
+                    .migrate_for(cell.to_owned(), request.clone(), gpus),
+            );
         }
     }
 
@@ -515,16 +536,11 @@ impl Front {
     /// so `cell` runs there: the new replica joins and catches up from a
     /// checkpoint, then bids; the old one leaves. Replica 1 stays where
     /// Jupyter runs it.
-    async fn migrate_for(
-        self: Arc<Self>,
-        core: Arc<Core>,
-        cell: String,
-        request: Frames,
-        gpus: u32,
-    ) {
+    async fn migrate_for(self: Arc<Self>, cell: String, request: Frames, gpus: u32) {
         let Some(cluster) = &self.cluster else {
             return;
         };
+        let core = &self.core;
         tokio::time::sleep(cluster.migrate_after()).await;
         if !core.is_undecided(&cell) || self.stopping.load(Ordering::Relaxed) {
             return;
@@ -564,14 +580,13 @@ impl Front {
             ),
         )
         .await;
-        if let Err(e) = self.move_replica(&core, cluster, from_id, &plan.to).await {
+        if let Err(e) = self.move_replica(cluster, from_id, &plan.to).await {
             tracing::warn!(cell, "migration failed: {e}");
         }
     }
 
     async fn move_replica(
         &self,
-        core: &Arc<Core>,
         cluster: &ClusterPlacement,
         from_id: NodeId,
         to: &str,
@@ -582,10 +597,11 @@ impl Front {
         };
         let (id, bootstrap) = self.bootstrap(&ca, true)?;
         let (process, addr) = cluster.start_on(bootstrap, to).await?;
-        self.join(core, id, addr, process).await?;
+        self.join(id, addr, process).await?;
         // The newcomer holds the state once its checkpoint is in; the group
         // keeps a quorum meanwhile (two voters of three, plus the learner).
-        core.propose(&Entry::MemberDown { replica: from_id })
+        self.core
+            .propose(&Entry::MemberDown { replica: from_id })
             .await?;
         if let Some(old) = lock(&self.processes).remove(&from_id) {
             tokio::task::spawn_blocking(move || old.kill());
@@ -595,16 +611,27 @@ impl Front {
         Ok(())
     }
 
-    pub fn member_down(&self, replica: NodeId) {
-        lock(&self.comm_owners).retain(|_, owner| *owner != replica);
+    /// A comm message for a comm another replica opened is mailed there;
+    /// `false` if it is ours.
+    pub fn route_comm(&self, request: &crate::wire::Message) -> bool {
+        let Some(comm_id) = request.content.get("comm_id").and_then(|c| c.as_str()) else {
+            return false;
+        };
+        let owner = lock(&self.comm_owners).get(comm_id).copied();
+        match owner {
+            Some(owner) if owner != self.core.id => {
+                let core = self.core.clone();
+                let mail = Mail::Comm {
+                    request: Frames::from_message(request),
+                };
+                tokio::spawn(async move { core.mail(owner, &mail).await });
+                true
+            }
+            _ => false,
+        }
     }
 
-    /// The comm's owner, if another replica opened it.
-    pub fn comm_owner(&self, comm_id: &str) -> Option<NodeId> {
-        lock(&self.comm_owners).get(comm_id).copied()
-    }
-
-    pub async fn publish_relayed(&self, from: NodeId, msgs: Vec<Frames>) {
+    async fn publish_relayed(&self, from: NodeId, msgs: Vec<Frames>) {
         for frames in msgs {
             let mut msg = match frames.to_outgoing() {
                 Ok(m) => m,
@@ -633,8 +660,9 @@ impl Front {
     }
 
     /// A replica's `input()`: ask the front-end on stdin, mail the answer back.
-    pub fn relay_input(&self, core: Arc<Core>, from: NodeId, request: Frames) {
+    fn relay_input(&self, from: NodeId, request: Frames) {
         let stdin = self.stdin.clone();
+        let core = self.core.clone();
         tokio::task::spawn_blocking(move || {
             let Ok(msg) = request.to_outgoing() else {
                 tracing::warn!(from, "malformed relayed input request");
@@ -732,33 +760,6 @@ impl Core {
             let core = self.clone();
             self.runtime
                 .spawn(async move { core.mail(w, &Mail::Interrupt).await });
-        }
-    }
-
-    /// A comm message for a comm another replica owns goes there; `false` if it is ours.
-    pub fn route_comm(self: &Arc<Self>, request: &crate::wire::Message) -> bool {
-        let Some(front) = self.front.get() else {
-            return false;
-        };
-        let Some(comm_id) = request.content.get("comm_id").and_then(|c| c.as_str()) else {
-            return false;
-        };
-        match front.comm_owner(comm_id) {
-            Some(owner) if owner != self.id => {
-                let core = self.clone();
-                let mail = Mail::Comm {
-                    request: Frames::from_message(request),
-                };
-                tokio::spawn(async move { core.mail(owner, &mail).await });
-                true
-            }
-            _ => false,
-        }
-    }
-
-    pub async fn stop_group(&self) {
-        if let Some(front) = self.front.get() {
-            front.stop(self).await;
         }
     }
 }

@@ -47,6 +47,20 @@ pub use applier::CellResult;
 
 pub use front::{Front, FrontError};
 
+/// What the core reports to the replica facing Jupyter, which consumes these
+/// in order (the core never calls the front).
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// Another replica is down.
+    MemberDown { replica: NodeId },
+    /// Every live replica yielded on a cell.
+    Queued { cell: CellId, request: Frames },
+    /// iopub messages a peer relayed, to publish.
+    Iopub { from: NodeId, msgs: Vec<Frames> },
+    /// `input()` on a peer: ask the front-end.
+    InputRequest { from: NodeId, request: Frames },
+}
+
 /// How often the leader checks that downed replicas left Raft's membership.
 const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -189,8 +203,10 @@ pub struct Core {
     applied: std::sync::atomic::AtomicU64,
     /// Cells this replica is running, so a snapshot's `Run` never starts one twice.
     running: Mutex<BTreeSet<CellId>>,
-    /// Set on the replica facing Jupyter.
-    front: OnceLock<Arc<Front>>,
+    /// Where events go on the replica facing Jupyter (`None` on peers).
+    events: Option<mpsc::UnboundedSender<CoreEvent>>,
+    /// Process and server of each replica, as the front last saw them.
+    places: Mutex<HashMap<NodeId, Place>>,
     /// GPU grants this replica holds, per cell it bid to lead.
     gpu: crate::gpu::Grants,
     /// The peer's stdin, answered through the mailbox.
@@ -212,6 +228,15 @@ pub struct CoreConfig {
     pub interrupt: Box<dyn Fn() + Send + Sync>,
     pub joining: bool,
     pub app: AppHandle,
+    /// Set on the replica facing Jupyter.
+    pub events: Option<mpsc::UnboundedSender<CoreEvent>>,
+}
+
+/// Where a replica runs, for `%notebookos`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Place {
+    pub pid: u32,
+    pub host: Option<String>,
 }
 
 impl Core {
@@ -234,7 +259,8 @@ impl Core {
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
             running: Mutex::new(BTreeSet::new()),
-            front: OnceLock::new(),
+            events: cfg.events,
+            places: Mutex::new(HashMap::new()),
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
             stop: watch::channel(false).0,
@@ -258,6 +284,24 @@ impl Core {
         if let Some(inbox) = self.node.take_messages() {
             tokio::spawn(self.clone().mail_loop(inbox));
         }
+    }
+
+    /// Tells the front (if this replica is it); a front that is gone is stopping.
+    fn emit(&self, event: CoreEvent) -> bool {
+        match &self.events {
+            Some(tx) => {
+                if tx.send(event).is_err() {
+                    tracing::debug!("the front is gone; event dropped");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records where the replicas run (the front, whenever that changes).
+    pub fn set_places(&self, places: HashMap<NodeId, Place>) {
+        *lock(&self.places) = places;
     }
 
     pub fn front_id(&self) -> NodeId {
@@ -414,9 +458,7 @@ impl Core {
                 self.gpu.release(&cell, std::time::Duration::ZERO).await;
             }
             Effect::Queued { cell, request } => {
-                if let Some(front) = self.front.get() {
-                    front.report_queued(self, &cell, &request).await;
-                }
+                self.emit(CoreEvent::Queued { cell, request });
             }
             Effect::Resolve { cell, result } => self.resolve(&cell, result),
             Effect::ApplyDelta(delta) => {
@@ -439,9 +481,7 @@ impl Core {
             Effect::MemberDown { replica } => {
                 tracing::info!(replica, "replica down");
                 // Removal from Raft's membership: `reconcile_membership`.
-                if let Some(front) = self.front.get() {
-                    front.member_down(replica);
-                }
+                self.emit(CoreEvent::MemberDown { replica });
             }
             Effect::Leave { reason } => {
                 tracing::error!("{reason}; this replica leaves the group");
@@ -452,7 +492,7 @@ impl Core {
                     // Moved away, replaced, or unable to apply a delta.
                     tracing::warn!("this replica was removed from the group; exiting");
                     self.stop.send_replace(true);
-                } else if self.front.get().is_none() {
+                } else if self.events.is_none() {
                     self.stop.send_replace(true);
                 }
             }
@@ -803,20 +843,22 @@ impl Core {
 
     async fn on_mail(self: &Arc<Self>, from: NodeId, mail: Mail) {
         match mail {
-            Mail::Iopub(msgs) => match self.front.get() {
-                Some(front) => front.publish_relayed(from, msgs).await,
-                None => tracing::warn!(
-                    from,
-                    "iopub relayed to a replica that does not face Jupyter"
-                ),
-            },
-            Mail::InputRequest { request } => match self.front.get() {
-                Some(front) => front.relay_input(self.clone(), from, request),
-                None => tracing::warn!(
-                    from,
-                    "input request sent to a replica that does not face Jupyter"
-                ),
-            },
+            Mail::Iopub(msgs) => {
+                if !self.emit(CoreEvent::Iopub { from, msgs }) {
+                    tracing::warn!(
+                        from,
+                        "iopub relayed to a replica that does not face Jupyter"
+                    );
+                }
+            }
+            Mail::InputRequest { request } => {
+                if !self.emit(CoreEvent::InputRequest { from, request }) {
+                    tracing::warn!(
+                        from,
+                        "input request sent to a replica that does not face Jupyter"
+                    );
+                }
+            }
             Mail::InputReply { value } => match self.remote_stdin.get() {
                 Some(stdin) => stdin.answer(value),
                 None => tracing::warn!(from, "input reply with no input pending"),
@@ -889,8 +931,7 @@ impl Group for Core {
     fn placement(&self) -> String {
         let m = self.node.metrics();
         let front = self.front_id();
-        let processes = self.front.get().map(|f| f.pids()).unwrap_or_default();
-        let hosts = self.front.get().map(|f| f.hosts()).unwrap_or_default();
+        let places = lock(&self.places).clone();
         let replicas: Vec<_> = m
             .voters
             .iter()
@@ -902,8 +943,8 @@ impl Group for Core {
                     "role": if *id == front { "talks to Jupyter" } else { "peer" },
                     "state": state,
                     "leader": m.leader == Some(*id),
-                    "pid": processes.get(id),
-                    "host": hosts.get(id),
+                    "pid": places.get(id).map(|p| p.pid),
+                    "host": places.get(id).and_then(|p| p.host.clone()),
                 })
             })
             .collect();

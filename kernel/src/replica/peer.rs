@@ -72,6 +72,7 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
         interrupt: Box::new(move || interrupter.interrupt()),
         joining: b.joining,
         app: handle,
+        events: None,
     });
     let _ = core.remote_stdin.set(stdin);
     bridge.set_group(core.clone());
@@ -81,21 +82,50 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
 
     tokio::select! {
         _ = core.stopped() => {}
-        _ = orphaned(core.clone(), b.front, launcher) => {
-            tracing::warn!("no replica has faced Jupyter for {ORPHAN_GRACE:?}; exiting");
-            // Nobody will rejoin this group: its state goes too.
-            if let Some(dir) = b.addr_file.parent() {
-                let _ = std::fs::remove_dir_all(dir);
+        why = orphaned(core.clone(), b.front, launcher) => match why {
+            Exit::Removed => tracing::warn!("this replica was removed from the group; exiting"),
+            Exit::Orphaned => {
+                tracing::warn!("no replica has faced Jupyter for {ORPHAN_GRACE:?}; exiting")
             }
-        }
+        },
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), core.node.shutdown()).await;
+    remove_own_files(&b.addr_file);
+    match tokio::time::timeout(Duration::from_secs(1), core.node.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("replica shutdown: {e}"),
+        Err(_) => tracing::warn!("replica shutdown took over 1 s; exiting anyway"),
+    }
     Ok(0)
+}
+
+/// Why a peer leaves on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// The group no longer lists it (replaced, moved, or left).
+    Removed,
+    /// No front for [`ORPHAN_GRACE`].
+    Orphaned,
+}
+
+/// What a leaving peer may delete: its own address file, never the group's
+/// state beside it (group file, CA), which the survivors and a restarted
+/// replica 1 still need; a kernel started on that connection file later
+/// clears state whose replicas are all gone.
+fn remove_own_files(addr_file: &Path) {
+    match std::fs::remove_file(addr_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %addr_file.display(), "cannot remove: {e}"),
+    }
 }
 
 /// Resolves when no front has been around for [`ORPHAN_GRACE`]: our launcher
 /// died and no new replica 1 joined in its place, or we were removed.
-async fn orphaned(core: Arc<Core>, first_front: raft_transport::NodeId, parent: libc::pid_t) {
+async fn orphaned(
+    core: Arc<Core>,
+    first_front: raft_transport::NodeId,
+    parent: libc::pid_t,
+) -> Exit {
     let mut since: Option<Instant> = None;
     let mut was_member = false;
     loop {
@@ -108,16 +138,50 @@ async fn orphaned(core: Arc<Core>, first_front: raft_transport::NodeId, parent: 
         let removed = was_member && !members.contains(&core.id);
         was_member |= members.contains(&core.id);
         if removed {
-            tracing::warn!("this replica was removed from the group; exiting");
-            return;
+            return Exit::Removed;
         }
         if launcher_gone || front_gone {
             let t = *since.get_or_insert_with(Instant::now);
             if t.elapsed() > ORPHAN_GRACE {
-                return;
+                return Exit::Orphaned;
             }
         } else {
             since = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::group::{GroupState, StateDir};
+
+    /// A removed replica used to delete the whole state directory, taking the
+    /// group file and CA that the survivors and a restarted replica 1 need.
+    #[test]
+    fn a_leaving_peer_removes_only_its_own_file() {
+        let dir = std::env::temp_dir().join(format!("nbos-peer-test-{}", std::process::id()));
+        let state = StateDir::private(dir.clone()).unwrap();
+        state
+            .save(&GroupState {
+                kernel_id: "k".into(),
+                ca_pem: String::new(),
+                hash_seed: 0,
+                front: 1,
+                members: Vec::new(),
+                next_id: 4,
+            })
+            .unwrap();
+        let mine = state.addr_file(3);
+        let other = state.addr_file(2);
+        group::write_private(&mine, b"127.0.0.1:1").unwrap();
+        group::write_private(&other, b"127.0.0.1:2").unwrap();
+        remove_own_files(&mine);
+        assert!(!mine.exists());
+        assert!(other.exists(), "another replica's file is not ours");
+        assert!(state.load().unwrap().is_some(), "the group state stays");
+        // Leaving twice (or after someone else cleaned up) is fine.
+        remove_own_files(&mine);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
