@@ -98,13 +98,11 @@ def main():
         time.sleep(0.05)
     specs = tmp / "specs" / "kernels" / "notebookos"
     specs.mkdir(parents=True)
-    yield_file = tmp / "yield"
-    yield_file.write_text("2 3")
     (specs / "kernel.json").write_text(json.dumps({
         "argv": [args.kernel, "-f", "{connection_file}"],
         "display_name": "notebookos", "language": "python", "interrupt_mode": "message",
         "env": {"NOTEBOOKOS_PYTHON": sys.executable, "NOTEBOOKOS_AGENT_SOCKET": str(sock),
-                "NOTEBOOKOS_YIELD_FILE": str(yield_file), "NOTEBOOKOS_STATE_DIR": str(tmp / "state"),
+                "NOTEBOOKOS_STATE_DIR": str(tmp / "state"),
                 "NOTEBOOKOS_LOG": "info,openraft=off,notebookos_kernel::replica=debug", **env_common},
     }))
     os.environ["JUPYTER_PATH"] = str(tmp / "specs")
@@ -115,7 +113,7 @@ def main():
     fe = Frontend(kernel_name="notebookos", stderr=open(log, "w"))
     try:
         def cell(code, on, timeout=900):
-            yield_file.write_text(" ".join(str(r) for r in (1, 2, 3) if r != on))
+            fe.steer([r for r in (1, 2, 3) if r != on])
             t = time.perf_counter()
             reply, msgs = fe.execute(code, timeout=timeout)
             took = time.perf_counter() - t

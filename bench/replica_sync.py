@@ -50,23 +50,21 @@ def main():
         single.close()
 
     tmp = Path(tempfile.mkdtemp(prefix="nbos-sync-"))
-    yield_file = tmp / "yield"
-    yield_file.write_text("2 3")  # the big cell runs on replica 1
-    env = {**os.environ, "NOTEBOOKOS_YIELD_FILE": str(yield_file), "NOTEBOOKOS_STATE_DIR": str(tmp)}
+    env = {**os.environ, "NOTEBOOKOS_STATE_DIR": str(tmp)}
     fe = Frontend(kernel_name="notebookos", env=env)
     total = []
     try:
         fe.execute("pass")
         for _ in range(args.repeat):
-            yield_file.write_text("2 3")
+            fe.steer([2, 3])  # the big cell runs on replica 1
             t = time.perf_counter()
             fe.execute(cell(args.mib), timeout=600)
-            yield_file.write_text("1 3")  # only replica 2 may run the next cell
+            fe.steer([1, 3])  # only replica 2 may run the next cell
             reply, _ = fe.execute("assert big[0] == 2.0 and big.size * 8 == %d" % (args.mib << 20),
                                   timeout=600)
             assert reply["status"] == "ok", reply
             total.append(time.perf_counter() - t)
-            yield_file.write_text("2 3")
+            fe.steer([2, 3])
             fe.execute("del big")
     finally:
         fe.close()

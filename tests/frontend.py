@@ -59,6 +59,19 @@ class Frontend:
         assert v["status"] == "ok", v
         return v["data"]["text/plain"]
 
+    def steer(self, yielding, timeout=TIMEOUT):
+        """From the next cell on, the replicas in ``yielding`` yield every cell,
+        as if their host had no free GPU (notebookos' ``notebookos_steer_request``
+        on control, committed through the replicas' log before it is answered)."""
+        msg = self.kc.session.msg("notebookos_steer_request", {"yield": sorted(yielding)})
+        self.kc.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.kc.control_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if m["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                assert m["content"]["status"] == "ok", m["content"]
+                return
+
     def flush_iopub(self):
         while True:
             try:

@@ -16,22 +16,16 @@ VERIFY_OK = re.compile(r"^all (\d+) replicas hold the same namespace")
 class ReplicatedKernel:
     """notebookos with 3 replicas, its group state in ``tmp``.
 
-    ``steer(r)`` makes every replica but ``r`` yield (the NOTEBOOKOS_YIELD_FILE
-    knob stands in for "no free GPU on that host"), so the next cell runs on ``r``.
+    ``steer(r)`` makes every replica but ``r`` yield (a control message that
+    stands in for "no free GPU on that host"), so the next cell runs on ``r``.
     """
 
-    def __init__(self, tmp, kernel_name="notebookos", replicas=3, env=None, yield_file=None,
-                 **frontend):
-        """``yield_file``: where steering is written; replicas that an agent
-        starts read it only if that agent's environment names the same file."""
+    def __init__(self, tmp, kernel_name="notebookos", replicas=3, env=None, **frontend):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.yield_file = Path(yield_file) if yield_file else self.tmp / "yield"
-        self.yield_file.write_text("")
         self.state = self.tmp / "state"
         env = {
             **os.environ,
-            "NOTEBOOKOS_YIELD_FILE": str(self.yield_file),
             "NOTEBOOKOS_STATE_DIR": str(self.state),
             "NOTEBOOKOS_REPLICAS": str(replicas),
             **(env or {}),
@@ -63,10 +57,13 @@ class ReplicatedKernel:
 
     def steer(self, replica):
         ids = {m["id"] for m in self.group()["members"]}
-        self.yield_file.write_text(" ".join(str(i) for i in sorted(ids - {replica})))
+        self.fe.steer(ids - {replica})
+
+    def yield_all(self):
+        self.fe.steer({m["id"] for m in self.group()["members"]})
 
     def unsteer(self):
-        self.yield_file.write_text("")
+        self.fe.steer(())
 
     def kill(self, replica):
         os.kill(self.pid(replica), signal.SIGKILL)

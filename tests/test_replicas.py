@@ -2,8 +2,8 @@
 streams its output to replica 1, namespace changes reach every replica, and
 replicas that die are replaced without losing state.
 
-Which replica runs a cell is steered with NOTEBOOKOS_YIELD_FILE (replicas
-listed there yield, as if their host had no free GPU), so each test knows
+Which replica runs a cell is steered with a control message (the replicas
+it lists yield, as if their host had no free GPU), so each test knows
 where its cells run."""
 
 import base64
@@ -132,8 +132,7 @@ def test_user_restart_clears_every_replica(rk):
 
 
 def test_all_replicas_busy_queues_the_cell(rk):
-    ids = [rk.front(), *rk.peers()]
-    rk.yield_file.write_text(" ".join(map(str, ids)))
+    rk.yield_all()
     msg_id = rk.fe.kc.execute("queued = 1")
     notice = rk.fe.wait_for(msg_id, "stream", timeout=10)
     assert notice["content"]["name"] == "stderr"

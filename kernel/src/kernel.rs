@@ -511,6 +511,24 @@ impl Kernel {
         }
     }
 
+    /// Which replicas yield every cell from now on (tests, drills).
+    pub async fn steer(&self, request: &Message) -> Outgoing {
+        let steer = match request.content_as::<crate::wire::steer::SteerRequest>() {
+            Ok(s) => s,
+            Err(e) => return self.error_reply(request, "BadRequest", e.to_string()),
+        };
+        let Some(front) = self.group().await else {
+            return self.error_reply(request, "NoReplicas", "this kernel runs one replica".into());
+        };
+        let entry = replica::entry::Entry::Steer {
+            yielding: steer.yielding.into_iter().collect(),
+        };
+        match front.core().propose(&entry).await {
+            Ok(()) => self.reply(request, &json!({"status": "ok"})),
+            Err(e) => self.error_reply(request, "ReplicaGroup", e.to_string()),
+        }
+    }
+
     pub fn list_subshells(&self, request: &Message) -> Outgoing {
         let mut ids: Vec<String> = self
             .subshells

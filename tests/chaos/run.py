@@ -90,7 +90,7 @@ def tc(*args):
 
 
 def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
-    """`cluster`: (switch tag, the kernel's cluster environment, the yield
+    """`cluster`: (switch tag, the kernel's cluster environment)
     file the agents' replicas read), or None."""
     notebook = cells(n_cells, seed)
     ref_status, ref_fp = reference(notebook)
@@ -99,8 +99,7 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
         "cells": n_cells, "seed": seed, "cells_run": 0, "faults": {},
         "fault_errored": [], "unexpected": [], "packets_dropped": 0,
     }
-    rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None,
-                          yield_file=cluster[2] if cluster else None)
+    rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None)
     frozen = None
     shaping_until = None
     try:
@@ -192,8 +191,7 @@ def in_cluster(argv):
     with cluster_netns.cluster(tmp) as (tag, env):
         return subprocess.run(["ip", "netns", "exec", cluster_netns.ns(tag, 1), sys.executable,
                                __file__, *argv, "--inside", "--tag", tag,
-                               "--kernel-env", json.dumps(env),
-                               "--yield-file", str(tmp / "yield")]).returncode
+                               "--kernel-env", json.dumps(env)]).returncode
 
 
 def in_namespace(argv):
@@ -218,7 +216,6 @@ def main():
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     ap.add_argument("--kernel-env", help=argparse.SUPPRESS)
-    ap.add_argument("--yield-file", help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.cluster and not args.inside:
@@ -230,7 +227,7 @@ def main():
         global DEV
         DEV = "eth0"
         sys.path.insert(0, str(HERE.parent / "cluster"))
-        cluster = (args.tag, json.loads(args.kernel_env), args.yield_file)
+        cluster = (args.tag, json.loads(args.kernel_env))
     # The notebookos kernelspecs, as the tests have them; "python3" is
     # ipykernel's own, in this environment.
     conftest.pytest_configure(None)

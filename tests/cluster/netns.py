@@ -94,8 +94,7 @@ def release(socket_path, grant):
 @contextlib.contextmanager
 def cluster(tmp):
     """Five servers with agents (2 fake GPUs each); yields (tag, the kernel
-    environment for a front on h1). Replicas the agents start read
-    steering from ``tmp/yield`` (see ReplicatedKernel's yield_file)."""
+    environment for a front on h1)."""
     from conftest import KERNEL_BIN
 
     tag = f"nbc{os.getpid() % 100000}"
@@ -117,8 +116,7 @@ def cluster(tmp):
                  "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT,
                 # The replicas an agent starts embed its host's Python environment,
                 # as a kernelspec's env names it for replica 1.
-                env={**os.environ, "NOTEBOOKOS_YIELD_FILE": str(tmp / "yield"),
-                     "NOTEBOOKOS_PYTHON": sys.executable}))
+                env={**os.environ, "NOTEBOOKOS_PYTHON": sys.executable}))
         # The front runs on h1 and takes its GPUs from h1's agent.
         yield tag, {"NOTEBOOKOS_CLUSTER": str(config), "NOTEBOOKOS_SERVER": "h1",
                     "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock")}

@@ -34,6 +34,7 @@ pub async fn serve(
             "create_subshell_request" => Some(kernel.create_subshell(&request)),
             "delete_subshell_request" => Some(kernel.delete_subshell(&request)),
             "list_subshell_request" => Some(kernel.list_subshells(&request)),
+            "notebookos_steer_request" => Some(kernel.steer(&request).await),
             "shutdown_request" => {
                 let outcome = kernel.shutdown(&request).await;
                 shutdown = outcome.shutdown;

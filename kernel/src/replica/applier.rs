@@ -75,6 +75,8 @@ pub struct GroupState {
     pub finished: VecDeque<(CellId, CellResult)>,
     /// The last decided cell's winner.
     pub last_winner: Option<NodeId>,
+    /// Replicas steered to yield every cell ([`Entry::Steer`]).
+    pub yielding: BTreeSet<NodeId>,
 }
 
 /// What a replica must do because of an entry. Carried out in order by the replica's
@@ -174,6 +176,11 @@ impl Applier {
     /// Catching up (or left): takes no part in elections.
     pub fn is_restoring(&self) -> bool {
         !matches!(self.local, Local::Current)
+    }
+
+    /// Whether this replica must yield: catching up, or steered to.
+    pub fn must_yield(&self) -> bool {
+        self.is_restoring() || self.state.yielding.contains(&self.me)
     }
 
     /// The namespace diverged; ignore later deltas until this replica is replaced.
@@ -354,6 +361,8 @@ impl Applier {
                 }
             }
             Entry::Shutdown => fx.push(Effect::Stop { shutdown: true }),
+            // Bids read it; a replica that yielded re-bids on its own.
+            Entry::Steer { yielding } => self.state.yielding = yielding,
         }
         fx
     }
@@ -742,6 +751,28 @@ mod tests {
             g[1].apply(2, Entry::Shutdown),
             vec![Effect::Stop { shutdown: true }]
         );
+    }
+
+    #[test]
+    fn steering_is_in_the_log_and_the_snapshot() {
+        let mut g = group();
+        let steer = Entry::Steer {
+            yielding: BTreeSet::from([1, 3]),
+        };
+        for a in g.iter_mut() {
+            assert!(a.apply(1, steer.clone()).is_empty());
+        }
+        assert!(g[0].must_yield() && !g[1].must_yield() && g[2].must_yield());
+        let mut copy = Applier::new(3, 1, false);
+        copy.install(1, &g[0].snapshot()).unwrap();
+        assert!(copy.must_yield());
+        g[0].apply(
+            2,
+            Entry::Steer {
+                yielding: BTreeSet::new(),
+            },
+        );
+        assert!(!g[0].must_yield());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! ([`Mail`]). Both are postcard-encoded; JSON parts travel as strings because
 //! postcard cannot carry `serde_json::Value`.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use raft_transport::NodeId;
 use serde::{Deserialize, Serialize};
@@ -56,6 +58,9 @@ pub enum Entry {
     Verify { nonce: String, from: NodeId },
     /// The kernel is shutting down: every replica exits.
     Shutdown,
+    /// From now on these replicas yield every cell (tests and drills steer
+    /// cells with it; see `wire::steer`).
+    Steer { yielding: BTreeSet<NodeId> },
 }
 
 /// Namespace changes of one cell: small ones inline, large ones as a blob each
@@ -199,6 +204,7 @@ impl Entry {
             Entry::Checkpoint { .. } => "Checkpoint",
             Entry::Verify { .. } => "Verify",
             Entry::Shutdown => "Shutdown",
+            Entry::Steer { .. } => "Steer",
         }
     }
 

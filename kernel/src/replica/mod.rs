@@ -27,7 +27,6 @@ pub mod spawn;
 pub mod statesync;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -189,9 +188,6 @@ pub struct Core {
     effects: Mutex<Option<mpsc::UnboundedReceiver<Batch>>>,
     /// Holds the current namespace (a joiner: once its checkpoint is restored).
     ready: watch::Sender<bool>,
-    /// A file listing replica ids that must yield: stands in for "no free
-    /// resources on this replica's host" until the GPU agent decides that.
-    yield_file: Option<PathBuf>,
     /// Cells the front is waiting for.
     waiters: Mutex<HashMap<CellId, oneshot::Sender<CellResult>>>,
     /// Digest requests of `%notebookos verify` running here.
@@ -253,7 +249,6 @@ impl Core {
             applier: cfg.app.applier,
             effects: Mutex::new(Some(cfg.app.effects)),
             ready,
-            yield_file: std::env::var_os("NOTEBOOKOS_YIELD_FILE").map(PathBuf::from),
             waiters: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
@@ -306,10 +301,6 @@ impl Core {
 
     pub fn front_id(&self) -> NodeId {
         lock(&self.applier).state().front
-    }
-
-    fn is_restoring(&self) -> bool {
-        lock(&self.applier).is_restoring() || !*self.ready.borrow()
     }
 
     fn is_down(&self, replica: NodeId) -> bool {
@@ -369,16 +360,9 @@ impl Core {
         }
     }
 
+    /// Catching up, or steered to yield (from the log, never from disk).
     pub(crate) fn must_yield(&self) -> bool {
-        if self.is_restoring() {
-            return true;
-        }
-        let Some(path) = &self.yield_file else {
-            return false;
-        };
-        std::fs::read_to_string(path)
-            .map(|s| s.split_whitespace().any(|w| w.parse() == Ok(self.id)))
-            .unwrap_or(false)
+        lock(&self.applier).must_yield() || !*self.ready.borrow()
     }
 
     /// Leader: removes from Raft's membership every replica the log has

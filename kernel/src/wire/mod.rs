@@ -21,6 +21,7 @@ pub mod is_complete;
 pub mod kernel_info;
 pub mod shutdown;
 pub mod status;
+pub mod steer;
 pub mod stream;
 pub mod subshell;
 
