@@ -137,4 +137,8 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
         assert gone not in hosts and len(hosts) == 3 and "h1" in hosts, a
     assert a["verify"].startswith("all 3 replicas") and a["value"] == "84", a
     assert a["added"] == ["1"], a
+    # A kernel whose replica 1 died for good: the agents stopped its replicas.
+    assert len(report["orphans"]["peers"]) == 2, report["orphans"]
+    # And nothing of either kernel outlives the run.
+    assert report["leftover"] == [], report["leftover"]
     assert run.returncode == 0, run.stderr[-3000:]

@@ -73,7 +73,8 @@ fn main() -> anyhow::Result<()> {
     std::process::exit(code)
 }
 
-/// `agent [--socket PATH] [--fake-gpus N] [--metrics ADDR]`.
+/// `agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER
+/// [--rejoin-grace SECONDS]]`.
 fn agent_options(
     args: impl Iterator<Item = String>,
 ) -> anyhow::Result<notebookos_kernel::agent::AgentOptions> {
@@ -82,6 +83,7 @@ fn agent_options(
         fake_gpus: None,
         metrics: None,
         cluster: None,
+        rejoin_grace: notebookos_kernel::agent::reaper::REJOIN_GRACE,
     };
     let (mut cluster, mut name) = (None, None);
     let mut args = args;
@@ -93,7 +95,12 @@ fn agent_options(
             "--metrics" => opts.metrics = Some(value()?),
             "--cluster" => cluster = Some(PathBuf::from(value()?)),
             "--name" => name = Some(value()?),
-            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER] (unknown {other})"),
+            "--rejoin-grace" => {
+                let secs: f64 = value()?.parse().context("--rejoin-grace SECONDS")?;
+                opts.rejoin_grace = std::time::Duration::try_from_secs_f64(secs)
+                    .context("--rejoin-grace SECONDS")?;
+            }
+            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER [--rejoin-grace SECONDS]] (unknown {other})"),
         }
     }
     opts.cluster = match (cluster, name) {

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 SERVERS = 5
+
+
+# Short, so the test sees orphans stopped; long enough for a front to register
+# after its peers start, or to come back after a restart.
+REJOIN_GRACE = 20
 
 
 def sh(*args, check=True):
@@ -113,7 +119,8 @@ def cluster(tmp):
             agents.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns(tag, n), str(KERNEL_BIN), "agent", "--fake-gpus", "2",
                  "--socket", str(tmp / f"h{n}" / "agent.sock"), "--cluster", str(config),
-                 "--name", f"h{n}"], stdout=log, stderr=subprocess.STDOUT,
+                 "--name", f"h{n}", "--rejoin-grace", str(REJOIN_GRACE)],
+                stdout=log, stderr=subprocess.STDOUT,
                 # The replicas an agent starts embed its host's Python environment,
                 # as a kernelspec's env names it for replica 1.
                 env={**os.environ, "NOTEBOOKOS_PYTHON": sys.executable}))
@@ -133,6 +140,26 @@ def cluster(tmp):
             text = log.read_text()
             if "ERROR" in text or "WARN" in text:
                 print(f"--- {log.name}\n{text[-2000:]}", file=sys.stderr)
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def orphaned_replicas_are_stopped(kernel):
+    """Replica 1 dies and Jupyter does not restart it: once the rejoin grace
+    has passed, the agents stop the kernel's replicas on their servers."""
+    peers = [m["pid"] for m in kernel.group()["members"] if m["id"] != kernel.front()]
+    os.kill(kernel.pid(kernel.front()), signal.SIGKILL)
+    t = time.monotonic()
+    while any(alive(p) for p in peers):
+        assert time.monotonic() - t < REJOIN_GRACE + 30, f"replicas {peers} outlive their kernel"
+        time.sleep(0.5)
+    return {"peers": peers, "stopped_after_s": round(time.monotonic() - t, 1)}
 
 
 def outer(args):
@@ -205,9 +232,16 @@ def inside(args):
         report["migration"]["verify"] = k.verify()
 
         report["autoscale"] = autoscale(args, tmp, kernels)
+        report["orphans"] = orphaned_replicas_are_stopped(kernels[1])
     finally:
         for k in kernels:
             k.close()
+    # Nothing of either kernel is left running.
+    deadline = time.monotonic() + 30
+    seen = set().union(*(k.seen_pids for k in kernels))
+    while any(alive(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report["leftover"] = sorted(p for p in seen if alive(p))
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 

@@ -116,6 +116,31 @@ impl Host {
         }
     }
 
+    /// Kernels with replicas this agent started (not a registered replica 1).
+    pub fn hosted_kernels(&self) -> std::collections::BTreeSet<String> {
+        self.hosted()
+            .values()
+            .filter(|(h, _)| !h.pinned)
+            .map(|(h, _)| h.kernel_id.clone())
+            .collect()
+    }
+
+    /// Stops every replica this agent started for `kernel_id`.
+    pub fn stop_kernel(&self, kernel_id: &str) {
+        let mut hosted = self.hosted();
+        let keys: Vec<_> = hosted
+            .iter()
+            .filter(|(_, (h, _))| h.kernel_id == kernel_id && !h.pinned)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some((h, process)) = hosted.remove(&key) {
+                tracing::info!(kernel = %h.kernel_id, replica = h.replica, pid = h.pid, "stopping replica");
+                tokio::task::spawn_blocking(move || process.kill());
+            }
+        }
+    }
+
     fn hosted(&self) -> std::sync::MutexGuard<'_, HostedReplicas> {
         self.hosted.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -17,6 +17,7 @@ pub mod grants;
 pub mod inventory;
 mod metrics;
 pub mod protocol;
+pub mod reaper;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Cluster(#[from] crate::cluster::config::ConfigError),
+    #[error(transparent)]
+    ClusterClient(#[from] crate::cluster::client::ClusterError),
     #[error("cluster control on {addr}: {source}")]
     Control {
         addr: std::net::SocketAddr,
@@ -65,6 +68,8 @@ pub struct AgentOptions {
     pub metrics: Option<String>,
     /// Serve the cluster control protocol as this server of this cluster.
     pub cluster: Option<ClusterMembership>,
+    /// How long replicas started here outlive their kernel's replica 1.
+    pub rejoin_grace: Duration,
 }
 
 pub struct ClusterMembership {
@@ -111,7 +116,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     // A stale socket from an agent that died; a live one would still accept.
     if UnixStream::connect(&opts.socket).await.is_err() {
-        let _ = std::fs::remove_file(&opts.socket);
+        crate::replica::group::remove_file(&opts.socket);
     }
     let listener = UnixListener::bind(&opts.socket).map_err(socket_err)?;
     std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))
@@ -129,7 +134,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }));
     }
     if let Some(membership) = &opts.cluster {
-        serve_cluster(agent.clone(), membership, &opts.socket)?;
+        serve_cluster(agent.clone(), membership, &opts.socket, opts.rejoin_grace)?;
     }
     tokio::spawn(expire_loop(agent.clone()));
     loop {
@@ -150,6 +155,7 @@ fn serve_cluster(
     agent: Arc<Agent>,
     membership: &ClusterMembership,
     socket: &std::path::Path,
+    rejoin_grace: Duration,
 ) -> Result<(), AgentError> {
     let config = crate::cluster::config::ClusterConfig::load(&membership.config)?;
     let entry = config.server(&membership.name)?.clone();
@@ -173,6 +179,9 @@ fn serve_cluster(
         program,
         Box::new(move || agent.gpu_counts()),
     ));
+    let local = std::net::SocketAddr::new(entry.agent.ip(), 0);
+    let cluster = crate::cluster::client::ClusterClient::new(config, local)?;
+    tokio::spawn(reaper::run(host.clone(), cluster, rejoin_grace));
     tracing::info!(server = %membership.name, addr = %entry.agent, "serving cluster control");
     tokio::spawn(server.serve(move |request| host.clone().answer(request)));
     Ok(())
@@ -207,9 +216,12 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
         }
         let response = if line.len() > MAX_LINE {
             // The rest of the line is not read: drop the client.
-            let _ = write
+            if let Err(e) = write
                 .write_all(b"{\"error\":{\"message\":\"request too long\"}}\n")
-                .await;
+                .await
+            {
+                tracing::debug!("agent client gone: {e}");
+            }
             return;
         } else {
             match serde_json::from_slice::<Request>(&line) {

@@ -50,27 +50,43 @@ impl Iopub {
     }
 
     pub async fn publish(&self, msg: Outgoing) {
-        let _ = self.tx.send(Event::Message(Box::new(msg))).await;
+        if self.tx.send(Event::Message(Box::new(msg))).await.is_err() {
+            publisher_gone();
+        }
     }
 
     /// For threads outside the runtime (the Python thread).
     pub fn blocking_publish(&self, msg: Outgoing) {
-        let _ = self.tx.blocking_send(Event::Message(Box::new(msg)));
+        if self
+            .tx
+            .blocking_send(Event::Message(Box::new(msg)))
+            .is_err()
+        {
+            publisher_gone();
+        }
     }
 
     pub fn blocking_stream(&self, parent: Option<Header>, name: String, text: String) {
-        let _ = self.tx.blocking_send(Event::Stream { parent, name, text });
+        if self
+            .tx
+            .blocking_send(Event::Stream { parent, name, text })
+            .is_err()
+        {
+            publisher_gone();
+        }
     }
 
     pub fn blocking_flush(&self) {
-        let _ = self.tx.blocking_send(Event::Flush(None));
+        if self.tx.blocking_send(Event::Flush(None)).is_err() {
+            publisher_gone();
+        }
     }
 
     /// Resolves once everything queued before it has been written.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Event::Flush(Some(tx))).await.is_ok() {
-            let _ = rx.await;
+        if self.tx.send(Event::Flush(Some(tx))).await.is_err() || rx.await.is_err() {
+            publisher_gone();
         }
     }
 
@@ -267,7 +283,9 @@ impl Publisher {
         let socket = match &mut self.sink {
             Sink::Zmq(socket) => socket,
             Sink::Relay(out) => {
-                let _ = out.send(Relayed::Message(Box::new(msg))).await;
+                if out.send(Relayed::Message(Box::new(msg))).await.is_err() {
+                    tracing::warn!("the relay to the front is gone; output dropped");
+                }
                 return;
             }
         };
@@ -283,4 +301,9 @@ impl Publisher {
             tracing::warn!("iopub send of {} failed: {e}", msg.header.msg_type);
         }
     }
+}
+
+/// Only at shutdown does the publisher end before the kernel does.
+fn publisher_gone() {
+    tracing::debug!("iopub publisher gone (shutting down); message dropped");
 }

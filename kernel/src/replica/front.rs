@@ -477,7 +477,12 @@ impl Front {
     pub async fn stop(&self) {
         let core = &self.core;
         self.stopping.store(true, Ordering::Relaxed);
-        let _ = tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await;
+        match tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await {
+            Ok(Ok(())) => {}
+            // The replicas are killed below either way.
+            Ok(Err(e)) => tracing::warn!("could not tell the replicas to shut down: {e}"),
+            Err(_) => tracing::warn!("the shutdown entry did not commit within 1 s"),
+        }
         let processes: Vec<_> = std::mem::take(&mut *lock(&self.processes))
             .into_values()
             .collect();

@@ -159,7 +159,23 @@ impl StateDir {
 
     /// A clean shutdown leaves nothing behind.
     pub fn remove(&self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), "cannot remove replica state: {e}")
+            }
+        }
+    }
+}
+
+/// Deletes `path` if it is there; a failure is logged, since what stays
+/// behind may be a secret (a bootstrap's private key) or stale state.
+pub fn remove_file(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %path.display(), "cannot remove: {e}"),
     }
 }
 
@@ -181,7 +197,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), GroupError> {
 /// Reads and deletes a replica's bootstrap file (it holds a private key).
 pub fn take_bootstrap(path: &Path) -> Result<Bootstrap, GroupError> {
     let data = std::fs::read(path).map_err(io(path))?;
-    let _ = std::fs::remove_file(path);
+    remove_file(path);
     serde_json::from_slice(&data).map_err(|source| GroupError::Json {
         path: path.to_owned(),
         source,
@@ -194,13 +210,39 @@ pub fn pid_alive(pid: u32) -> bool {
         return false;
     };
     // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // A process that exited but whose parent has not reaped it yet is gone too.
+    !is_zombie(pid)
+}
+
+fn is_zombie(pid: libc::pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`; comm may itself contain ") ".
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited, not yet reaped.
+        while !is_zombie(pid as libc::pid_t) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!pid_alive(pid));
+        child.wait().unwrap();
+        assert!(pid_alive(std::process::id()));
+    }
 
     #[test]
     fn state_is_private_and_round_trips() {

@@ -112,11 +112,7 @@ enum Exit {
 /// replica 1 still need; a kernel started on that connection file later
 /// clears state whose replicas are all gone.
 fn remove_own_files(addr_file: &Path) {
-    match std::fs::remove_file(addr_file) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(file = %addr_file.display(), "cannot remove: {e}"),
-    }
+    group::remove_file(addr_file);
 }
 
 /// Resolves when no front has been around for [`ORPHAN_GRACE`]: our launcher

@@ -104,7 +104,13 @@ impl InputChannel for RemoteStdin {
             &InputRequest { prompt, password },
         )
         .to(identities);
-        let _ = self.queue.blocking_send(Relayed::Message(Box::new(msg)));
+        if self
+            .queue
+            .blocking_send(Relayed::Message(Box::new(msg)))
+            .is_err()
+        {
+            tracing::warn!("the relay to the front is gone; input request dropped");
+        }
         rx
     }
 

@@ -125,7 +125,7 @@ pub async fn wait_for_addr(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Ok(addr) = std::fs::read_to_string(&file) {
-            let _ = std::fs::remove_file(&file);
+            super::group::remove_file(&file);
             return Ok(addr.trim().to_owned());
         }
         if !process.alive() {
