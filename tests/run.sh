@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone:
-#   Rust unit and integration tests (cargo nextest), the Python integration
+#   cargo fmt --check and clippy -D warnings, Rust unit and integration
+#   tests (cargo nextest), the Python integration
 #   tests through jupyter_client and jupyter_kernel_test (pytest), and
 #   ipykernel's own message-spec tests run against notebookos.
 # Installs what it needs into ./.venv (PYTHON=... picks the base Python).
@@ -21,6 +22,14 @@ if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
 export PYO3_PYTHON="$ROOT/.venv/bin/python"
 
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+# Style and lints first: they are the cheapest to fail.
+if command -v rustup >/dev/null 2>&1; then
+    for c in rustfmt clippy; do
+        rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+    done
+fi
+cargo fmt --all --check
+cargo clippy -q --workspace --all-targets -- -D warnings
 cargo build -q -p notebookos-kernel
 # Wherever cargo puts it (CARGO_TARGET_DIR may point elsewhere).
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"

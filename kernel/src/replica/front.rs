@@ -15,7 +15,7 @@ use super::entry::{Entry, Frames, Mail};
 use super::group::{Bootstrap, GroupError, GroupState, Member, StateDir};
 use super::remote::ClusterPlacement;
 use super::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
-use super::{lock, CellResult, Core, CoreConfig};
+use super::{lock, Core, CoreConfig};
 use crate::channels::iopub::Iopub;
 use crate::channels::Session;
 use crate::python::{Executor, InputChannel};
@@ -719,54 +719,6 @@ async fn propose_via_any(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(FrontError::Rejoin(last))
-}
-
-impl Core {
-    /// Runs a request on whichever replica wins it; the front waits here.
-    pub async fn execute(
-        self: &Arc<Self>,
-        request: &crate::wire::Message,
-    ) -> Result<CellResult, raft_transport::Error> {
-        self.wait_ready().await;
-        let cell = uuid::Uuid::new_v4().to_string();
-        tracing::debug!(cell, "proposing request");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.waiters).insert(cell.clone(), tx);
-        // Leading in the request itself saves a commit when this replica can run it.
-        let frames = Frames::from_message(request);
-        let lead = self.try_lead(&cell, &frames).await.then_some(self.id);
-        let entry = Entry::Request {
-            cell: cell.clone(),
-            request: frames,
-            lead,
-        };
-        if let Err(e) = self.propose(&entry).await {
-            lock(&self.waiters).remove(&cell);
-            return Err(e);
-        }
-        rx.await.map_err(|_| raft_transport::Error::Shutdown)
-    }
-
-    /// Routes an interrupt to the replica running the cell.
-    pub fn interrupt_cell(self: &Arc<Self>) {
-        match self.running_on() {
-            Some(w) if w != self.id => {
-                let core = self.clone();
-                tokio::spawn(async move { core.mail(w, &Mail::Interrupt).await });
-            }
-            _ => (self.interrupt)(),
-        }
-    }
-
-    /// A SIGINT reached this process: if the cell runs elsewhere, pass it on
-    /// (one running here got the signal itself).
-    pub fn forward_interrupt(self: &Arc<Self>) {
-        if let Some(w) = self.running_on().filter(|w| *w != self.id) {
-            let core = self.clone();
-            self.runtime
-                .spawn(async move { core.mail(w, &Mail::Interrupt).await });
-        }
-    }
 }
 
 fn parse_addr(id: NodeId, addr: &str) -> Result<SocketAddr, FrontError> {

@@ -1,0 +1,87 @@
+//! Bidding: whether this replica can run a cell now (not catching up, not
+//! steered to yield, granted its GPUs by the agent), and re-bidding while it
+//! cannot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cell::request_code;
+use super::entry::{CellId, Entry, Frames};
+use super::{lock, Core};
+
+/// How often a replica that yielded checks whether it can lead now.
+const REBID_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Core {
+    /// Catching up, or steered to yield (from the log, never from disk).
+    pub(crate) fn must_yield(&self) -> bool {
+        lock(&self.applier).must_yield() || !*self.ready.borrow()
+    }
+
+    /// GPUs the cell of `request` asks for.
+    pub(crate) fn gpus_wanted(&self, request: &Frames) -> u32 {
+        crate::gpu::wanted(&request_code(request), self.gpu.default_gpus())
+    }
+
+    /// Whether `cell` is open and nobody has won it yet.
+    pub(crate) fn is_undecided(&self, cell: &str) -> bool {
+        lock(&self.applier)
+            .state()
+            .elections
+            .get(cell)
+            .is_some_and(|c| c.winner.is_none())
+    }
+
+    /// Whether this replica can run `cell` now: not told to yield, not catching
+    /// up, and (for a cell that needs GPUs) granted them by the agent; the grant
+    /// is then held for the cell until it ends or the election is lost.
+    pub(crate) async fn try_lead(self: &Arc<Self>, cell: &str, request: &Frames) -> bool {
+        if self.must_yield() {
+            return false;
+        }
+        let wanted = self.gpus_wanted(request);
+        if wanted == 0 {
+            return true;
+        }
+        self.gpu
+            .acquire(&self.kernel_id, self.id, cell, wanted)
+            .await
+    }
+
+    pub(super) async fn bid(self: Arc<Self>, cell: CellId) {
+        let Some(request) = self.request_of(&cell) else {
+            return;
+        };
+        let lead = self.try_lead(&cell, &request).await;
+        let bid = Entry::Bid {
+            cell: cell.clone(),
+            replica: self.id,
+            lead,
+        };
+        if let Err(e) = self.propose(&bid).await {
+            tracing::warn!(error = %e, "could not bid");
+            return;
+        }
+        if lead {
+            return;
+        }
+        // Yielded: lead as soon as we can, unless someone else does first.
+        loop {
+            tokio::time::sleep(REBID_INTERVAL).await;
+            if !self.is_undecided(&cell) || *self.stop.borrow() {
+                return;
+            }
+            if self.try_lead(&cell, &request).await {
+                let bid = Entry::Bid {
+                    cell,
+                    replica: self.id,
+                    lead: true,
+                };
+                if let Err(e) = self.propose(&bid).await {
+                    tracing::warn!(error = %e, "could not bid");
+                }
+                return;
+            }
+        }
+    }
+}

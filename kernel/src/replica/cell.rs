@@ -1,0 +1,122 @@
+//! A cell's two ends: the front proposes the request and waits for its end;
+//! the winner runs it, captures what changed, ships it and reports `Done`.
+//! Interrupts go to whichever replica runs the cell.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::entry::{CellId, Entry, Frames, Mail};
+use super::{lock, statesync, CellResult, Core};
+use crate::wire::Message;
+
+impl Core {
+    /// Runs a request on whichever replica wins it; the front waits here.
+    pub async fn execute(
+        self: &Arc<Self>,
+        request: &Message,
+    ) -> Result<CellResult, raft_transport::Error> {
+        self.wait_ready().await;
+        let cell = uuid::Uuid::new_v4().to_string();
+        tracing::debug!(cell, "proposing request");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiters).insert(cell.clone(), tx);
+        // Leading in the request itself saves a commit when this replica can run it.
+        let frames = Frames::from_message(request);
+        let lead = self.try_lead(&cell, &frames).await.then_some(self.id);
+        let entry = Entry::Request {
+            cell: cell.clone(),
+            request: frames,
+            lead,
+        };
+        if let Err(e) = self.propose(&entry).await {
+            lock(&self.waiters).remove(&cell);
+            return Err(e);
+        }
+        rx.await.map_err(|_| raft_transport::Error::Shutdown)
+    }
+
+    /// Routes an interrupt to the replica running the cell.
+    pub fn interrupt_cell(self: &Arc<Self>) {
+        match self.running_on() {
+            Some(w) if w != self.id => {
+                let core = self.clone();
+                tokio::spawn(async move { core.mail(w, &Mail::Interrupt).await });
+            }
+            _ => (self.interrupt)(),
+        }
+    }
+
+    /// A SIGINT reached this process: if the cell runs elsewhere, pass it on
+    /// (one running here got the signal itself).
+    pub fn forward_interrupt(self: &Arc<Self>) {
+        if let Some(w) = self.running_on().filter(|w| *w != self.id) {
+            let core = self.clone();
+            self.runtime
+                .spawn(async move { core.mail(w, &Mail::Interrupt).await });
+        }
+    }
+
+    /// The winner's side: run, capture what changed, ship it, report Done.
+    pub(super) async fn run_cell(self: Arc<Self>, cell: CellId, request: Frames) {
+        let binding = self.gpu.bind(&cell, &self.exec).await;
+        let started = std::time::Instant::now();
+        let reply = match request.to_message() {
+            Ok(msg) => self.execute_here(&msg).await,
+            Err(e) => error_reply("BadRequest", &e.to_string()),
+        };
+        let used = started.elapsed();
+        // Device state goes to host memory before it is pickled for the others,
+        // and the GPUs go back to the agent: bound only while the cell ran.
+        if let Some(binding) = binding {
+            binding.unbind(&self.exec).await;
+        }
+        self.gpu.release(&cell, used).await;
+        let code = request_code(&request);
+        let t = std::time::Instant::now();
+        let packed = match statesync::capture_delta(&self.exec, code).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Other replicas keep the namespace as before this cell.
+                tracing::error!("capturing the namespace changes failed: {e}");
+                statesync::pack(b"", &[])
+            }
+        };
+        let captured = t.elapsed();
+        let bytes = packed.len();
+        // Everything the cell printed reaches the front before its Done does.
+        self.iopub.flush().await;
+        let delta = self.ship_delta(packed).await;
+        tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
+        let done = Entry::Done {
+            cell: cell.clone(),
+            replica: self.id,
+            reply,
+            delta,
+        };
+        if let Err(e) = self.propose(&done).await {
+            tracing::error!(error = %e, "could not report a finished cell");
+        }
+        lock(&self.running).remove(&cell);
+    }
+
+    pub(super) async fn execute_here(&self, msg: &Message) -> String {
+        match self.exec.call(msg).await {
+            Ok(Some(json)) => json,
+            Ok(None) => error_reply("KernelError", "execute returned no reply"),
+            Err(e) => error_reply("KernelError", &e.to_string()),
+        }
+    }
+}
+
+pub(super) fn error_reply(ename: &str, evalue: &str) -> String {
+    json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": [], "execution_count": 0})
+        .to_string()
+}
+
+pub(super) fn request_code(request: &Frames) -> String {
+    serde_json::from_str::<serde_json::Value>(&request.content)
+        .ok()
+        .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}

@@ -1,0 +1,119 @@
+//! Shipping a cell's namespace changes to the other replicas and applying
+//! theirs: small deltas inside the log entry, large ones as blobs pushed to
+//! every peer before the entry, fetched from any member that kept them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use raft_transport::{BlobHash, NodeId};
+
+use super::applier::DeltaRef;
+use super::entry::Delta;
+use super::{lock, statesync, Core};
+
+/// Delta blobs each replica keeps after applying them.
+const RECENT_BLOBS: usize = 4;
+const RECENT_BLOB_BYTES: u64 = 512 << 20;
+
+/// Deltas up to this size travel inside the log entry; larger ones as blobs.
+const INLINE_DELTA: usize = 64 << 10;
+
+impl Core {
+    pub(super) async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> Delta {
+        if packed.len() <= INLINE_DELTA {
+            return Delta::Inline(Bytes::from(packed));
+        }
+        let data = Bytes::from(packed);
+        let len = data.len() as u64;
+        // Kept here too, for a replica that joins mid-way and fetches it; hashing a
+        // large delta takes a while, so not on a runtime thread.
+        let core = self.clone();
+        let published = tokio::task::spawn_blocking({
+            let data = data.clone();
+            move || core.node.publish_blob(data)
+        });
+        // To every other replica at once.
+        let mut sends = tokio::task::JoinSet::new();
+        for peer in self.members().into_iter().filter(|p| *p != self.id) {
+            let (core, data) = (self.clone(), data.clone());
+            sends.spawn(async move { (peer, core.node.send_blob(peer, data).await) });
+        }
+        while let Some(sent) = sends.join_next().await {
+            if let Ok((peer, Err(e))) = sent {
+                // It fetches from us when it applies the entry, or is replaced.
+                tracing::warn!(peer, error = %e, "could not push a state delta");
+            }
+        }
+        let hash = match published.await {
+            Ok(h) => h,
+            Err(_) => BlobHash::of(&data),
+        };
+        self.keep_recent_blob(hash, len);
+        Delta::Blob { hash: hash.0, len }
+    }
+
+    /// The bytes of a delta: pushed to us, or fetched from the replica that
+    /// made it or, if that one is gone, from any member that kept it. Kept
+    /// here in turn until the next delta, for a replica that joins mid-way.
+    pub(super) async fn delta_bytes(&self, from: NodeId, delta: Delta) -> Option<Bytes> {
+        let hash = match delta {
+            Delta::Inline(b) => return Some(b),
+            Delta::Blob { hash, .. } => BlobHash(hash),
+        };
+        if let Some(b) = self.node.blob(&hash) {
+            self.keep_recent_blob(hash, b.len() as u64);
+            return Some(b);
+        }
+        let others = self
+            .members()
+            .into_iter()
+            .filter(|p| *p != self.id && *p != from);
+        for peer in std::iter::once(from).chain(others) {
+            match self.node.fetch_blob(peer, hash).await {
+                Ok(b) => {
+                    self.node.publish_blob(b.clone());
+                    self.keep_recent_blob(hash, b.len() as u64);
+                    return Some(b);
+                }
+                Err(e) => tracing::warn!(peer, error = %e, "could not fetch a state delta"),
+            }
+        }
+        tracing::error!(from, "state delta unavailable from every member");
+        None
+    }
+
+    /// Keeps the last few delta blobs fetchable from here (at most
+    /// `RECENT_BLOBS`, and past the newest no more than `RECENT_BLOB_BYTES`):
+    /// a replica that joins mid-way, or missed a push, may still need one.
+    pub(super) fn keep_recent_blob(&self, hash: BlobHash, len: u64) {
+        let mut recent = lock(&self.recent_blobs);
+        if recent.iter().any(|(h, _)| *h == hash) {
+            return;
+        }
+        recent.push_back((hash, len));
+        loop {
+            let total: u64 = recent.iter().map(|(_, l)| l).sum();
+            if recent.len() <= 1 || (recent.len() <= RECENT_BLOBS && total <= RECENT_BLOB_BYTES) {
+                break;
+            }
+            if let Some((old, _)) = recent.pop_front() {
+                self.node.remove_blob(&old);
+            }
+        }
+    }
+
+    pub(super) async fn apply_delta(self: &Arc<Self>, delta: DeltaRef) {
+        let t = std::time::Instant::now();
+        let applied = match self.delta_bytes(delta.from, delta.delta).await {
+            Some(data) => statesync::apply_delta(&self.exec, data)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("delta unavailable".into()),
+        };
+        tracing::debug!(elapsed = ?t.elapsed(), index = delta.index, "state delta applied");
+        if let Err(e) = applied {
+            tracing::error!("applying a state delta failed ({e}); this replica leaves the group");
+            self.leave();
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Direct messages between replicas: relayed output and input, interrupts,
+//! comm messages, digests.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use raft_transport::NodeId;
+use tokio::sync::mpsc;
+
+use super::entry::Mail;
+use super::{lock, Core, CoreEvent};
+
+impl Core {
+    pub(super) async fn mail_loop(self: Arc<Self>, mut inbox: mpsc::Receiver<(NodeId, Bytes)>) {
+        while let Some((from, data)) = inbox.recv().await {
+            match Mail::decode(&data) {
+                Ok(mail) => self.on_mail(from, mail).await,
+                Err(e) => tracing::warn!(from, "dropping mail: {e}"),
+            }
+        }
+    }
+
+    pub(super) async fn on_mail(self: &Arc<Self>, from: NodeId, mail: Mail) {
+        match mail {
+            Mail::Iopub(msgs) => {
+                if !self.emit(CoreEvent::Iopub { from, msgs }) {
+                    tracing::warn!(
+                        from,
+                        "iopub relayed to a replica that does not face Jupyter"
+                    );
+                }
+            }
+            Mail::InputRequest { request } => {
+                if !self.emit(CoreEvent::InputRequest { from, request }) {
+                    tracing::warn!(
+                        from,
+                        "input request sent to a replica that does not face Jupyter"
+                    );
+                }
+            }
+            Mail::InputReply { value } => match self.remote_stdin.get() {
+                Some(stdin) => stdin.answer(value),
+                None => tracing::warn!(from, "input reply with no input pending"),
+            },
+            Mail::Interrupt => (self.interrupt)(),
+            Mail::Comm { request } => match request.to_message() {
+                Ok(msg) => {
+                    if let Err(e) = self.exec.call(&msg).await {
+                        tracing::warn!("{} failed: {e}", msg.header.msg_type);
+                    }
+                    self.iopub.flush().await;
+                }
+                Err(e) => tracing::warn!(from, "malformed relayed comm message: {e}"),
+            },
+            Mail::Digest {
+                nonce,
+                replica,
+                digest,
+            } => {
+                let sent = lock(&self.digests)
+                    .get(&nonce)
+                    .map(|tx| tx.send((replica, digest)).is_ok());
+                if sent != Some(true) {
+                    tracing::debug!(from, "a digest arrived after its request ended");
+                }
+            }
+        }
+    }
+
+    /// Sends mail to a replica; failures are logged (the receiver may be gone).
+    pub async fn mail(&self, to: NodeId, mail: &Mail) {
+        if let Err(e) = self.node.send_message(to, mail.encode()).await {
+            tracing::warn!(to, error = %e, "could not deliver mail");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! What the shim asks of the group: `%notebookos verify` (every replica's
+//! namespace digest at the same log position) and `%notebookos` (placement).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft_transport::NodeId;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::entry::{Entry, Mail};
+use super::{lock, statesync, Core};
+use crate::python::Group;
+
+impl Core {
+    pub(super) async fn answer_verify(self: Arc<Self>, nonce: String, to: NodeId) {
+        let digest = match statesync::digest(&self.exec).await {
+            Ok(d) => d,
+            Err(e) => format!("error: {e}"),
+        };
+        let mail = Mail::Digest {
+            nonce,
+            replica: self.id,
+            digest,
+        };
+        if to == self.id {
+            self.on_mail(self.id, mail).await;
+        } else if let Err(e) = self.node.send_message(to, mail.encode()).await {
+            tracing::warn!(to, error = %e, "could not send digest");
+        }
+    }
+}
+
+impl Group for Core {
+    fn peer_digests(&self) -> Result<Vec<(u64, String)>, String> {
+        let nonce = uuid::Uuid::new_v4().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        lock(&self.digests).insert(nonce.clone(), tx);
+        let want = self.members().len().saturating_sub(1);
+        let entry = Entry::Verify {
+            nonce: nonce.clone(),
+            from: self.id,
+        };
+        let result = self.runtime.block_on(async {
+            self.propose(&entry).await.map_err(|e| e.to_string())?;
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while got.len() < want {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(d)) => got.push(d),
+                    _ => break,
+                }
+            }
+            got.sort();
+            Ok(got)
+        });
+        lock(&self.digests).remove(&nonce);
+        result
+    }
+
+    fn placement(&self) -> String {
+        let m = self.node.metrics();
+        let front = self.front_id();
+        let places = lock(&self.places).clone();
+        let replicas: Vec<_> = m
+            .voters
+            .iter()
+            .map(|id| (id, "voter"))
+            .chain(m.learners.iter().map(|id| (id, "catching up")))
+            .map(|(id, state)| {
+                json!({
+                    "id": id,
+                    "role": if *id == front { "talks to Jupyter" } else { "peer" },
+                    "state": state,
+                    "leader": m.leader == Some(*id),
+                    "pid": places.get(id).map(|p| p.pid),
+                    "host": places.get(id).and_then(|p| p.host.clone()),
+                })
+            })
+            .collect();
+        let usage = self.runtime.block_on(async {
+            let status =
+                tokio::time::timeout(Duration::from_secs(1), self.gpu.agent_status()).await;
+            match status {
+                Ok(Some(s)) => s.usage.get(&self.kernel_id).cloned(),
+                _ => None,
+            }
+        });
+        json!({
+            "self": self.id,
+            "front": front,
+            "replicas": replicas,
+            "last_winner": self.running_on(),
+            "gpu_usage": usage,
+        })
+        .to_string()
+    }
+}
