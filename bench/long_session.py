@@ -4,11 +4,16 @@ Every cell rebinds a 10 KB value. Reports each replica's RSS after cell
 --early (default 500) and after the last cell (--cells, default 10,000), and
 the time a replacement replica takes to join (from the kill of a peer until
 the group is 3 caught-up voters again) after --early-join (default 100) cells
-and after the last cell. Targets (issue "Replica state machine"): growth at
-most 10 MiB per replica; the late join within 2x of the early one.
+and after the last cell. The same cells run on ipykernel (kernelspec
+"python3") and on one notebookos replica ("notebookos-single") first, as the
+baselines of the same run: IPython itself keeps every cell's source (In,
+history), so a kernel's growth is compared with theirs. Targets (issue
+"Replica state machine"): growth at most 10 MiB per replica; the late join
+within 2x of the early one.
 
 Usage: python long_session.py [--cells 10000] [--early 500] [--json FILE]
-Needs the kernelspec "notebookos" on JUPYTER_PATH (bench/run.sh makes it).
+Needs the kernelspecs "notebookos", "notebookos-single" and "python3" on
+JUPYTER_PATH (bench/run.sh makes them).
 """
 
 import argparse
@@ -20,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from frontend import Frontend  # noqa: E402
 from replicas import ReplicatedKernel  # noqa: E402
 
 CELL = "x = [{i}] * 1280  # about 10 KB"
@@ -50,6 +56,23 @@ def join_time(rk):
     return time.perf_counter() - t
 
 
+def baseline(kernel_name, cells, early):
+    """RSS growth of a one-process kernel over the same cells."""
+    fe = Frontend(kernel_name=kernel_name)
+    try:
+        pid = fe.km.provisioner.process.pid
+        for i in range(1, cells + 1):
+            reply, _ = fe.execute(CELL.format(i=i))
+            assert reply["status"] == "ok", reply
+            if i == early:
+                at_early = rss_mib(pid)
+        growth = round(rss_mib(pid) - at_early, 1)
+    finally:
+        fe.close()
+    print(f"{kernel_name}: growth {growth} MiB from cell {early} to {cells}", flush=True)
+    return growth
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=10_000)
@@ -59,6 +82,8 @@ def main():
     args = ap.parse_args()
 
     out = {"cells": args.cells}
+    out["ipykernel_growth_mib"] = baseline("python3", args.cells, args.early)
+    out["single_growth_mib"] = baseline("notebookos-single", args.cells, args.early)
     with tempfile.TemporaryDirectory() as tmp:
         rk = ReplicatedKernel(Path(tmp) / "k")
         try:
@@ -87,7 +112,8 @@ def main():
     out["growth_mib"] = {i: round(out["rss_mib_late"][i] - out["rss_mib_early"][i], 1) for i in both}
     out["join_ratio"] = round(out["join_s_late"] / out["join_s_early"], 2)
     print(f"growth per replica (MiB) from cell {args.early} to {args.cells}: {out['growth_mib']} "
-          f"(target <= 10); join after {args.early_join} cells {out['join_s_early']} s, after "
+          f"(target <= 10; ipykernel {out['ipykernel_growth_mib']}, one notebookos replica "
+          f"{out['single_growth_mib']}); join after {args.early_join} cells {out['join_s_early']} s, after "
           f"{args.cells} {out['join_s_late']} s, ratio {out['join_ratio']} (target <= 2)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -27,3 +27,5 @@ export JUPYTER_PATH="$SPECS" IPYTHONDIR="$SPECS/ipython"
 .venv/bin/python bench/kernel_vs_ipykernel.py --json bench/results/kernel_vs_ipykernel.json "$@"
 # Time until all replicas hold a 1 GiB array a cell created.
 .venv/bin/python bench/replica_sync.py --json bench/results/replica_sync.json
+# Memory over a 10,000-cell session, and a late joiner's catch-up.
+.venv/bin/python bench/long_session.py --json bench/results/long_session.json

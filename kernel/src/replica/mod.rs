@@ -77,9 +77,10 @@ pub enum CoreEvent {
 }
 
 /// Entries between snapshots (a cell is about four), and how many of them stay
-/// in the log behind a snapshot.
-const SNAPSHOT_AFTER_ENTRIES: u64 = 1000;
-const KEEP_ENTRIES_AFTER_SNAPSHOT: u64 = 500;
+/// in the log behind a snapshot: enough for a follower that missed a few
+/// seconds to catch up by log, few enough that a joiner's tail is short.
+const SNAPSHOT_AFTER_ENTRIES: u64 = 500;
+const KEEP_ENTRIES_AFTER_SNAPSHOT: u64 = 200;
 
 /// How long proposals are retried while leadership moves.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(20);

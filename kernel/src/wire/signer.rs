@@ -3,7 +3,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::WireError;
 
@@ -74,11 +74,12 @@ impl Signer {
 }
 
 /// Remembers recent signatures so a captured message cannot be replayed,
-/// bounded like jupyter_client's digest history.
+/// bounded like jupyter_client's digest history (2^16). Each is kept as the
+/// SHA-256 of its text, 32 bytes, whatever the signature's length.
 #[derive(Debug)]
 pub struct ReplayGuard {
-    seen: HashSet<Vec<u8>>,
-    order: VecDeque<Vec<u8>>,
+    seen: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
     capacity: usize,
 }
 
@@ -96,10 +97,11 @@ impl ReplayGuard {
         if signature.is_empty() {
             return true;
         }
-        if !self.seen.insert(signature.to_vec()) {
+        let key: [u8; 32] = Sha256::digest(signature).into();
+        if !self.seen.insert(key) {
             return false;
         }
-        self.order.push_back(signature.to_vec());
+        self.order.push_back(key);
         if self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.seen.remove(&old);
