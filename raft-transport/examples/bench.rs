@@ -136,7 +136,7 @@ async fn blob_run(label: &str, tuning: TransportTuning, len: usize) -> Result<()
             let mut lat = Vec::new();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = Instant::now();
-                if l.propose(vec![0x42u8; 100]).await.is_err() {
+                if l.propose(&[0x42u8; 100][..]).await.is_err() {
                     break;
                 }
                 lat.push(t.elapsed());
@@ -200,7 +200,7 @@ async fn main() -> Result<()> {
     let l = leader(&nodes)?;
     let entry = vec![0x42u8; 100];
     for _ in 0..500 {
-        l.propose(entry.clone()).await?;
+        l.propose(&entry).await?;
     }
 
     // Latency: one proposal at a time, from propose() to applied on the leader (which
@@ -208,7 +208,7 @@ async fn main() -> Result<()> {
     let mut lat = Vec::with_capacity(a.samples);
     for _ in 0..a.samples {
         let t = Instant::now();
-        l.propose(entry.clone()).await?;
+        l.propose(&entry).await?;
         lat.push(t.elapsed());
     }
     lat.sort();
@@ -230,7 +230,7 @@ async fn main() -> Result<()> {
             let p: raft_transport::PendingProposal = inflight.pop_front().context("empty")?;
             p.committed().await?;
         }
-        inflight.push_back(l.propose_pipelined(entry.clone()).await?);
+        inflight.push_back(l.propose_pipelined(&entry).await?);
     }
     let mut last = 0;
     for p in inflight {

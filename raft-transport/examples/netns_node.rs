@@ -79,7 +79,7 @@ fn status_line(node: &ReplicaNode) -> String {
 async fn propose(node: &ReplicaNode, n: usize) -> Result<u64> {
     let mut pending = Vec::with_capacity(n);
     for _ in 0..n {
-        pending.push(node.propose_pipelined(vec![0x42; 100]).await?);
+        pending.push(node.propose_pipelined(&[0x42u8; 100][..]).await?);
     }
     let mut last = 0;
     for p in pending {

@@ -53,4 +53,6 @@ pub enum Error {
     Timeout(std::time::Duration),
     #[error("replica is shut down")]
     Shutdown,
+    #[error("cannot encode an entry: {0}")]
+    Encode(String),
 }

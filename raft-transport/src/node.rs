@@ -9,6 +9,7 @@ use bytes::Bytes;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 pub use openraft::ServerState;
 use openraft::{BasicNode, ChangeMembers};
+use serde::Serialize;
 
 use crate::bulk::{self, BlobHash};
 use crate::config::ReplicaConfig;
@@ -106,12 +107,9 @@ impl ReplicaNode {
         let (log, sm) = match &config.data_dir {
             Some(dir) => (
                 LogStore::open(dir, config.fsync)?,
-                StateMachineStore::new(Box::new(app), Some(dir))?,
+                StateMachineStore::new(app, Some(dir))?,
             ),
-            None => (
-                LogStore::in_memory(),
-                StateMachineStore::new(Box::new(app), None)?,
-            ),
+            None => (LogStore::in_memory(), StateMachineStore::new(app, None)?),
         };
         let network = NetworkFactory {
             transport: transport.clone(),
@@ -160,10 +158,12 @@ impl ReplicaNode {
         }
     }
 
-    /// Appends `data` to the replicated log; returns once it is committed and applied on
-    /// this replica. On a follower the proposal is forwarded to the leader it knows (one
-    /// hop); [`Error::NotLeader`] means no leader is known or leadership just moved.
-    pub async fn propose(&self, data: Vec<u8>) -> Result<Proposed> {
+    /// Appends `entry` (the [`Application::Entry`] of every replica's application) to the
+    /// replicated log; returns once it is committed and applied on this replica. On a
+    /// follower the proposal is forwarded to the leader it knows (one hop);
+    /// [`Error::NotLeader`] means no leader is known or leadership just moved.
+    pub async fn propose<E: Serialize + ?Sized>(&self, entry: &E) -> Result<Proposed> {
+        let data = encode(entry)?;
         let leader = self.raft.metrics().borrow().current_leader;
         if let Some(leader) = leader.filter(|l| *l != self.id) {
             return self.forward(leader, data).await;
@@ -186,8 +186,13 @@ impl ReplicaNode {
     /// Proposes through `peer` at `addr`, which must be the leader, without being a member
     /// of the group yet (a replica asking to join). Returns once the entry is committed;
     /// nothing is applied here.
-    pub async fn propose_via(&self, peer: NodeId, addr: &str, data: Vec<u8>) -> Result<Proposed> {
-        self.forward_to(peer, addr, data).await
+    pub async fn propose_via<E: Serialize + ?Sized>(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        entry: &E,
+    ) -> Result<Proposed> {
+        self.forward_to(peer, addr, encode(entry)?).await
     }
 
     async fn forward_to(&self, leader: NodeId, addr: &str, data: Vec<u8>) -> Result<Proposed> {
@@ -235,10 +240,13 @@ impl ReplicaNode {
     /// Leader only. Queues `data` for the log without waiting for the commit; proposals queued one
     /// after another from one task land in the log in that order. Lets a caller keep many
     /// proposals in flight (pipelining) and await them later.
-    pub async fn propose_pipelined(&self, data: Vec<u8>) -> Result<PendingProposal> {
+    pub async fn propose_pipelined<E: Serialize + ?Sized>(
+        &self,
+        entry: &E,
+    ) -> Result<PendingProposal> {
         let rx = self
             .raft
-            .client_write_ff(data)
+            .client_write_ff(encode(entry)?)
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         Ok(PendingProposal { rx })
@@ -415,6 +423,11 @@ impl Drop for ReplicaNode {
     }
 }
 
+/// The log's byte form of an application entry.
+fn encode<E: Serialize + ?Sized>(entry: &E) -> Result<Vec<u8>> {
+    postcard::to_stdvec(entry).map_err(|e| Error::Encode(e.to_string()))
+}
+
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
     if let Some(f) = e.forward_to_leader() {
         return Error::NotLeader {
@@ -431,8 +444,8 @@ mod tests {
     #[allow(dead_code)]
     fn futures_are_send(node: &super::ReplicaNode) {
         fn is_send<T: Send>(_: T) {}
-        is_send(node.propose(vec![]));
-        is_send(node.propose_pipelined(vec![]));
+        is_send(node.propose(&[0u8; 0]));
+        is_send(node.propose_pipelined(&[0u8; 0]));
         is_send(node.send_blob(1, vec![]));
         is_send(node.fetch_blob(1, crate::BlobHash([0; 32])));
         is_send(node.add_learner(1, "127.0.0.1:1".parse().unwrap()));
@@ -440,6 +453,6 @@ mod tests {
         is_send(node.remove(1));
         is_send(node.shutdown());
         is_send(node.send_message(1, vec![]));
-        is_send(node.propose_via(1, "127.0.0.1:1", vec![]));
+        is_send(node.propose_via(1, "127.0.0.1:1", &[0u8; 0]));
     }
 }

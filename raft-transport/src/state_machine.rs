@@ -1,8 +1,9 @@
 //! The replicated state: the application's, applied synchronously in log order.
 //!
 //! This crate does not know what the entries mean. The application gives the state machine
-//! an [`Application`], which applies each committed entry as openraft applies it, under the
-//! state machine's lock, and which serialises its own state for a snapshot. A snapshot is
+//! an [`Application`] with its own entry type; each committed entry is decoded into that
+//! type and applied as openraft applies it, under the state machine's lock, and the
+//! application serialises its own state for a snapshot. A snapshot is
 //! therefore exactly the application's state at the snapshot's log index, openraft's
 //! snapshot policy builds it, and the log is purged behind it: memory is what the
 //! application keeps, not the history of the log.
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
@@ -26,13 +28,12 @@ use crate::types::{
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
-/// One committed application entry.
+/// One committed entry as a [`Journal`] keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommittedEntry {
     /// Raft log index; strictly increasing, but not dense (membership and blank entries
     /// take indexes too).
     pub index: u64,
-    pub term: u64,
     pub data: Bytes,
 }
 
@@ -40,8 +41,17 @@ pub struct CommittedEntry {
 /// openraft's storage task: keep them quick and never block on I/O; hand slow work (a
 /// cell, a transfer) to tasks of the application's own.
 pub trait Application: Send + 'static {
-    /// Applies one committed application entry.
-    fn apply(&mut self, entry: CommittedEntry);
+    /// What [`crate::ReplicaNode::propose`] puts in the log (postcard on the wire).
+    type Entry: DeserializeOwned;
+
+    /// Applies the committed entry at log index `index`.
+    fn apply(&mut self, index: u64, entry: Self::Entry);
+
+    /// A committed entry that does not decode as [`Application::Entry`]: proposed by a
+    /// replica of another version, or corrupt. It is skipped.
+    fn undecodable(&mut self, index: u64, error: String) {
+        tracing::warn!(index, "skipping an undecodable log entry: {error}");
+    }
 
     /// The voters changed (a membership entry was applied, or a snapshot installed).
     fn membership(&mut self, _voters: BTreeSet<NodeId>) {}
@@ -54,10 +64,36 @@ pub trait Application: Send + 'static {
     fn install(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
 }
 
+/// An [`Application`] behind the bytes openraft stores.
+trait Decoding: Send {
+    fn apply_bytes(&mut self, index: u64, data: &[u8]);
+    fn membership(&mut self, voters: BTreeSet<NodeId>);
+    fn snapshot(&self) -> Result<Vec<u8>, String>;
+    fn install(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+}
+
+impl<A: Application> Decoding for A {
+    fn apply_bytes(&mut self, index: u64, data: &[u8]) {
+        match postcard::from_bytes::<A::Entry>(data) {
+            Ok(entry) => self.apply(index, entry),
+            Err(e) => self.undecodable(index, e.to_string()),
+        }
+    }
+    fn membership(&mut self, voters: BTreeSet<NodeId>) {
+        Application::membership(self, voters)
+    }
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        Application::snapshot(self)
+    }
+    fn install(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        Application::install(self, index, data)
+    }
+}
+
 struct State {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    app: Box<dyn Application>,
+    app: Box<dyn Decoding>,
     snapshot: Option<StoredSnapshot>,
     snapshot_seq: u64,
 }
@@ -96,11 +132,11 @@ fn storage_error(e: impl ToString) -> io::Error {
 
 impl StateMachineStore {
     /// `dir`: where the latest snapshot is kept across restarts (`None`: memory only).
-    pub fn new(app: Box<dyn Application>, dir: Option<&Path>) -> io::Result<Self> {
+    pub fn new(app: impl Application, dir: Option<&Path>) -> io::Result<Self> {
         let mut state = State {
             last_applied: None,
             membership: StoredMembership::default(),
-            app,
+            app: Box::new(app),
             snapshot: None,
             snapshot_seq: 0,
         };
@@ -224,11 +260,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let index = entry.log_id.index;
                 match entry.payload {
                     EntryPayload::Blank => {}
-                    EntryPayload::Normal(data) => state.app.apply(CommittedEntry {
-                        index,
-                        term: entry.log_id.leader_id.term,
-                        data: Bytes::from(data),
-                    }),
+                    EntryPayload::Normal(data) => state.app.apply_bytes(index, &data),
                     EntryPayload::Membership(m) => {
                         state.membership = StoredMembership::new(Some(entry.log_id), m);
                         let voters = voters(&state.membership);
@@ -288,8 +320,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// An [`Application`] that keeps every entry: for tests, benchmarks and tools that want the
-/// raw log. Its memory grows with the log; a real application keeps its own, bounded state.
+/// An [`Application`] whose entries are byte strings and which keeps every one: for tests,
+/// benchmarks and tools that want the raw log. Its memory grows with the log; a real
+/// application keeps its own, bounded state.
 #[derive(Clone, Default)]
 pub struct Journal {
     shared: Arc<JournalShared>,
@@ -324,8 +357,10 @@ impl Journal {
 }
 
 impl Application for Journal {
-    fn apply(&mut self, entry: CommittedEntry) {
-        self.entries_lock().push(entry);
+    type Entry = Bytes;
+
+    fn apply(&mut self, index: u64, data: Bytes) {
+        self.entries_lock().push(CommittedEntry { index, data });
         self.shared.appended.notify_waiters();
     }
 
@@ -378,14 +413,16 @@ mod tests {
     fn entry(index: u64, data: &[u8]) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(data.to_vec()),
+            payload: EntryPayload::Normal(
+                postcard::to_stdvec(&Bytes::copy_from_slice(data)).unwrap(),
+            ),
         }
     }
 
     #[tokio::test]
     async fn apply_subscribe_snapshot_install() {
         let journal = Journal::default();
-        let mut sm = StateMachineStore::new(Box::new(journal.clone()), None).unwrap();
+        let mut sm = StateMachineStore::new(journal.clone(), None).unwrap();
         let mut sub = journal.subscribe(0);
         let blank = Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
@@ -403,8 +440,7 @@ mod tests {
         let snap = sm.build_snapshot().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let other_journal = Journal::default();
-        let mut other =
-            StateMachineStore::new(Box::new(other_journal.clone()), Some(dir.path())).unwrap();
+        let mut other = StateMachineStore::new(other_journal.clone(), Some(dir.path())).unwrap();
         other
             .install_snapshot(&snap.meta, snap.snapshot)
             .await
@@ -413,7 +449,7 @@ mod tests {
         assert_eq!(other.last_applied_index(), 3);
         // A restarted replica reloads the snapshot it had installed.
         let reloaded = Journal::default();
-        let sm = StateMachineStore::new(Box::new(reloaded.clone()), Some(dir.path())).unwrap();
+        let sm = StateMachineStore::new(reloaded.clone(), Some(dir.path())).unwrap();
         assert_eq!(reloaded.entries(), journal.entries());
         assert_eq!(sm.last_applied_index(), 3);
     }
@@ -422,7 +458,9 @@ mod tests {
     struct Counter(u64);
 
     impl Application for Counter {
-        fn apply(&mut self, _entry: CommittedEntry) {
+        type Entry = Bytes;
+
+        fn apply(&mut self, _index: u64, _entry: Bytes) {
             self.0 += 1;
         }
         fn snapshot(&self) -> Result<Vec<u8>, String> {
@@ -437,11 +475,46 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_is_the_applications_state_not_the_log() {
-        let mut sm = StateMachineStore::new(Box::new(Counter(0)), None).unwrap();
+        let mut sm = StateMachineStore::new(Counter(0), None).unwrap();
         let entries: Vec<Entry> = (1..=10_000).map(|i| entry(i, &[0u8; 100])).collect();
         sm.apply(entries).await.unwrap();
         let snap = sm.build_snapshot().await.unwrap();
         assert_eq!(*snap.snapshot, 10_000u64.to_le_bytes().to_vec());
         assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(10_000));
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_does_not_decode_is_skipped() {
+        struct Typed(Vec<u32>, usize);
+        impl Application for Typed {
+            type Entry = u32;
+            fn apply(&mut self, _index: u64, entry: u32) {
+                self.0.push(entry);
+            }
+            fn undecodable(&mut self, _index: u64, _error: String) {
+                self.1 += 1;
+            }
+            fn snapshot(&self) -> Result<Vec<u8>, String> {
+                Ok(Vec::new())
+            }
+            fn install(&mut self, _index: u64, _data: &[u8]) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let mut sm = StateMachineStore::new(Typed(Vec::new(), 0), None).unwrap();
+        let good = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(postcard::to_stdvec(&7u32).unwrap()),
+        };
+        let bad = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Normal(vec![0xff; 9]),
+        };
+        sm.apply(vec![good, bad]).await.unwrap();
+        assert_eq!(
+            sm.last_applied_index(),
+            2,
+            "a bad entry still counts as applied"
+        );
     }
 }

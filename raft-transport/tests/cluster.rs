@@ -58,7 +58,7 @@ async fn ten_thousand_entries_commit_in_order_on_all_nodes() {
     // Queued from one task, so the log order is the submission order.
     let mut pending = Vec::with_capacity(N as usize);
     for i in 0..N {
-        pending.push(l.propose_pipelined(payload(i)).await.unwrap());
+        pending.push(l.propose_pipelined(&payload(i)).await.unwrap());
     }
     let mut last = 0;
     for p in pending {
@@ -95,7 +95,7 @@ async fn killed_leader_is_replaced_and_next_entry_commits() {
 
     let new = leader(nodes.values()).await;
     assert_ne!(new.id(), old);
-    let idx = new.propose(payload(2)).await.unwrap().index;
+    let idx = new.propose(&payload(2)).await.unwrap().index;
     for n in nodes.values() {
         n.wait_applied(idx, WAIT).await.unwrap();
         assert_eq!(applied_payloads(n).await, vec![payload(1), payload(2)]);
@@ -360,7 +360,7 @@ async fn blobs_stream_alongside_raft_traffic() {
     let (sent, commits) = tokio::join!(l.send_blob(peer, blob.clone()), async {
         let mut n = 0;
         for i in 0..100 {
-            l.propose(payload(i)).await.unwrap();
+            l.propose(&payload(i)).await.unwrap();
             n += 1;
         }
         n
@@ -394,7 +394,7 @@ async fn follower_proposal_is_forwarded_to_leader() {
     let nodes = cluster(&ca, 3).await;
     let l = leader(nodes.values()).await.id();
     let follower = nodes.values().find(|n| n.id() != l).unwrap();
-    let p = follower.propose(payload(1)).await.unwrap();
+    let p = follower.propose(&payload(1)).await.unwrap();
     // Applied on the follower by the time propose returns.
     assert!(follower.last_applied() >= p.index);
     assert_eq!(applied_payloads(follower).await, vec![payload(1)]);
@@ -503,7 +503,7 @@ async fn a_replica_outside_the_group_proposes_through_the_leader() {
     let l = leader(nodes.values()).await;
     let outsider = start(config(&ca, 9)).await;
     let proposed = outsider
-        .propose_via(l.id(), &l.addr().to_string(), b"join me".to_vec())
+        .propose_via(l.id(), &l.addr().to_string(), &b"join me".to_vec())
         .await
         .unwrap();
     for n in nodes.values() {
@@ -513,7 +513,7 @@ async fn a_replica_outside_the_group_proposes_through_the_leader() {
     // Asking a follower reports who leads instead of committing.
     let follower = nodes.values().find(|n| n.id() != l.id()).unwrap();
     match outsider
-        .propose_via(follower.id(), &follower.addr().to_string(), b"no".to_vec())
+        .propose_via(follower.id(), &follower.addr().to_string(), &b"no".to_vec())
         .await
     {
         Err(Error::NotLeader { leader, .. }) => assert_eq!(leader, Some(l.id())),

@@ -59,18 +59,21 @@ impl ReplicaApp {
 }
 
 impl raft_transport::Application for ReplicaApp {
-    fn apply(&mut self, e: raft_transport::CommittedEntry) {
-        let effects = match Entry::decode(&e.data) {
-            Ok(entry) => {
-                tracing::debug!(index = e.index, entry = entry.kind(), "apply");
-                lock(&self.applier).apply(e.index, entry)
-            }
-            Err(err) => {
-                tracing::warn!(index = e.index, "skipping log entry: {err}");
-                Vec::new()
-            }
-        };
-        self.emit(e.index, effects);
+    type Entry = Entry;
+
+    fn apply(&mut self, index: u64, entry: Entry) {
+        tracing::debug!(index, entry = entry.kind(), "apply");
+        let effects = lock(&self.applier).apply(index, entry);
+        self.emit(index, effects);
+    }
+
+    fn undecodable(&mut self, index: u64, error: String) {
+        tracing::warn!(
+            index,
+            "skipping a log entry this version cannot read: {error}"
+        );
+        // Still a log position: effects so far are carried out up to here.
+        self.emit(index, Vec::new());
     }
 
     fn membership(&mut self, voters: BTreeSet<NodeId>) {

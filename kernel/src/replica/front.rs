@@ -288,7 +288,7 @@ impl Front {
         };
         let down = Entry::MemberDown { replica: old_front };
         for entry in [down, join] {
-            propose_via_any(&core.node, &survivors, entry.encode()).await?;
+            propose_via_any(&core.node, &survivors, &entry).await?;
         }
         let kernel_id = lock(&self.group).kernel_id.clone();
         for m in &survivors {
@@ -705,13 +705,13 @@ impl Front {
 async fn propose_via_any(
     node: &ReplicaNode,
     survivors: &[Member],
-    data: Vec<u8>,
+    entry: &Entry,
 ) -> Result<(), FrontError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut last = String::from("no survivors");
     while tokio::time::Instant::now() < deadline {
         for m in survivors {
-            match node.propose_via(m.id, &m.addr, data.clone()).await {
+            match node.propose_via(m.id, &m.addr, entry).await {
                 Ok(_) => return Ok(()),
                 Err(e) => last = e.to_string(),
             }

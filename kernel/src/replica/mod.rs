@@ -269,10 +269,9 @@ impl Core {
     /// Every entry is idempotent, so a retry that duplicates one is harmless.
     pub async fn propose(&self, entry: &Entry) -> Result<(), raft_transport::Error> {
         use raft_transport::Error as E;
-        let data = entry.encode();
         let deadline = tokio::time::Instant::now() + PROPOSE_PATIENCE;
         loop {
-            match self.node.propose(data.clone()).await {
+            match self.node.propose(entry).await {
                 Ok(_) => return Ok(()),
                 Err(
                     e @ (E::NotLeader { .. }

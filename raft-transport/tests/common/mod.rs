@@ -95,7 +95,7 @@ pub async fn propose<'a>(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let l = leader(nodes.clone()).await;
-        match l.propose(data.clone()).await {
+        match l.propose(&data).await {
             Ok(p) => return p.index,
             Err(Error::NotLeader { .. }) | Err(Error::Raft(_))
                 if tokio::time::Instant::now() < deadline =>
