@@ -1,8 +1,9 @@
 //! The discrete-event engine: one workload, one way of running it.
 //!
 //! Every decision is the live code's: placement, migration and autoscaling
-//! come from [`crate::cluster::policy`], and who runs a cell from
-//! [`crate::replica::election`]. The engine supplies only time and the
+//! come from [`crate::cluster::policy`], and who runs a cell from the
+//! replicas' own state machine, [`crate::replica::applier`], fed the same
+//! entries the log would hold. The engine supplies only time and the
 //! modelled costs ([`Costs`]).
 
 use std::cmp::Reverse;
@@ -10,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::cluster::policy::{ClusterView, Policy, PolicyError, Scale, ServerId, ServerView};
 use crate::cluster::provider::{InProcess, Provider};
-use crate::replica::election::{BidOutcome, Elections};
-use crate::replica::entry::Frames;
+use crate::replica::applier::Applier;
+use crate::replica::entry::{Entry, Frames};
 
 use super::rng::Rng;
 use super::workload::{Ms, Store, Workload, SECOND};
@@ -463,14 +464,45 @@ impl<'w> Engine<'w> {
         let mut order: Vec<u64> = voters.iter().copied().skip(1).collect();
         self.rng.shuffle(&mut order);
         order.insert(0, 1);
-        let mut elections = Elections::default();
-        elections.open("cell".into(), Frames::default());
+        // The live replicas' own state machine decides, from the same log.
+        let mut log = Applier::new(1, 1, false);
+        log.membership(voters);
         let mut winner = None;
+        let mut index = 0;
+        let mut apply = |log: &mut Applier, entry| {
+            index += 1;
+            log.apply(index, entry);
+        };
         for id in order {
             let host = &hosts[(id - 1) as usize];
             let lead = self.servers.get(host).is_some_and(|s| s.idle >= gpus);
-            if let BidOutcome::Won(w) = elections.bid("cell", id, lead, &voters) {
-                winner = Some(w);
+            let entry = if id == 1 {
+                Entry::Request {
+                    cell: "cell".into(),
+                    request: Frames::default(),
+                    lead: lead.then_some(1),
+                }
+            } else {
+                Entry::Bid {
+                    cell: "cell".into(),
+                    replica: id,
+                    lead,
+                }
+            };
+            apply(&mut log, entry);
+            if id == 1 && !lead {
+                // Replica 1 answers its own Request with a YIELD, as the others do.
+                apply(
+                    &mut log,
+                    Entry::Bid {
+                        cell: "cell".into(),
+                        replica: 1,
+                        lead: false,
+                    },
+                );
+            }
+            winner = log.state().last_winner;
+            if winner.is_some() {
                 break;
             }
         }
