@@ -244,13 +244,7 @@ impl Applier {
         for (cell, request) in self.state.elections.won_by(self.me) {
             fx.push(Effect::Run { cell, request });
         }
-        fx.extend(
-            self.state
-                .elections
-                .undecided()
-                .into_iter()
-                .map(|cell| Effect::Bid { cell }),
-        );
+        self.bid_on_undecided(&mut fx);
         fx.extend(
             self.state
                 .finished
@@ -440,13 +434,12 @@ impl Applier {
         self.local = Local::Current;
         fx.push(Effect::Restore { checkpoint, replay });
         // Cells that were waiting for bids while we caught up.
-        fx.extend(
-            self.state
-                .elections
-                .undecided()
-                .into_iter()
-                .map(|cell| Effect::Bid { cell }),
-        );
+        self.bid_on_undecided(fx);
+    }
+
+    fn bid_on_undecided(&self, fx: &mut Vec<Effect>) {
+        let undecided = self.state.elections.undecided();
+        fx.extend(undecided.into_iter().map(|cell| Effect::Bid { cell }));
     }
 }
 
