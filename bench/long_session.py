@@ -26,17 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from frontend import Frontend  # noqa: E402
-from replicas import ReplicatedKernel  # noqa: E402
+from replicas import ReplicatedKernel, rss_mib  # noqa: E402
 
 CELL = "x = [{i}] * 1280  # about 10 KB"
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def members(rk):

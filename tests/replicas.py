@@ -94,7 +94,7 @@ class ReplicatedKernel:
             text = self.placement()
             voters = {int(v) for v in re.findall(r"replica (\d+): .*\bvoter\b", text)}
             members = {m["id"]: m["pid"] for m in self.group()["members"]}
-            live = {i for i, pid in members.items() if _alive(pid)}
+            live = {i for i, pid in members.items() if alive(pid)}
             if len(voters) == n and voters == live == set(members) and "catching up" not in text:
                 return text
             assert time.monotonic() < deadline, (text, members)
@@ -123,7 +123,7 @@ class ReplicatedKernel:
         return int(stream_text(msgs))
 
 
-def _alive(pid):
+def alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -134,6 +134,14 @@ def _alive(pid):
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def outputs(reply, msgs):

@@ -15,7 +15,7 @@ import pytest
 
 from frontend import Frontend, of_type, stream_text
 from notebook50 import CELLS
-from replicas import ReplicatedKernel, _alive, outputs
+from replicas import ReplicatedKernel, alive, outputs
 
 
 @pytest.fixture
@@ -108,11 +108,11 @@ def test_shutdown_leaves_no_replicas_or_state(tmp_path):
     assert len(pids) == 3
     rk.close()
     deadline = time.monotonic() + 10
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in pids if _alive(p)}
+    running = pids
+    while running and time.monotonic() < deadline:
+        running = {p for p in pids if alive(p)}
         time.sleep(0.1)
-    assert not alive
+    assert not running
     assert not any(rk.state.iterdir()), list(rk.state.iterdir())
 
 

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from conftest import KERNEL_BIN
-from replicas import ReplicatedKernel
+from replicas import ReplicatedKernel, rss_mib
 
 GIB = 1 << 30
 
@@ -43,14 +43,6 @@ def _wait_log(log, pattern, timeout=60):
             return text
         assert time.monotonic() < deadline, f"no log line matching {pattern!r}:\n{text[-3000:]}"
         time.sleep(0.2)
-
-
-def _rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _dealer(fe):
@@ -109,7 +101,7 @@ def test_each_bad_message_is_dropped_with_a_log_line(logged):
 def test_a_1gib_frame_closes_its_connection_and_memory_stays_bounded(logged):
     rk, log = logged
     pid = rk.pid(rk.front())
-    before = _rss_mib(pid)
+    before = rss_mib(pid)
     s = _dealer(rk.fe)
     big = bytearray(GIB)
     s.send(memoryview(big), copy=False)
@@ -117,7 +109,7 @@ def test_a_1gib_frame_closes_its_connection_and_memory_stays_bounded(logged):
     s.close()
     del big
     assert rk.eval("1 + 1") == "2"
-    grew = _rss_mib(pid) - before
+    grew = rss_mib(pid) - before
     assert grew < 128, f"replica 1 grew by {grew:.0f} MiB"
 
 

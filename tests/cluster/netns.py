@@ -142,17 +142,11 @@ def cluster(tmp):
                 print(f"--- {log.name}\n{text[-2000:]}", file=sys.stderr)
 
 
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
 def orphaned_replicas_are_stopped(kernel):
     """Replica 1 dies and Jupyter does not restart it: once the rejoin grace
     has passed, the agents stop the kernel's replicas on their servers."""
+    from replicas import alive
+
     peers = [m["pid"] for m in kernel.group()["members"] if m["id"] != kernel.front()]
     os.kill(kernel.pid(kernel.front()), signal.SIGKILL)
     t = time.monotonic()
@@ -237,6 +231,8 @@ def inside(args):
         for k in kernels:
             k.close()
     # Nothing of either kernel is left running.
+    from replicas import alive
+
     deadline = time.monotonic() + 30
     seen = set().union(*(k.seen_pids for k in kernels))
     while any(alive(p) for p in seen) and time.monotonic() < deadline:
