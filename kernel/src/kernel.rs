@@ -167,7 +167,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                 };
                 let front = match replica::Front::start(plan, opts).await {
                     Ok(front) => {
-                        bridge.set_group(front.core().clone());
+                        bridge.set_group(front.clone());
                         Some(front)
                     }
                     Err(e) => {

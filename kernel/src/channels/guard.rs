@@ -9,6 +9,7 @@
 //! is read. Replies flow back unread.
 
 use std::io;
+use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -130,12 +131,12 @@ impl Framing {
 }
 
 /// Binds `endpoint` (tcp://ip:port or ipc://path from the connection file)
-/// and forwards every connection to `backend` (the zmq socket's ipc://
-/// endpoint in the kernel's private [`super::Backends`] directory).
+/// and forwards every connection to `backend` (the zmq socket's unix socket
+/// in the kernel's private [`super::Backends`] directory).
 pub async fn serve(
     channel: &'static str,
     endpoint: &str,
-    backend: String,
+    backend: PathBuf,
     limit: u64,
 ) -> io::Result<()> {
     if let Some(path) = endpoint.strip_prefix("ipc://") {
@@ -182,19 +183,11 @@ async fn accept_failed(channel: &str, e: io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
-async fn forward<C>(channel: &'static str, client: C, backend: String, limit: u64)
+async fn forward<C>(channel: &'static str, client: C, backend: PathBuf, limit: u64)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(path) = backend.strip_prefix("ipc://") else {
-        tracing::error!(
-            channel,
-            backend,
-            "the socket behind the guard must be an ipc endpoint"
-        );
-        return;
-    };
-    match UnixStream::connect(path).await {
+    match UnixStream::connect(&backend).await {
         Ok(server) => pipe(channel, client, server, limit).await,
         Err(e) => tracing::warn!(channel, "cannot reach the socket behind the guard: {e}"),
     }

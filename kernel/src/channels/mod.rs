@@ -54,8 +54,8 @@ impl Backends {
         Ok(Self { dir })
     }
 
-    fn endpoint(&self, channel: &str) -> String {
-        format!("ipc://{}", self.dir.join(channel).display())
+    fn socket(&self, channel: &str) -> PathBuf {
+        self.dir.join(channel)
     }
 }
 
@@ -76,14 +76,15 @@ async fn bind<S: zeromq::Socket>(
     backends: &Backends,
 ) -> Result<S, ChannelError> {
     let mut socket = S::new();
-    let inner = socket
-        .bind(&backends.endpoint(channel))
+    let inner = backends.socket(channel);
+    socket
+        .bind(&format!("ipc://{}", inner.display()))
         .await
         .map_err(|source| ChannelError::Bind {
             endpoint: endpoint.to_owned(),
             source,
         })?;
-    guard::serve(channel, endpoint, inner.to_string(), guard::limit())
+    guard::serve(channel, endpoint, inner, guard::limit())
         .await
         .map_err(|source| ChannelError::Guard {
             endpoint: endpoint.to_owned(),

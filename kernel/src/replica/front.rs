@@ -387,18 +387,6 @@ impl Front {
             return;
         }
         let g = lock(&self.group).clone();
-        self.core.set_places(
-            g.members
-                .iter()
-                .map(|m| {
-                    let place = super::Place {
-                        pid: m.pid,
-                        host: m.host.clone(),
-                    };
-                    (m.id, place)
-                })
-                .collect(),
-        );
         if let Err(e) = self.state.save(&g) {
             tracing::warn!("cannot save replica state: {e}");
         }
@@ -698,6 +686,29 @@ impl Front {
             let rt = core.runtime.clone();
             rt.block_on(core.mail(from, &Mail::InputReply { value }));
         });
+    }
+}
+
+/// What the shim asks of the group, answered with what the front knows of
+/// the replicas' processes and servers.
+impl crate::python::Group for Front {
+    fn peer_digests(&self) -> Result<Vec<(u64, String)>, String> {
+        self.core.peer_digests()
+    }
+
+    fn placement(&self) -> String {
+        let places = lock(&self.group)
+            .members
+            .iter()
+            .map(|m| {
+                let place = super::Place {
+                    pid: m.pid,
+                    host: m.host.clone(),
+                };
+                (m.id, place)
+            })
+            .collect();
+        self.core.placement_with(&places)
     }
 }
 

@@ -129,8 +129,6 @@ pub struct Core {
     running: Mutex<BTreeSet<CellId>>,
     /// Where events go on the replica facing Jupyter (`None` on peers).
     events: Option<mpsc::UnboundedSender<CoreEvent>>,
-    /// Process and server of each replica, as the front last saw them.
-    places: Mutex<HashMap<NodeId, Place>>,
     /// GPU grants this replica holds, per cell it bid to lead.
     gpu: crate::gpu::Grants,
     /// The peer's stdin, answered through the mailbox.
@@ -183,7 +181,6 @@ impl Core {
             applied: std::sync::atomic::AtomicU64::new(0),
             running: Mutex::new(BTreeSet::new()),
             events: cfg.events,
-            places: Mutex::new(HashMap::new()),
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
             stop: watch::channel(false).0,
@@ -220,11 +217,6 @@ impl Core {
             }
             None => false,
         }
-    }
-
-    /// Records where the replicas run (the front, whenever that changes).
-    pub fn set_places(&self, places: HashMap<NodeId, Place>) {
-        *lock(&self.places) = places;
     }
 
     pub fn front_id(&self) -> NodeId {

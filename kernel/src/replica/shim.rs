@@ -1,6 +1,7 @@
 //! What the shim asks of the group: `%notebookos verify` (every replica's
 //! namespace digest at the same log position) and `%notebookos` (placement).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::entry::{Entry, Mail};
-use super::{lock, statesync, Core};
+use super::{lock, statesync, Core, Place};
 use crate::python::Group;
 
 impl Core {
@@ -59,9 +60,16 @@ impl Group for Core {
     }
 
     fn placement(&self) -> String {
+        self.placement_with(&HashMap::new())
+    }
+}
+
+impl Core {
+    /// `%notebookos`'s JSON; `places` are the replicas' processes and servers
+    /// where this replica knows them (the front does).
+    pub(super) fn placement_with(&self, places: &HashMap<NodeId, Place>) -> String {
         let m = self.node.metrics();
         let front = self.front_id();
-        let places = lock(&self.places).clone();
         let replicas: Vec<_> = m
             .voters
             .iter()
