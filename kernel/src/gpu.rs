@@ -32,6 +32,8 @@ pub fn wanted(code: &str, default: u32) -> u32 {
 struct Held {
     grant: AgentGrant,
     renew: JoinHandle<()>,
+    /// Its cell ended; the GPUs go back once their state is off them.
+    finished: bool,
 }
 
 pub struct Grants {
@@ -39,6 +41,7 @@ pub struct Grants {
     default: u32,
     agent: tokio::sync::OnceCell<Option<Arc<AgentClient>>>,
     held: Mutex<HashMap<String, Held>>,
+    released: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,6 +58,7 @@ impl Grants {
                 .unwrap_or(0),
             agent: tokio::sync::OnceCell::new(),
             held: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
         }
     }
 
@@ -92,13 +96,27 @@ impl Grants {
         if lock(&self.held).contains_key(cell) {
             return true;
         }
+        // GPUs of a cell that ended here are about to be free: the agent would refuse
+        // them to this replica's next cell meanwhile, and every replica would yield.
+        loop {
+            let released = self.released.notified();
+            if !lock(&self.held).values().any(|h| h.finished) {
+                break;
+            }
+            released.await;
+        }
         let Some(agent) = self.agent().await else {
             return true;
         };
         match agent.grant(kernel, replica, n, LEASE).await {
             Ok(Some(grant)) => {
                 let renew = tokio::spawn(renew_loop(agent.clone(), grant.id));
-                lock(&self.held).insert(cell.to_owned(), Held { grant, renew });
+                let held = Held {
+                    grant,
+                    renew,
+                    finished: false,
+                };
+                lock(&self.held).insert(cell.to_owned(), held);
                 true
             }
             Ok(None) => matches!(agent.status().await, Ok(s) if s.gpus.is_empty()),
@@ -109,12 +127,20 @@ impl Grants {
         }
     }
 
+    /// `cell` ended here; its GPUs are released once its state is off them.
+    pub fn finished(&self, cell: &str) {
+        if let Some(h) = lock(&self.held).get_mut(cell) {
+            h.finished = true;
+        }
+    }
+
     /// Gives back `cell`'s GPUs; `used` is how long a cell ran on them.
     pub async fn release(&self, cell: &str, used: Duration) {
         let Some(held) = lock(&self.held).remove(cell) else {
             return;
         };
         held.renew.abort();
+        self.released.notify_waiters();
         if let Some(agent) = self.agent.get().cloned().flatten() {
             if let Err(e) = agent.release(held.grant.id, used).await {
                 tracing::warn!(
@@ -194,14 +220,16 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// After the cell: device state to host memory, caches emptied.
-    pub async fn unbind(self, exec: &Executor) {
-        let moved = exec
-            .run(|_py, k| k.call_method0("gpu_unbind")?.extract::<String>())
-            .await;
-        match moved {
-            Ok(report) => tracing::info!(%report, "GPU state moved to host"),
-            Err(e) => tracing::warn!("moving GPU state to host failed: {e}"),
+    /// After the cell: device state to host memory, caches emptied. Queued on
+    /// the Python thread at once, ahead of anything queued after this call.
+    pub fn unbind(self, exec: &Executor) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let moved = exec.queue(|_py, k| k.call_method0("gpu_unbind")?.extract::<String>());
+        async move {
+            match moved.await {
+                Ok(report) => tracing::info!(%report, "GPU state moved to host"),
+                Err(e) => tracing::warn!("moving GPU state to host failed: {e}"),
+            }
+            drop(self);
         }
     }
 }

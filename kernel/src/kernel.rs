@@ -335,7 +335,7 @@ impl Kernel {
             Some(_) => None,
         };
         let json = match group {
-            Some(front) => match front.core().execute(request).await {
+            Some(front) => match front.execute(request).await {
                 Ok(CellResult::Reply(json)) => Ok(Some(json)),
                 Ok(CellResult::Lost { replica }) => {
                     return Outcome::reply(self.replica_lost(exec, request, replica).await)

@@ -56,6 +56,7 @@ def current(single):
         ],
         "gpu": _grant_now(single["gpu"]),
         "gpu_usage": group.get("gpu_usage"),
+        "replication": group.get("replication"),
     }
 
 
@@ -139,6 +140,9 @@ def report(placement, last_cell, gpus):
             f"Last cell: [{last_cell['execution_count']}] ran on replica {last_cell['replica']}"
             f" (host {r['host']}, pid {r['pid']}); waited {waited} from request to start"
         )
+    replication = placement.get("replication")
+    if replication:
+        lines.append(f"Replication: {_replication(replication)}")
     usage = placement.get("gpu_usage")
     if usage:
         lines.append(
@@ -158,3 +162,18 @@ def report(placement, last_cell, gpus):
     else:
         lines.append("GPUs this process can see: none")
     return "\n".join(lines)
+
+
+def _replication(r):
+    """The replication lag: cells (and bytes, where known) not yet on a peer."""
+    if r["mode"] == "strict":
+        mode = "strict (a reply waits until its cell's changes reach the other replicas)"
+    else:
+        mode = "in the background, after each reply"
+    cells = r["unsynced_cells"]
+    if not cells:
+        return f"{mode}; every replica has every earlier cell's changes"
+    size = r.get("unsynced_bytes")
+    size = "" if size is None else f", {size / 1e6:.1f} MB"
+    return (f"{mode}; {cells} cell{'s' if cells != 1 else ''}{size} not yet on a peer"
+            f" (only replica {r['holder']} has them)")

@@ -126,11 +126,24 @@ impl Executor {
         self.submit(None, f).await
     }
 
-    async fn submit<T, F>(
+    /// Queues `f` now, behind the jobs already queued and ahead of any queued
+    /// later, and resolves once it ran.
+    pub fn queue<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, PythonError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
+    {
+        self.submit(None, f)
+    }
+
+    fn submit<T, F>(
         &self,
         current: Option<(Header, Vec<Bytes>)>,
         f: F,
-    ) -> Result<T, PythonError>
+    ) -> impl std::future::Future<Output = Result<T, PythonError>> + Send + 'static
     where
         T: Send + 'static,
         F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
@@ -149,14 +162,18 @@ impl Executor {
                 let _ = tx.send(Err(e));
             }
         });
-        self.jobs
+        let sent = self
+            .jobs
             .send(Job {
                 current,
                 work,
                 failed,
             })
-            .map_err(|_| PythonError::Gone)?;
-        rx.await.map_err(|_| PythonError::Gone)?
+            .map_err(|_| PythonError::Gone);
+        async move {
+            sent?;
+            rx.await.map_err(|_| PythonError::Gone)?
+        }
     }
 }
 

@@ -44,6 +44,28 @@ pub struct CheckpointRef {
     pub upto: u64,
 }
 
+/// A cell whose `Done` came without its namespace changes: they are only on `replica`
+/// until its `Synced`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsynced {
+    pub cell: CellId,
+    pub replica: NodeId,
+    /// The cell's `In[n]`, to tell the user which cell it was.
+    pub execution_count: Option<i64>,
+}
+
+/// Changes that died with the only replica holding them (`MemberDown` at `index`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LostChanges {
+    pub index: u64,
+    pub replica: NodeId,
+    /// Oldest first.
+    pub cells: Vec<Unsynced>,
+}
+
+/// Loss notices remembered, for a front that catches up by snapshot.
+pub const RECENT_LOSSES: usize = 16;
+
 /// How a replicated cell ended, as the front reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CellResult {
@@ -77,6 +99,25 @@ pub struct GroupState {
     pub last_winner: Option<NodeId>,
     /// Replicas steered to yield every cell ([`Entry::Steer`]).
     pub yielding: BTreeSet<NodeId>,
+    /// Cells whose changes have not reached the log yet, oldest first; all by one replica,
+    /// since only it may lead until they have.
+    pub unsynced: VecDeque<Unsynced>,
+    /// The last [`RECENT_LOSSES`] losses of unsynced changes.
+    pub lost: VecDeque<LostChanges>,
+}
+
+impl GroupState {
+    /// The replica whose namespace is ahead of the others', if one is.
+    pub fn holder(&self) -> Option<NodeId> {
+        self.unsynced.front().map(|u| u.replica)
+    }
+
+    /// Whether `replica`'s LEAD counts: it holds every change committed so far. Any other
+    /// replica may lead only once the holder's changes are all in the log (it applies them
+    /// before running anything after them).
+    pub fn may_lead(&self, replica: NodeId) -> bool {
+        self.holder().is_none_or(|h| h == replica)
+    }
 }
 
 /// What a replica must do because of an entry. Carried out in order by the replica's
@@ -95,6 +136,8 @@ pub enum Effect {
     Resolve { cell: CellId, result: CellResult },
     /// Apply another replica's namespace changes.
     ApplyDelta(DeltaRef),
+    /// Changes only a downed replica held are gone: tell the user (the front only).
+    ChangesLost(LostChanges),
     /// This replica's checkpoint is in the log: restore it, then apply `replay`.
     Restore {
         checkpoint: CheckpointRef,
@@ -202,8 +245,14 @@ impl Applier {
     /// deltas it had not seen, or, if some fell out of it, leaves to be replaced.
     pub fn install(&mut self, index: u64, data: &[u8]) -> Result<Vec<Effect>, SnapshotError> {
         let state: GroupState = postcard::from_bytes(data)?;
-        let mut fx = Vec::new();
         let before = self.applied;
+        let mut fx: Vec<Effect> = state
+            .lost
+            .iter()
+            .filter(|l| l.index > before)
+            .cloned()
+            .map(Effect::ChangesLost)
+            .collect();
         self.state = state;
         self.applied = index;
         match &mut self.local {
@@ -214,7 +263,8 @@ impl Applier {
                          deltas after {before}"
                     );
                     self.local = Local::Left;
-                    return Ok(vec![Effect::Leave { reason }]);
+                    fx.push(Effect::Leave { reason });
+                    return Ok(fx);
                 }
                 fx.extend(
                     self.state
@@ -288,21 +338,37 @@ impl Applier {
                 if self.state.elections.finish(&cell, replica).is_none() {
                     return fx;
                 }
-                let delta = DeltaRef {
-                    index,
-                    from: replica,
-                    delta,
-                };
-                self.remember_delta(delta.clone());
-                if replica != self.me {
-                    self.take_delta(&mut fx, delta);
+                match delta {
+                    Some(delta) => self.changes(&mut fx, index, replica, delta),
+                    None => self.state.unsynced.push_back(Unsynced {
+                        cell: cell.clone(),
+                        replica,
+                        execution_count: execution_count(&reply),
+                    }),
                 }
                 self.finished(&mut fx, cell, CellResult::Reply(reply));
+            }
+            Entry::Synced {
+                cell,
+                replica,
+                delta,
+            } => {
+                // None: a duplicate, or its maker was downed first (the loss is reported).
+                let pending = self
+                    .state
+                    .unsynced
+                    .iter()
+                    .position(|u| u.cell == cell && u.replica == replica);
+                if let Some(at) = pending {
+                    self.state.unsynced.remove(at);
+                    self.changes(&mut fx, index, replica, delta);
+                }
             }
             Entry::MemberDown { replica } => {
                 for (cell, _) in self.state.elections.replica_down(replica) {
                     self.finished(&mut fx, cell, CellResult::Lost { replica });
                 }
+                self.lose_unsynced(&mut fx, index, replica);
                 self.state.joining.remove(&replica);
                 if replica == self.me {
                     fx.push(Effect::Stop { shutdown: false });
@@ -362,6 +428,11 @@ impl Applier {
     }
 
     fn bid(&mut self, fx: &mut Vec<Effect>, cell: CellId, replica: NodeId, lead: bool) {
+        let refused = lead && !self.state.may_lead(replica);
+        if refused && replica == self.me {
+            fx.push(Effect::ReleaseGpus { cell: cell.clone() });
+        }
+        let lead = lead && !refused;
         let voters = self.state.voters.clone();
         match self.state.elections.bid(&cell, replica, lead, &voters) {
             BidOutcome::Won(winner) => {
@@ -400,6 +471,36 @@ impl Applier {
             self.state.finished.pop_front();
         }
         fx.push(Effect::Resolve { cell, result });
+    }
+
+    /// A cell's changes are in the log at `index`: every other replica applies them.
+    fn changes(&mut self, fx: &mut Vec<Effect>, index: u64, from: NodeId, delta: Delta) {
+        let delta = DeltaRef { index, from, delta };
+        self.remember_delta(delta.clone());
+        if from != self.me {
+            self.take_delta(fx, delta);
+        }
+    }
+
+    /// `replica` is down: the changes only it held are gone, and the others may lead.
+    fn lose_unsynced(&mut self, fx: &mut Vec<Effect>, index: u64, replica: NodeId) {
+        let (cells, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.unsynced)
+            .into_iter()
+            .partition(|u| u.replica == replica);
+        self.state.unsynced = kept.into();
+        if cells.is_empty() {
+            return;
+        }
+        let lost = LostChanges {
+            index,
+            replica,
+            cells,
+        };
+        self.state.lost.push_back(lost.clone());
+        while self.state.lost.len() > RECENT_LOSSES {
+            self.state.lost.pop_front();
+        }
+        fx.push(Effect::ChangesLost(lost));
     }
 
     fn remember_delta(&mut self, delta: DeltaRef) {
@@ -443,6 +544,15 @@ impl Applier {
     }
 }
 
+/// The `execution_count` of an execute reply's JSON.
+fn execution_count(reply: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Count {
+        execution_count: Option<i64>,
+    }
+    serde_json::from_str::<Count>(reply).ok()?.execution_count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,7 +579,7 @@ mod tests {
             cell: cell.into(),
             replica,
             reply: format!("reply {cell}"),
-            delta: Delta::Inline(Bytes::from_static(tag)),
+            delta: Some(Delta::Inline(Bytes::from_static(tag))),
         }
     }
 
@@ -772,5 +882,127 @@ mod tests {
     fn garbage_snapshots_are_errors() {
         let mut a = Applier::new(1, 1, false);
         assert!(a.install(1, &[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// A `Done` whose changes follow in a `Synced`, for `In[count]`.
+    fn done_later(cell: &str, replica: NodeId, count: i64) -> Entry {
+        Entry::Done {
+            cell: cell.into(),
+            replica,
+            reply: format!(r#"{{"status":"ok","execution_count":{count}}}"#),
+            delta: None,
+        }
+    }
+
+    fn synced(cell: &str, replica: NodeId, tag: &'static [u8]) -> Entry {
+        Entry::Synced {
+            cell: cell.into(),
+            replica,
+            delta: Delta::Inline(Bytes::from_static(tag)),
+        }
+    }
+
+    #[test]
+    fn only_the_winner_may_lead_until_its_changes_are_in_the_log() {
+        let log = [
+            request("a", Some(2)),
+            done_later("a", 2, 1),
+            request("b", None),
+            bid("b", 3, true),
+            bid("b", 1, true),
+            synced("a", 2, b"d"),
+            bid("b", 3, true),
+        ];
+        let mut g = group();
+        let fx: Vec<_> = g.iter_mut().map(|a| run(a, 1, &log)).collect();
+        // The reply resolves at the Done, before the changes are in the log.
+        assert!(fx[0].contains(&Effect::Resolve {
+            cell: "a".into(),
+            result: CellResult::Reply(r#"{"status":"ok","execution_count":1}"#.into()),
+        }));
+        // Replica 3's first LEAD and replica 1's are refused; after the Synced, 3 wins.
+        assert_eq!(runs(&fx[2]), vec!["b"]);
+        assert!(fx[2].contains(&Effect::ReleaseGpus { cell: "b".into() }));
+        // And it applies the changes (at the Synced's index) before it runs the cell.
+        let order: Vec<_> = fx[2]
+            .iter()
+            .filter(|e| matches!(e, Effect::ApplyDelta(_) | Effect::Run { .. }))
+            .collect();
+        assert!(matches!(order[0], Effect::ApplyDelta(d) if d.index == 6 && d.from == 2));
+        assert!(matches!(order[1], Effect::Run { .. }));
+        assert!(
+            deltas(&fx[1]).is_empty(),
+            "the winner does not apply its own"
+        );
+        assert_eq!(deltas(&fx[0]), vec![6]);
+        assert!(g.iter().all(|a| a.state().unsynced.is_empty()));
+        assert_eq!(g[0].state(), g[2].state());
+    }
+
+    #[test]
+    fn the_winner_keeps_the_lead_while_its_changes_stream() {
+        let log = [
+            request("a", Some(1)),
+            done_later("a", 1, 1),
+            request("b", Some(1)),
+            done_later("b", 1, 2),
+        ];
+        let mut g = group();
+        let fx = run(&mut g[0], 1, &log);
+        assert_eq!(runs(&fx), vec!["a", "b"]);
+        assert_eq!(g[0].state().holder(), Some(1));
+        assert_eq!(g[0].state().unsynced.len(), 2);
+        // In the order they ran, each applied once by the others.
+        let fx2 = run(&mut g[1], 1, &log);
+        let more = run(
+            &mut g[1],
+            5,
+            &[
+                synced("a", 1, b"a"),
+                synced("b", 1, b"b"),
+                synced("b", 1, b"b"),
+            ],
+        );
+        assert!(deltas(&fx2).is_empty());
+        assert_eq!(deltas(&more), vec![5, 6]);
+    }
+
+    #[test]
+    fn changes_lost_with_their_only_holder_are_reported_and_a_late_synced_ignored() {
+        let log = [
+            request("a", Some(1)),
+            synced_done("a", 1),
+            request("b", Some(2)),
+            done_later("b", 2, 2),
+            request("c", Some(2)),
+            done_later("c", 2, 3),
+            Entry::MemberDown { replica: 2 },
+            synced("b", 2, b"late"),
+            request("d", Some(3)),
+        ];
+        let mut g = group();
+        let fx = run(&mut g[0], 1, &log);
+        let lost: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::ChangesLost(l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lost.len(), 1);
+        assert_eq!((lost[0].index, lost[0].replica), (7, 2));
+        let counts: Vec<_> = lost[0].cells.iter().map(|u| u.execution_count).collect();
+        assert_eq!(counts, vec![Some(2), Some(3)]);
+        let fx3 = run(&mut g[2], 1, &log);
+        assert_eq!(deltas(&fx3), vec![2], "only cell a's changes apply");
+        assert_eq!(runs(&fx3), vec!["d"], "a survivor may lead again");
+        // A front that catches up by snapshot still hears of the loss.
+        let mut late = Applier::new(1, 1, false);
+        let fx = late.install(9, &g[2].snapshot()).unwrap();
+        assert!(fx.contains(&Effect::ChangesLost(lost[0].clone())));
+    }
+
+    fn synced_done(cell: &str, replica: NodeId) -> Entry {
+        done(cell, replica, b"a")
     }
 }

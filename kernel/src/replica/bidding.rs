@@ -13,9 +13,11 @@ use super::{lock, Core};
 const REBID_INTERVAL: Duration = Duration::from_millis(200);
 
 impl Core {
-    /// Catching up, or steered to yield (from the log, never from disk).
+    /// Catching up, steered to yield, or behind a replica whose changes are not
+    /// all in the log yet (from the log, never from disk).
     pub(crate) fn must_yield(&self) -> bool {
-        lock(&self.applier).must_yield() || !*self.ready.borrow()
+        let applier = lock(&self.applier);
+        applier.must_yield() || !applier.state().may_lead(self.id) || !*self.ready.borrow()
     }
 
     /// GPUs the cell of `request` asks for.

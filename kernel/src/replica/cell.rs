@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::deltas::Outbound;
 use super::entry::{CellId, Entry, Frames, Mail};
-use super::{lock, statesync, CellResult, Core};
+use super::{lock, statesync, CellResult, Core, SyncMode};
 use crate::wire::Message;
 
 impl Core {
@@ -57,7 +58,8 @@ impl Core {
         }
     }
 
-    /// The winner's side: run, capture what changed, ship it, report Done.
+    /// The winner's side: run, reply, and replicate what changed: in the
+    /// background, after the `Done` (the default), or before it in strict mode.
     pub(super) async fn run_cell(self: Arc<Self>, cell: CellId, request: Frames) {
         let binding = self.gpu.bind(&cell, &self.exec).await;
         let started = std::time::Instant::now();
@@ -66,36 +68,54 @@ impl Core {
             Err(e) => error_reply("BadRequest", &e.to_string()),
         };
         let used = started.elapsed();
-        // Device state goes to host memory before it is pickled for the others,
-        // and the GPUs go back to the agent: bound only while the cell ran.
-        if let Some(binding) = binding {
-            binding.unbind(&self.exec).await;
-        }
-        self.gpu.release(&cell, used).await;
-        let code = request_code(&request);
-        let t = std::time::Instant::now();
-        let packed = match statesync::capture_delta(&self.exec, code).await {
-            Ok(p) => p,
-            Err(e) => {
-                // Other replicas keep the namespace as before this cell.
-                tracing::error!("capturing the namespace changes failed: {e}");
-                statesync::pack(b"", &[])
+        // Queued on the Python thread now, so before any later cell: device
+        // state to host memory (the GPUs were bound only while the cell ran),
+        // then the capture of what changed.
+        match binding {
+            Some(binding) => {
+                self.gpu.finished(&cell);
+                let unbound = binding.unbind(&self.exec);
+                let (core, cell) = (self.clone(), cell.clone());
+                tokio::spawn(async move {
+                    unbound.await;
+                    core.gpu.release(&cell, used).await;
+                });
             }
-        };
-        let captured = t.elapsed();
-        let bytes = packed.len();
+            None => self.gpu.release(&cell, used).await,
+        }
+        let captured = Box::pin(statesync::capture_delta(&self.exec, request_code(&request)));
         // Everything the cell printed reaches the front before its Done does.
         self.iopub.flush().await;
-        let delta = self.ship_delta(packed).await;
-        tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
-        let done = Entry::Done {
-            cell: cell.clone(),
-            replica: self.id,
-            reply,
-            delta,
-        };
-        if let Err(e) = self.propose(&done).await {
-            tracing::error!(error = %e, "could not report a finished cell");
+        if self.sync_mode == SyncMode::Strict {
+            let (delta, bytes) = self.sync_changes(captured).await;
+            let done = Entry::Done {
+                cell: cell.clone(),
+                replica: self.id,
+                reply,
+                delta: Some(delta),
+            };
+            if let Err(e) = self.propose(&done).await {
+                tracing::error!(error = %e, "could not report a finished cell");
+            }
+            self.synced_bytes(bytes);
+        } else {
+            let (committed, done_rx) = tokio::sync::oneshot::channel();
+            self.replicate(Outbound {
+                cell: cell.clone(),
+                captured,
+                committed: done_rx,
+            });
+            let done = Entry::Done {
+                cell: cell.clone(),
+                replica: self.id,
+                reply,
+                delta: None,
+            };
+            let proposed = self.propose(&done).await;
+            if let Err(e) = &proposed {
+                tracing::error!(error = %e, "could not report a finished cell");
+            }
+            let _ = committed.send(proposed.is_ok());
         }
         lock(&self.running).remove(&cell);
     }

@@ -1,15 +1,35 @@
 //! Shipping a cell's namespace changes to the other replicas and applying
 //! theirs: small deltas inside the log entry, large ones as blobs pushed to
 //! every peer before the entry, fetched from any member that kept them.
+//!
+//! By default the winner replies first and replicates after: its cells'
+//! captures go through one ordered queue ([`Outbound`]), each shipped and
+//! then committed as a `Synced` once the cell's `Done` is in the log, so the
+//! others apply them in the order the cells ran.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use raft_transport::{BlobHash, NodeId};
 
 use super::applier::DeltaRef;
-use super::entry::Delta;
+use super::entry::{CellId, Delta, Entry};
 use super::{lock, statesync, Core};
+use crate::python::PythonError;
+
+/// A cell's packed changes, being captured on the Python thread.
+pub(super) type Capture = Pin<Box<dyn Future<Output = Result<Vec<u8>, PythonError>> + Send>>;
+
+/// One cell's changes on their way to the others.
+pub(super) struct Outbound {
+    pub cell: CellId,
+    pub captured: Capture,
+    /// Whether the cell's `Done` was committed (a `Synced` may follow only then).
+    pub committed: tokio::sync::oneshot::Receiver<bool>,
+}
 
 /// Delta blobs each replica keeps after applying them.
 const RECENT_BLOBS: usize = 4;
@@ -19,6 +39,62 @@ const RECENT_BLOB_BYTES: u64 = 512 << 20;
 const INLINE_DELTA: usize = 64 << 10;
 
 impl Core {
+    /// Queues a cell's changes behind the earlier cells'.
+    pub(super) fn replicate(&self, out: Outbound) {
+        if let Some(tx) = &*lock(&self.outbound) {
+            if tx.send(out).is_ok() {
+                return;
+            }
+        }
+        tracing::warn!("replication has stopped; a cell's changes stay on this replica");
+    }
+
+    /// Ships queued changes one cell at a time, in the order the cells ran.
+    pub(super) async fn replication_loop(
+        self: Arc<Self>,
+        mut queue: tokio::sync::mpsc::UnboundedReceiver<Outbound>,
+    ) {
+        while let Some(out) = queue.recv().await {
+            let (delta, bytes) = self.sync_changes(out.captured).await;
+            if out.committed.await == Ok(true) {
+                let synced = Entry::Synced {
+                    cell: out.cell,
+                    replica: self.id,
+                    delta,
+                };
+                if let Err(e) = self.propose(&synced).await {
+                    // The others can no longer lead; Raft's own failure handling follows.
+                    tracing::error!(error = %e, "could not commit a cell's changes");
+                }
+            }
+            self.synced_bytes(bytes);
+        }
+    }
+
+    /// Waits for a cell's capture and ships it; also returns its size, counted
+    /// as not yet on a peer until [`Core::synced_bytes`].
+    pub(super) async fn sync_changes(self: &Arc<Self>, captured: Capture) -> (Delta, u64) {
+        let t = std::time::Instant::now();
+        let packed = match captured.await {
+            Ok(p) => p,
+            Err(e) => {
+                // Other replicas keep the namespace as before this cell.
+                tracing::error!("capturing the namespace changes failed: {e}");
+                statesync::pack(b"", &[])
+            }
+        };
+        let captured = t.elapsed();
+        let bytes = packed.len() as u64;
+        self.unsynced_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let delta = self.ship_delta(packed).await;
+        tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
+        (delta, bytes)
+    }
+
+    pub(super) fn synced_bytes(&self, bytes: u64) {
+        self.unsynced_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
     pub(super) async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> Delta {
         if packed.len() <= INLINE_DELTA {
             return Delta::Inline(Bytes::from(packed));

@@ -48,6 +48,14 @@ impl Core {
                     self.apply_delta(delta).await;
                 }
             }
+            Effect::ChangesLost(lost) => {
+                tracing::warn!(
+                    replica = lost.replica,
+                    cells = lost.cells.len(),
+                    "cells' changes lost with their replica"
+                );
+                self.emit(CoreEvent::ChangesLost(lost));
+            }
             Effect::Restore { checkpoint, replay } => self.restore_from(checkpoint, replay).await,
             Effect::DropBlob { blob } => {
                 self.node.remove_blob(&BlobHash(blob));

@@ -30,11 +30,20 @@ pub enum Entry {
         replica: NodeId,
         lead: bool,
     },
-    /// The winner finished: its reply and the namespace changes.
+    /// The winner finished: its reply, and the namespace changes in strict mode.
+    /// Without them (`None`) they follow in a [`Entry::Synced`] of the same cell,
+    /// and until then only `replica` may lead.
     Done {
         cell: CellId,
         replica: NodeId,
         reply: String,
+        delta: Option<Delta>,
+    },
+    /// The namespace changes of a cell whose `Done` came without them; a replica
+    /// proposes these in the order its cells ran.
+    Synced {
+        cell: CellId,
+        replica: NodeId,
         delta: Delta,
     },
     /// A replica is gone (process exited, host lost); whatever it was running ends.
@@ -199,6 +208,7 @@ impl Entry {
             Entry::Request { .. } => "Request",
             Entry::Bid { .. } => "Bid",
             Entry::Done { .. } => "Done",
+            Entry::Synced { .. } => "Synced",
             Entry::MemberDown { .. } => "MemberDown",
             Entry::MemberJoin { .. } => "MemberJoin",
             Entry::Checkpoint { .. } => "Checkpoint",
@@ -310,6 +320,15 @@ fn write_fuzz_seeds() {
                 cell: "c".into(),
                 replica: 2,
                 reply: "{}".into(),
+                delta: None,
+            }
+            .encode(),
+        ),
+        (
+            "synced",
+            Entry::Synced {
+                cell: "c".into(),
+                replica: 2,
                 delta: Delta::Inline(Bytes::from_static(b"d")),
             }
             .encode(),

@@ -103,6 +103,10 @@ pub struct Front {
     cluster: Option<ClusterPlacement>,
     /// Which replica owns each comm (the one whose Python opened it).
     comm_owners: Mutex<HashMap<String, NodeId>>,
+    /// What the user must hear of lost changes, told under the next cell
+    /// (a log index each, so a loss heard twice is told once).
+    losses: Mutex<BTreeMap<u64, String>>,
+    losses_told: Mutex<std::collections::BTreeSet<u64>>,
     argv: Vec<String>,
     listen_ip: String,
     replicas: usize,
@@ -177,6 +181,8 @@ impl Front {
             },
             cluster,
             comm_owners: Mutex::new(HashMap::new()),
+            losses: Mutex::new(BTreeMap::new()),
+            losses_told: Mutex::new(std::collections::BTreeSet::new()),
             argv: opts.argv,
             listen_ip,
             replicas: plan.replicas,
@@ -202,6 +208,36 @@ impl Front {
         &self.core
     }
 
+    /// Runs a cell through the group; losses of earlier cells' changes are
+    /// told under it first (and those found while it ran, after it).
+    pub async fn execute(
+        &self,
+        request: &crate::wire::Message,
+    ) -> Result<super::CellResult, raft_transport::Error> {
+        let frames = Frames::from_message(request);
+        self.tell_losses(&frames).await;
+        let result = self.core.execute(request).await;
+        self.tell_losses(&frames).await;
+        result
+    }
+
+    fn note_loss(&self, lost: &super::applier::LostChanges) {
+        if lock(&self.losses_told).contains(&lost.index) {
+            return;
+        }
+        let text = loss_notice(lost);
+        tracing::warn!("{}", text.trim_end());
+        lock(&self.losses).insert(lost.index, text);
+    }
+
+    async fn tell_losses(&self, request: &Frames) {
+        let pending = std::mem::take(&mut *lock(&self.losses));
+        for (index, text) in pending {
+            lock(&self.losses_told).insert(index);
+            self.tell(request, &text).await;
+        }
+    }
+
     /// What the core reports, in order.
     async fn serve_events(
         self: Arc<Self>,
@@ -213,6 +249,7 @@ impl Front {
                 CoreEvent::MemberDown { replica } => {
                     lock(&self.comm_owners).retain(|_, owner| *owner != replica);
                 }
+                CoreEvent::ChangesLost(lost) => self.note_loss(&lost),
                 CoreEvent::Queued { cell, request } => self.report_queued(&cell, &request).await,
                 CoreEvent::Iopub { from, msgs } => self.publish_relayed(from, msgs).await,
                 CoreEvent::InputRequest { from, request } => self.relay_input(from, request),
@@ -710,6 +747,35 @@ impl crate::python::Group for Front {
             .collect();
         self.core.placement_with(&places)
     }
+}
+
+/// What the user reads when changes died with their only holder: which
+/// cells, and what the namespace is now.
+fn loss_notice(lost: &super::applier::LostChanges) -> String {
+    let cells: Vec<String> = lost
+        .cells
+        .iter()
+        .map(|u| match u.execution_count {
+            Some(n) => format!("In [{n}]"),
+            None => "a cell without an execution count".into(),
+        })
+        .collect();
+    let now = match lost.cells.first().and_then(|u| u.execution_count) {
+        Some(n) if n > 1 => format!("as it was after In [{}]", n - 1),
+        Some(_) => "as it was before In [1]".into(),
+        None => "as it was before those cells".into(),
+    };
+    format!(
+        "notebookos: replica {} was lost before the changes of {} reached another replica; \
+         those changes are lost and the namespace is {now}. Re-run {} to restore them.\n",
+        lost.replica,
+        cells.join(", "),
+        if cells.len() == 1 {
+            "that cell"
+        } else {
+            "those cells"
+        },
+    )
 }
 
 /// Proposes through any reachable survivor, following leader hints.

@@ -11,6 +11,8 @@ use super::entry::Entry;
 use super::{lock, statesync, Core};
 
 /// How often the leader checks that downed replicas left Raft's membership.
+/// How long a checkpoint for a joiner waits for changes still streaming.
+const JOIN_SYNC_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Core {
@@ -84,6 +86,11 @@ impl Core {
         if let Err(e) = self.node.add_learner(replica, sock).await {
             tracing::warn!(replica, error = %e, "could not add replica");
             return;
+        }
+        // A checkpoint holding changes the log does not have yet would give the
+        // joiner a cell the others lose if their holder dies.
+        if !self.wait_synced(JOIN_SYNC_PATIENCE).await {
+            tracing::warn!(replica, "changes still streaming; checkpointing anyway");
         }
         // Everything applied so far is in the checkpoint; an entry being
         // applied meanwhile may be too, and replaying it is harmless.

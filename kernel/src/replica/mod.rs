@@ -68,6 +68,8 @@ pub use front::{Front, FrontError};
 pub enum CoreEvent {
     /// Another replica is down.
     MemberDown { replica: NodeId },
+    /// Cells' changes died with the only replica holding them.
+    ChangesLost(applier::LostChanges),
     /// Every live replica yielded on a cell.
     Queued { cell: CellId, request: Frames },
     /// iopub messages a peer relayed, to publish.
@@ -99,6 +101,39 @@ pub fn replica_config(
     config.snapshot_after_entries = SNAPSHOT_AFTER_ENTRIES;
     config.keep_entries_after_snapshot = KEEP_ENTRIES_AFTER_SNAPSHOT;
     config
+}
+
+/// When a cell's changes reach the other replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// After the reply, in the background, in cell order (the default).
+    Background,
+    /// Before the reply (`NOTEBOOKOS_SYNC=strict`): a reply means every
+    /// replica can have the cell's changes.
+    Strict,
+}
+
+impl SyncMode {
+    pub fn from_env() -> Self {
+        match std::env::var("NOTEBOOKOS_SYNC").as_deref() {
+            Ok("strict") => Self::Strict,
+            Ok("background") | Err(_) => Self::Background,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "NOTEBOOKOS_SYNC is 'background' or 'strict'; using background"
+                );
+                Self::Background
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Background => "background",
+            Self::Strict => "strict",
+        }
+    }
 }
 
 /// What every replica runs.
@@ -133,6 +168,12 @@ pub struct Core {
     gpu: crate::gpu::Grants,
     /// The peer's stdin, answered through the mailbox.
     remote_stdin: OnceLock<Arc<relay::RemoteStdin>>,
+    sync_mode: SyncMode,
+    /// This replica's cells' changes, in the order they ran, to ship.
+    outbound: Mutex<Option<mpsc::UnboundedSender<deltas::Outbound>>>,
+    replication: Mutex<Option<mpsc::UnboundedReceiver<deltas::Outbound>>>,
+    /// Bytes of changes captured here and not yet committed.
+    unsynced_bytes: std::sync::atomic::AtomicU64,
     stop: watch::Sender<bool>,
 }
 
@@ -164,6 +205,7 @@ pub struct Place {
 impl Core {
     pub fn new(cfg: CoreConfig) -> Arc<Self> {
         let (ready, _) = watch::channel(!cfg.joining);
+        let (outbound, replication) = mpsc::unbounded_channel();
         Arc::new(Self {
             id: cfg.node.id(),
             kernel_id: cfg.kernel_id,
@@ -183,6 +225,10 @@ impl Core {
             events: cfg.events,
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
+            sync_mode: SyncMode::from_env(),
+            outbound: Mutex::new(Some(outbound)),
+            replication: Mutex::new(Some(replication)),
+            unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
             stop: watch::channel(false).0,
         })
     }
@@ -199,6 +245,9 @@ impl Core {
         }
         if let Some(effects) = lock(&self.effects).take() {
             tokio::spawn(self.clone().effect_loop(effects));
+        }
+        if let Some(queue) = lock(&self.replication).take() {
+            tokio::spawn(self.clone().replication_loop(queue));
         }
         tokio::spawn(self.clone().reconcile_membership());
         if let Some(inbox) = self.node.take_messages() {
@@ -284,6 +333,21 @@ impl Core {
             if tx.send(result).is_err() {
                 tracing::debug!(cell, "nobody waits for this cell any more");
             }
+        }
+    }
+
+    /// Resolves once no replica holds changes the log does not have yet (or
+    /// after `patience`, returning false).
+    pub(super) async fn wait_synced(&self, patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if lock(&self.applier).state().unsynced.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline || *self.stop.borrow() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

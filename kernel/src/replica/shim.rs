@@ -43,6 +43,11 @@ impl Group for Core {
             from: self.id,
         };
         let result = self.runtime.block_on(async {
+            // Digests compare namespaces at one log position: the others must
+            // have every earlier cell's changes first.
+            if !self.wait_synced(Duration::from_secs(600)).await {
+                return Err("replicas still receiving earlier cells' changes".to_string());
+            }
             self.propose(&entry).await.map_err(|e| e.to_string())?;
             let mut got = Vec::new();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -94,12 +99,25 @@ impl Core {
                 _ => None,
             }
         });
+        let (unsynced_cells, holder) = {
+            let applier = lock(&self.applier);
+            let state = applier.state();
+            (state.unsynced.len(), state.holder())
+        };
         json!({
             "self": self.id,
             "front": front,
             "replicas": replicas,
             "last_winner": self.running_on(),
             "gpu_usage": usage,
+            "replication": {
+                "mode": self.sync_mode.name(),
+                "unsynced_cells": unsynced_cells,
+                "holder": holder,
+                // Known where the holder is this replica.
+                "unsynced_bytes": (holder == Some(self.id))
+                    .then(|| self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+            },
         })
         .to_string()
     }

@@ -177,10 +177,14 @@ impl DeltaBuffer {
     unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
 }
 
-/// After a cell on the winner: what changed, packed.
-pub async fn capture_delta(exec: &Executor, code: String) -> Result<Vec<u8>, PythonError> {
-    exec.run(move |_py, kernel| capture(kernel, "sync_capture", (code,)))
-        .await
+/// After a cell on the winner: what changed, packed (a copy, so later cells
+/// cannot tear it). Queued on the Python thread at once, so it runs before
+/// any cell queued after this call.
+pub fn capture_delta(
+    exec: &Executor,
+    code: String,
+) -> impl std::future::Future<Output = Result<Vec<u8>, PythonError>> + Send + 'static {
+    exec.queue(move |_py, kernel| capture(kernel, "sync_capture", (code,)))
 }
 
 pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
