@@ -63,14 +63,23 @@ class Frontend:
         """From the next cell on, the replicas in ``yielding`` yield every cell,
         as if their host had no free GPU (notebookos' ``notebookos_steer_request``
         on control, committed through the replicas' log before it is answered)."""
-        msg = self.kc.session.msg("notebookos_steer_request", {"yield": sorted(yielding)})
+        self.control("notebookos_steer_request", {"yield": sorted(yielding)}, timeout)
+
+    def synced(self, timeout=TIMEOUT):
+        """Returns once every replica has every earlier cell's changes
+        (``notebookos_sync_request``; cells reply before they are replicated)."""
+        self.control("notebookos_sync_request", {"timeout": timeout}, timeout + 5)
+
+    def control(self, msg_type, content, timeout=TIMEOUT):
+        """Sends a control request; returns its reply's content, which must be ok."""
+        msg = self.kc.session.msg(msg_type, content)
         self.kc.control_channel.send(msg)
         deadline = time.monotonic() + timeout
         while True:
             m = self.kc.control_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
             if m["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
                 assert m["content"]["status"] == "ok", m["content"]
-                return
+                return m["content"]
 
     def flush_iopub(self):
         while True:

@@ -66,6 +66,13 @@ class ReplicatedKernel:
         self.fe.steer(())
 
     def kill(self, replica):
+        """SIGKILL, once every earlier cell's changes are on every replica:
+        a replica killed between cells then takes nothing with it (see
+        ``kill_now`` for one killed while changes stream)."""
+        self.fe.synced()
+        self.kill_now(replica)
+
+    def kill_now(self, replica):
         os.kill(self.pid(replica), signal.SIGKILL)
 
     def kill_front_and_restart(self):

@@ -88,3 +88,18 @@ def test_gpus_visible_without_a_grant_are_shown_as_such(fe, tmp_path):
     assert "GPU grant: none: no GPU agent on this host" in out
     assert "GPUs this process can see anyway (not granted by notebookos):\n  GPU 1: Fake B" in out
     assert "Fake A" not in out
+
+
+def test_the_replication_lag_reads_as_cells_and_bytes():
+    from notebookos_shim.placement import _replication
+
+    lag = {"mode": "background", "unsynced_cells": 2, "holder": 3, "unsynced_bytes": 812_000_000}
+    assert _replication(lag) == (
+        "in the background, after each reply; 2 cells, 812.0 MB not yet on a peer"
+        " (only replica 3 has them)")
+    # The front does not know the bytes a peer holds.
+    assert _replication(dict(lag, unsynced_cells=1, unsynced_bytes=None)).endswith(
+        "; 1 cell not yet on a peer (only replica 3 has them)")
+    assert _replication(dict(lag, unsynced_cells=0)).endswith(
+        "every replica has every earlier cell's changes")
+    assert _replication(dict(lag, mode="strict", unsynced_cells=0)).startswith("strict")

@@ -529,6 +529,33 @@ impl Kernel {
         }
     }
 
+    pub async fn sync(&self, request: &Message) -> Outgoing {
+        let sync = match request.content_as::<crate::wire::sync::SyncRequest>() {
+            Ok(s) => s,
+            Err(e) => return self.error_reply(request, "BadRequest", e.to_string()),
+        };
+        let patience = match sync.timeout {
+            None => std::time::Duration::from_secs(600),
+            Some(t) => match std::time::Duration::try_from_secs_f64(t) {
+                Ok(d) => d,
+                Err(_) => {
+                    let why = format!("timeout must be a number of seconds >= 0, not {t}");
+                    return self.error_reply(request, "BadRequest", why);
+                }
+            },
+        };
+        let Some(front) = self.group().await else {
+            // One replica: nothing to wait for.
+            return self.reply(request, &json!({"status": "ok"}));
+        };
+        if front.core().wait_synced(patience).await {
+            self.reply(request, &json!({"status": "ok"}))
+        } else {
+            let why = "replicas are still receiving earlier cells' changes".to_string();
+            self.error_reply(request, "Timeout", why)
+        }
+    }
+
     pub fn list_subshells(&self, request: &Message) -> Outgoing {
         let mut ids: Vec<String> = self
             .subshells

@@ -8,6 +8,7 @@ import ast
 import builtins
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
@@ -15,6 +16,16 @@ import threading
 import time
 
 import _notebookos
+
+# The kernel's own log (the process's stderr, not the cell's): never shown
+# in a notebook, nor handed to handlers the user configures.
+_log = logging.getLogger("notebookos")
+_log.propagate = False
+if not _log.handlers:
+    _handler = logging.StreamHandler(sys.__stderr__)
+    _handler.setFormatter(logging.Formatter("notebookos shim: %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
 
 from . import placement
 from .jsonutil import dumps
@@ -289,14 +300,13 @@ class Kernel:
 
     def sync_capture(self, code):
         """After a cell ran here: its namespace changes, as (header, buffers)."""
+        # Runs after the cell's reply: nothing here may print into the cell.
+        # What could not be pickled is listed by %notebookos and logged.
         header, buffers = self.statesync.capture(code)
         skipped = self.statesync.unpicklable
         if skipped:
             names = ", ".join(f"{name} ({why})" for name, why in skipped)
-            sys.stderr.write(
-                f"notebookos: not replicated, lost if this replica fails: {names}\n"
-            )
-            sys.stderr.flush()
+            _log.info("not replicated, lost if this replica fails: %s", names)
         return header, list(buffers)
 
     def sync_apply(self, header, buffers):

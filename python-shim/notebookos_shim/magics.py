@@ -38,7 +38,15 @@ class KernelMagics(Magics):
             print(verify(kernel))
             return
         where = placement.current(kernel.placement)
-        print(placement.report(where, kernel.last_cell, placement.visible_gpus()))
+        report = placement.report(where, kernel.last_cell, placement.visible_gpus())
+        # Only a replicated kernel has started namespace replication.
+        sync = getattr(kernel, "_statesync", None)
+        skipped = sync.unpicklable if sync is not None else []
+        if skipped:
+            names = ", ".join(f"{name} ({why})" for name, why in skipped)
+            report += ("\nNot replicated (only on the replica that made them; lost if it"
+                       f" fails): {names}")
+        print(report)
 
 
 def verify(kernel):

@@ -334,12 +334,17 @@ class StateSync:
         names = self._user_names()
         self._baseline = self._check(names, names, {})[0]
         self._unpicklable = []
+        # Names another replica could not send us: (name -> reason).
+        self._elsewhere = {}
         self._count = shell.execution_count
 
     @property
     def unpicklable(self):
-        """(name, reason) for each user name the last capture could not send."""
-        return list(self._unpicklable)
+        """(name, reason) for each user name the last capture could not send,
+        here or, as its delta said, on the replica that ran the last cell."""
+        mine = dict(self._unpicklable)
+        return list(self._unpicklable) + sorted(
+            (n, why) for n, why in self._elsewhere.items() if n not in mine)
 
     # -- winner side --------------------------------------------------------
 
@@ -364,6 +369,8 @@ class StateSync:
         header, buffers = self._pack("delta", changed, baseline, deleted, count,
                                      code, history_line, unpicklable)
         self._baseline, self._unpicklable, self._count = baseline, unpicklable, count
+        for name in (*changed, *deleted):
+            self._elsewhere.pop(name, None)
         return header, buffers
 
     def checkpoint(self):
@@ -382,6 +389,9 @@ class StateSync:
             ns.pop(name, None)
             self._baseline.pop(name, None)
         self._rebase(payload)
+        for name in (*payload["set"], *payload["deleted"]):
+            self._elsewhere.pop(name, None)
+        self._elsewhere.update((n, why) for n, why in payload["unpicklable"])
         self._store_history(payload["history_line"], payload["code"])
 
     def restore(self, header, buffers):
@@ -392,6 +402,7 @@ class StateSync:
                 del ns[name]
         ns.update(payload["set"])
         self._baseline = {}
+        self._elsewhere = dict(payload["unpicklable"])
         self._rebase(payload)
 
     def digest(self):

@@ -35,6 +35,7 @@ pub async fn serve(
             "delete_subshell_request" => Some(kernel.delete_subshell(&request)),
             "list_subshell_request" => Some(kernel.list_subshells(&request)),
             "notebookos_steer_request" => Some(kernel.steer(&request).await),
+            "notebookos_sync_request" => Some(kernel.sync(&request).await),
             "shutdown_request" => {
                 let outcome = kernel.shutdown(&request).await;
                 shutdown = outcome.shutdown;

@@ -338,7 +338,7 @@ impl Core {
 
     /// Resolves once no replica holds changes the log does not have yet (or
     /// after `patience`, returning false).
-    pub(super) async fn wait_synced(&self, patience: Duration) -> bool {
+    pub async fn wait_synced(&self, patience: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             if lock(&self.applier).state().unsynced.is_empty() {

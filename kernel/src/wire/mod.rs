@@ -24,6 +24,7 @@ pub mod status;
 pub mod steer;
 pub mod stream;
 pub mod subshell;
+pub mod sync;
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
