@@ -274,6 +274,7 @@ pub fn _notebookos(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream, m)?)?;
     m.add_function(wrap_pyfunction!(flush, m)?)?;
     m.add_function(wrap_pyfunction!(input_request, m)?)?;
+    m.add_function(wrap_pyfunction!(super::digest::digest_buffers, m)?)?;
     Ok(())
 }
 

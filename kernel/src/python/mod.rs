@@ -3,6 +3,7 @@
 //! own. Every thread runs requests from the tokio side one at a time.
 
 mod bridge;
+mod digest;
 mod init;
 
 use std::sync::mpsc as std_mpsc;

@@ -456,7 +456,13 @@ impl Applier {
                     });
                 }
             }
-            BidOutcome::Ignored if replica == self.me && lead => {
+            // A late LEAD of ours: its GPUs go back, unless ours is the winning one
+            // (a retried proposal applied twice).
+            BidOutcome::Ignored
+                if replica == self.me
+                    && lead
+                    && self.state.elections.get(&cell).and_then(|c| c.winner) != Some(self.me) =>
+            {
                 fx.push(Effect::ReleaseGpus { cell });
             }
             BidOutcome::Open | BidOutcome::Ignored => {}
@@ -1004,5 +1010,13 @@ mod tests {
 
     fn synced_done(cell: &str, replica: NodeId) -> Entry {
         done(cell, replica, b"a")
+    }
+
+    #[test]
+    fn a_duplicate_of_the_winning_lead_keeps_its_gpus() {
+        let mut g = group();
+        let fx = run(&mut g[0], 1, &[request("a", Some(1)), bid("a", 1, true)]);
+        assert_eq!(runs(&fx), vec!["a"]);
+        assert!(!fx.contains(&Effect::ReleaseGpus { cell: "a".into() }));
     }
 }

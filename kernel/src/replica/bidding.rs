@@ -11,13 +11,19 @@ use super::{lock, Core};
 
 /// How often a replica that yielded checks whether it can lead now.
 const REBID_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a replica behind the holder of newer changes checks for them.
+const SYNC_POLL: Duration = Duration::from_millis(5);
 
 impl Core {
     /// Catching up, steered to yield, or behind a replica whose changes are not
     /// all in the log yet (from the log, never from disk).
     pub(crate) fn must_yield(&self) -> bool {
-        let applier = lock(&self.applier);
-        applier.must_yield() || !applier.state().may_lead(self.id) || !*self.ready.borrow()
+        lock(&self.applier).must_yield() || !self.may_lead_now() || !*self.ready.borrow()
+    }
+
+    /// Whether this replica has every change committed so far.
+    fn may_lead_now(&self) -> bool {
+        lock(&self.applier).state().may_lead(self.id)
     }
 
     /// GPUs the cell of `request` asks for.
@@ -54,6 +60,12 @@ impl Core {
         let Some(request) = self.request_of(&cell) else {
             return;
         };
+        // Behind a replica whose changes are still streaming: wait for them (or
+        // for its loss) and then bid, rather than yield for a reason that ends
+        // in milliseconds; the holder itself leads meanwhile.
+        while !self.may_lead_now() && self.is_undecided(&cell) && !*self.stop.borrow() {
+            tokio::time::sleep(SYNC_POLL).await;
+        }
         let lead = self.try_lead(&cell, &request).await;
         let bid = Entry::Bid {
             cell: cell.clone(),

@@ -87,17 +87,17 @@ impl Core {
         // Everything the cell printed reaches the front before its Done does.
         self.iopub.flush().await;
         if self.sync_mode == SyncMode::Strict {
-            let (delta, bytes) = self.sync_changes(captured).await;
+            let shipped = self.sync_changes(captured).await;
             let done = Entry::Done {
                 cell: cell.clone(),
                 replica: self.id,
                 reply,
-                delta: Some(delta),
+                delta: Some(shipped.delta.clone()),
             };
             if let Err(e) = self.propose(&done).await {
                 tracing::error!(error = %e, "could not report a finished cell");
             }
-            self.synced_bytes(bytes);
+            self.shipped(shipped);
         } else {
             let (committed, done_rx) = tokio::sync::oneshot::channel();
             self.replicate(Outbound {

@@ -23,6 +23,13 @@ use crate::python::PythonError;
 /// A cell's packed changes, being captured on the Python thread.
 pub(super) type Capture = Pin<Box<dyn Future<Output = Result<Vec<u8>, PythonError>> + Send>>;
 
+/// A delta on its way into the log.
+pub(super) struct Shipped {
+    pub delta: Delta,
+    pub bytes: u64,
+    pub pushed_to_all: bool,
+}
+
 /// One cell's changes on their way to the others.
 pub(super) struct Outbound {
     pub cell: CellId,
@@ -55,25 +62,25 @@ impl Core {
         mut queue: tokio::sync::mpsc::UnboundedReceiver<Outbound>,
     ) {
         while let Some(out) = queue.recv().await {
-            let (delta, bytes) = self.sync_changes(out.captured).await;
+            let shipped = self.sync_changes(out.captured).await;
             if out.committed.await == Ok(true) {
                 let synced = Entry::Synced {
                     cell: out.cell,
                     replica: self.id,
-                    delta,
+                    delta: shipped.delta.clone(),
                 };
                 if let Err(e) = self.propose(&synced).await {
                     // The others can no longer lead; Raft's own failure handling follows.
                     tracing::error!(error = %e, "could not commit a cell's changes");
                 }
             }
-            self.synced_bytes(bytes);
+            self.shipped(shipped);
         }
     }
 
-    /// Waits for a cell's capture and ships it; also returns its size, counted
-    /// as not yet on a peer until [`Core::synced_bytes`].
-    pub(super) async fn sync_changes(self: &Arc<Self>, captured: Capture) -> (Delta, u64) {
+    /// Waits for a cell's capture and ships it; its bytes count as not yet on
+    /// a peer until [`Core::shipped`].
+    pub(super) async fn sync_changes(self: &Arc<Self>, captured: Capture) -> Shipped {
         let t = std::time::Instant::now();
         let packed = match captured.await {
             Ok(p) => p,
@@ -86,18 +93,34 @@ impl Core {
         let captured = t.elapsed();
         let bytes = packed.len() as u64;
         self.unsynced_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let delta = self.ship_delta(packed).await;
+        let (delta, pushed_to_all) = self.ship_delta(packed).await;
         tracing::debug!(bytes, ?captured, shipped = ?(t.elapsed() - captured), "state delta sent");
-        (delta, bytes)
+        Shipped {
+            delta,
+            bytes,
+            pushed_to_all,
+        }
     }
 
-    pub(super) fn synced_bytes(&self, bytes: u64) {
-        self.unsynced_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    /// The entry holding a shipped delta is committed: a blob every peer got
+    /// is dropped here (they hold it now), one a peer missed stays fetchable
+    /// among the last few. No replica keeps other copies of a cell's values.
+    pub(super) fn shipped(&self, shipped: Shipped) {
+        self.unsynced_bytes
+            .fetch_sub(shipped.bytes, Ordering::Relaxed);
+        if let Delta::Blob { hash, len } = shipped.delta {
+            if shipped.pushed_to_all {
+                self.node.remove_blob(&BlobHash(hash));
+            } else {
+                self.keep_recent_blob(BlobHash(hash), len);
+            }
+        }
     }
 
-    pub(super) async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> Delta {
+    /// The delta for the log, and whether every peer got its blob.
+    pub(super) async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> (Delta, bool) {
         if packed.len() <= INLINE_DELTA {
-            return Delta::Inline(Bytes::from(packed));
+            return (Delta::Inline(Bytes::from(packed)), true);
         }
         let data = Bytes::from(packed);
         let len = data.len() as u64;
@@ -114,30 +137,36 @@ impl Core {
             let (core, data) = (self.clone(), data.clone());
             sends.spawn(async move { (peer, core.node.send_blob(peer, data).await) });
         }
+        let mut pushed_to_all = true;
         while let Some(sent) = sends.join_next().await {
-            if let Ok((peer, Err(e))) = sent {
-                // It fetches from us when it applies the entry, or is replaced.
-                tracing::warn!(peer, error = %e, "could not push a state delta");
+            match sent {
+                Ok((_, Ok(_))) => {}
+                Ok((peer, Err(e))) => {
+                    // It fetches from us when it applies the entry, or is replaced.
+                    tracing::warn!(peer, error = %e, "could not push a state delta");
+                    pushed_to_all = false;
+                }
+                Err(_) => pushed_to_all = false,
             }
         }
         let hash = match published.await {
             Ok(h) => h,
             Err(_) => BlobHash::of(&data),
         };
-        self.keep_recent_blob(hash, len);
-        Delta::Blob { hash: hash.0, len }
+        (Delta::Blob { hash: hash.0, len }, pushed_to_all)
     }
 
     /// The bytes of a delta: pushed to us, or fetched from the replica that
-    /// made it or, if that one is gone, from any member that kept it. Kept
-    /// here in turn until the next delta, for a replica that joins mid-way.
+    /// made it or, if that one is gone, from any member that kept them. Taken
+    /// out of the blob store, so the namespace's arrays can be built on these
+    /// very bytes (the only copy here).
     pub(super) async fn delta_bytes(&self, from: NodeId, delta: Delta) -> Option<Bytes> {
         let hash = match delta {
             Delta::Inline(b) => return Some(b),
             Delta::Blob { hash, .. } => BlobHash(hash),
         };
         if let Some(b) = self.node.blob(&hash) {
-            self.keep_recent_blob(hash, b.len() as u64);
+            self.node.remove_blob(&hash);
             return Some(b);
         }
         let others = self
@@ -146,11 +175,7 @@ impl Core {
             .filter(|p| *p != self.id && *p != from);
         for peer in std::iter::once(from).chain(others) {
             match self.node.fetch_blob(peer, hash).await {
-                Ok(b) => {
-                    self.node.publish_blob(b.clone());
-                    self.keep_recent_blob(hash, b.len() as u64);
-                    return Some(b);
-                }
+                Ok(b) => return Some(b),
                 Err(e) => tracing::warn!(peer, error = %e, "could not fetch a state delta"),
             }
         }
