@@ -19,7 +19,7 @@ def can_netns():
 
 def test_chaos_short_form_loses_nothing(tmp_path):
     out = tmp_path / "chaos.json"
-    args = [sys.executable, str(HERE / "chaos" / "run.py"), "--cells", "200", "--faults", "5",
+    args = [sys.executable, str(HERE / "chaos" / "run.py"), "--cells", "200", "--faults", "6",
             "--seed", os.environ.get("NOTEBOOKOS_TEST_SEED", "1"), "--json", str(out)]
     netns = bool(can_netns())
     if netns:
@@ -32,7 +32,9 @@ def test_chaos_short_form_loses_nothing(tmp_path):
     print(run.stdout.splitlines()[-1])
     assert report["variables_lost"] == [], report
     assert report["unexpected"] == [], report
-    assert sum(report["faults"].values()) == 5, report
+    assert sum(report["faults"].values()) == 6, report
+    # Killed while its changes streamed: whatever was lost was told, and re-run.
+    assert len(report["changes_lost_told"]) == 1, report
     assert report["fault_errored"], "the kill_running fault must end its cell"
     for e in report["fault_errored"]:
         assert e["error"].startswith("ReplicaLost: replica "), e
@@ -51,7 +53,7 @@ def test_chaos_through_the_cluster_loses_nothing(tmp_path):
         pytest.skip("needs root and iproute2 for network namespaces")
     out = tmp_path / "chaos.json"
     run = subprocess.run(
-        [sys.executable, str(HERE / "chaos" / "run.py"), "--cells", "200", "--faults", "5",
+        [sys.executable, str(HERE / "chaos" / "run.py"), "--cells", "200", "--faults", "6",
          "--seed", os.environ.get("NOTEBOOKOS_TEST_SEED", "1"), "--cluster", "--json", str(out)],
         capture_output=True, text=True, timeout=900)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
@@ -59,7 +61,7 @@ def test_chaos_through_the_cluster_loses_nothing(tmp_path):
     print(run.stdout.splitlines()[-1])
     assert report["variables_lost"] == [] and report["unexpected"] == [], report
     assert set(report["faults"]) == {"kill_peer", "kill_running", "partition", "drop_packets",
-                                     "kill_front"}, report
+                                     "kill_front", "kill_streaming"}, report
     assert report["partitioned"] and report["packets_dropped"] > 0, report
     for e in report["fault_errored"]:
         assert e["error"].startswith("ReplicaLost: replica "), e

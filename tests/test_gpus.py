@@ -101,7 +101,6 @@ def test_two_kernels_share_one_gpu_one_cell_at_a_time(agent, tmp_path):
                 t0, t1, granted = interval(k)
                 assert granted == "0"
                 spans.append((t0, t1, k.group()["kernel_id"]))
-            agent.wait_no_grants()
         spans.sort()
         for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
             assert e0 <= s1, f"cells overlapped on the one GPU: {spans}"
@@ -138,20 +137,20 @@ def test_a_killed_replicas_grant_expires(agent, tmp_path):
         assert agent.status()["usage"][a.group()["kernel_id"]]["expired"] >= 1
         reply, _ = b.fe.execute(GPU_CELL, timeout=60)
         assert reply["status"] == "ok", reply
-        agent.wait_no_grants()
     finally:
         a.close()
         b.close()
 
 
 def test_accounting_in_the_notebook_and_as_prometheus_metrics(agent, tmp_path):
-    k = ReplicatedKernel(tmp_path / "k")
+    # No caching: the grant ends with the cell, and its seconds are counted then.
+    k = ReplicatedKernel(tmp_path / "k", env={"NOTEBOOKOS_GPU_CACHE_IDLE": "0"})
     try:
         reply, _ = k.fe.execute(GPU_CELL, timeout=60)
         assert reply["status"] == "ok", reply
         agent.wait_no_grants()
         text = k.placement()
-        m = re.search(r"GPU-seconds for this kernel: ([\d.]+) held, ([\d.]+) used", text)
+        m = re.search(r"GPU-seconds for this kernel: ([\d.]+) held, ([\d.]+) running cells", text)
         assert m, text
         assert float(m[2]) >= 1.0 and float(m[1]) >= float(m[2])
         kernel = k.group()["kernel_id"]
@@ -161,6 +160,43 @@ def test_accounting_in_the_notebook_and_as_prometheus_metrics(agent, tmp_path):
         assert held and float(held[1]) >= 1.0, body
     finally:
         k.close()
+
+
+def test_the_gpu_stays_with_a_kernel_until_another_needs_it(agent, tmp_path):
+    """After a GPU cell the grant is cached: the kernel's next GPU cell reuses
+    it (state in place); a second kernel's GPU cell makes the agent revoke it,
+    the first kernel moves its state off and releases, and the second runs
+    without being told it is queued."""
+    a = ReplicatedKernel(tmp_path / "a")
+    b = ReplicatedKernel(tmp_path / "b")
+    try:
+        ka, kb = a.group()["kernel_id"], b.group()["kernel_id"]
+        for _ in range(2):
+            reply, _ = a.fe.execute(GPU_CELL, timeout=60)
+            assert reply["status"] == "ok", reply
+        [grant] = agent.status()["grants"]
+        assert grant["kernel"] == ka, grant
+        assert agent.status()["usage"][ka]["reused"] == 1
+        reply, msgs = b.fe.execute(GPU_CELL, timeout=60)
+        assert reply["status"] == "ok", reply
+        assert "queued" not in stream_text(msgs, "stderr")
+        assert interval(b)[2] == "0"
+        [grant] = agent.status()["grants"]
+        assert grant["kernel"] == kb, grant
+        usage = agent.status()["usage"][ka]
+        assert usage["revoked"] == 1, usage
+        # Two cells of about 1 s ran; the rest of the time the state sat cached.
+        assert usage["used_gpu_seconds"] >= 2.0, usage
+        assert usage["cached_gpu_seconds"] > 0, usage
+        total = usage["used_gpu_seconds"] + usage["cached_gpu_seconds"] + usage["moving_gpu_seconds"]
+        assert abs(usage["held_gpu_seconds"] - total) < 0.01, usage
+        # And back: a's next GPU cell takes the GPU from b the same way.
+        reply, _ = a.fe.execute(GPU_CELL, timeout=60)
+        assert reply["status"] == "ok", reply
+        assert agent.status()["usage"][kb]["revoked"] == 1
+    finally:
+        a.close()
+        b.close()
 
 
 def test_bad_requests_to_the_agent_get_errors(agent):

@@ -1,8 +1,13 @@
 //! GPUs for the cells a replica runs. A replica that bids to lead a cell that
 //! needs GPUs first gets them from its host's agent (a lease, renewed while
 //! held); the winner binds them for the cell (the primary CUDA context, shared
-//! with PyTorch/CuPy in this process, and the shim makes the device current),
-//! moves device state to host memory after it, and gives them back.
+//! with PyTorch/CuPy in this process, and the shim makes the device current).
+//!
+//! After the cell the grant stays cached: the state stays on the GPUs and
+//! this replica's next cell that asks for as many finds it there. The agent
+//! revokes a cached grant when another replica needs those GPUs; then, or
+//! after `NOTEBOOKOS_GPU_CACHE_IDLE` seconds unused (default 600; 0: after
+//! every cell), device state moves to host memory and the GPUs go back.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,12 +17,19 @@ use std::time::Duration;
 use pyo3::types::PyAnyMethods;
 use tokio::task::JoinHandle;
 
-use crate::agent::client::{AgentClient, AgentGrant};
+use crate::agent::client::{AgentClient, AgentGrant, Granting};
 use crate::python::Executor;
 
 /// How long a grant lives without renewal: a killed replica's GPUs are free
 /// again this long after its last renewal.
 const LEASE: Duration = Duration::from_secs(3);
+/// How often a cached grant asks the agent whether it was revoked: the
+/// latency another kernel waits on top of the holder's offload.
+const CACHED_RENEW: Duration = Duration::from_millis(50);
+/// How long a replica waits for GPUs being reclaimed from others before it
+/// yields (and re-bids) instead.
+const RECLAIM_PATIENCE: Duration = Duration::from_secs(30);
+const DEFAULT_CACHE_IDLE: Duration = Duration::from_secs(600);
 
 /// GPUs a cell asks for: `%%gpus N` on its first line, else the kernel's default
 /// (`NOTEBOOKOS_GPUS`, 0 when unset).
@@ -42,6 +54,29 @@ pub struct Grants {
     agent: tokio::sync::OnceCell<Option<Arc<AgentClient>>>,
     held: Mutex<HashMap<String, Held>>,
     released: tokio::sync::Notify,
+    /// The grant kept after a cell, with the state on its GPUs.
+    cached: Mutex<Option<Cached>>,
+    /// Zero: no caching.
+    cache_idle: Duration,
+}
+
+struct Cached {
+    grant: AgentGrant,
+    /// Tells its watcher that a cell took it back.
+    reused: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Why a cached grant ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheEnd {
+    /// This replica's next cell took it, state in place.
+    Reused,
+    /// Another replica needs the GPUs.
+    Revoked,
+    /// Unused for the idle time.
+    Idle,
+    /// The agent no longer knows it (it restarted, or the lease expired).
+    Lost,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -59,6 +94,12 @@ impl Grants {
             agent: tokio::sync::OnceCell::new(),
             held: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
+            cached: Mutex::new(None),
+            cache_idle: std::env::var("NOTEBOOKOS_GPU_CACHE_IDLE")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .unwrap_or(DEFAULT_CACHE_IDLE),
         }
     }
 
@@ -108,8 +149,24 @@ impl Grants {
         let Some(agent) = self.agent().await else {
             return true;
         };
-        match agent.grant(kernel, replica, n, LEASE).await {
-            Ok(Some(grant)) => {
+        let deadline = tokio::time::Instant::now() + RECLAIM_PATIENCE;
+        let mut answer = agent.grant(kernel, replica, n, LEASE).await;
+        // Others' cached GPUs are on their way to us: worth waiting for, since
+        // yielding would queue the cell behind a re-bid.
+        while matches!(answer, Ok(Granting::Reclaiming)) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(CACHED_RENEW).await;
+            answer = agent.grant(kernel, replica, n, LEASE).await;
+        }
+        match answer {
+            Ok(Granting::Granted(grant)) => {
+                let mut cached = lock(&self.cached);
+                if cached.as_ref().is_some_and(|c| c.grant.id == grant.id) {
+                    if let Some(c) = cached.take() {
+                        // Its watcher stops; the state is where the cell needs it.
+                        let _ = c.reused.send(());
+                    }
+                }
+                drop(cached);
                 let renew = tokio::spawn(renew_loop(agent.clone(), grant.id));
                 let held = Held {
                     grant,
@@ -119,7 +176,9 @@ impl Grants {
                 lock(&self.held).insert(cell.to_owned(), held);
                 true
             }
-            Ok(None) => matches!(agent.status().await, Ok(s) if s.gpus.is_empty()),
+            Ok(Granting::Refused | Granting::Reclaiming) => {
+                matches!(agent.status().await, Ok(s) if s.gpus.is_empty())
+            }
             Err(e) => {
                 tracing::warn!("GPU grant failed: {e}");
                 false
@@ -134,6 +193,57 @@ impl Grants {
         }
     }
 
+    /// Whether GPU state stays on the GPUs between cells.
+    pub fn caching(&self) -> bool {
+        !self.cache_idle.is_zero()
+    }
+
+    /// `cell` ended having run `used`: its grant becomes this replica's cached
+    /// one. Resolves when that ends; unless a cell reused it, the caller then
+    /// moves the state off and calls [`Grants::release_cached`].
+    pub async fn cache(&self, cell: &str, used: Duration) -> Option<CachedGrant> {
+        let held = lock(&self.held).remove(cell)?;
+        held.renew.abort();
+        let agent = self.agent.get().cloned().flatten()?;
+        if let Err(e) = agent.cache(held.grant.id, used).await {
+            tracing::warn!(grant = held.grant.id, "caching the GPU grant failed: {e}");
+        }
+        let (reused, taken) = tokio::sync::oneshot::channel();
+        let previous = lock(&self.cached).replace(Cached {
+            grant: held.grant.clone(),
+            reused,
+        });
+        if let Some(p) = previous {
+            tracing::warn!(
+                grant = p.grant.id,
+                "a second cached grant; the first is dropped"
+            );
+        }
+        self.released.notify_waiters();
+        Some(CachedGrant {
+            id: held.grant.id,
+            end: tokio::spawn(watch_cached(agent, held.grant.id, self.cache_idle, taken)),
+        })
+    }
+
+    /// Gives back the cached grant `id` once its state is off (`moving` long).
+    pub async fn release_cached(&self, id: u64, moving: Duration) {
+        {
+            let mut cached = lock(&self.cached);
+            if cached.as_ref().is_some_and(|c| c.grant.id == id) {
+                cached.take();
+            }
+        }
+        if let Some(agent) = self.agent.get().cloned().flatten() {
+            if let Err(e) = agent.release(id, Duration::ZERO, moving).await {
+                tracing::warn!(
+                    grant = id,
+                    "GPU release failed ({e}); the lease will expire"
+                );
+            }
+        }
+    }
+
     /// Gives back `cell`'s GPUs; `used` is how long a cell ran on them.
     pub async fn release(&self, cell: &str, used: Duration) {
         let Some(held) = lock(&self.held).remove(cell) else {
@@ -142,7 +252,7 @@ impl Grants {
         held.renew.abort();
         self.released.notify_waiters();
         if let Some(agent) = self.agent.get().cloned().flatten() {
-            if let Err(e) = agent.release(held.grant.id, used).await {
+            if let Err(e) = agent.release(held.grant.id, used, Duration::ZERO).await {
                 tracing::warn!(
                     grant = held.grant.id,
                     "GPU release failed ({e}); the lease will expire"
@@ -178,12 +288,51 @@ impl Grants {
     }
 }
 
+/// A cached grant, and how it ends.
+pub struct CachedGrant {
+    pub id: u64,
+    end: tokio::task::JoinHandle<CacheEnd>,
+}
+
+impl CachedGrant {
+    pub async fn ended(self) -> CacheEnd {
+        self.end.await.unwrap_or(CacheEnd::Lost)
+    }
+}
+
 async fn renew_loop(agent: Arc<AgentClient>, id: u64) {
     loop {
         tokio::time::sleep(LEASE / 3).await;
         if let Err(e) = agent.renew(id).await {
             tracing::warn!(grant = id, "GPU lease renewal failed: {e}");
             return;
+        }
+    }
+}
+
+/// Renews a cached grant often, so a revocation is heard at once.
+async fn watch_cached(
+    agent: Arc<AgentClient>,
+    id: u64,
+    idle: Duration,
+    mut reused: tokio::sync::oneshot::Receiver<()>,
+) -> CacheEnd {
+    let until = tokio::time::Instant::now() + idle;
+    loop {
+        tokio::select! {
+            _ = &mut reused => return CacheEnd::Reused,
+            _ = tokio::time::sleep(CACHED_RENEW) => {}
+        }
+        if tokio::time::Instant::now() >= until {
+            return CacheEnd::Idle;
+        }
+        match agent.renew(id).await {
+            Ok(true) => {}
+            Ok(false) => return CacheEnd::Revoked,
+            Err(e) => {
+                tracing::warn!(grant = id, "cached GPU grant lost: {e}");
+                return CacheEnd::Lost;
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 """The Python side of a GPU grant: make the granted device current before a
-cell, and move device state to host memory after it, so that between cells
-this replica holds no GPU memory another kernel needs.
+cell; the state stays on the GPU after it while the grant is cached, and
+moves to host memory when the agent revokes the grant (another kernel needs
+the GPU) or it idles, so that this replica then holds no GPU memory.
 
 What moves: ``torch.nn.Module`` objects (parameters and buffers, in place,
 so optimizers keep pointing at the same parameters), tensors, optimizer
@@ -123,3 +124,35 @@ def unbind(shell):
     previous = set(ns.get(REGISTRY) or ())
     ns[REGISTRY] = sorted(previous | set(names))
     return f"{moved} bytes to host in {time.perf_counter() - started:.3f} s ({', '.join(names) or 'nothing'})"
+
+
+def _holds_device_state(value, torch):
+    if isinstance(value, torch.nn.Module):
+        return any(t.is_cuda for t in list(value.parameters()) + list(value.buffers()))
+    if isinstance(value, torch.Tensor):
+        return value.is_cuda
+    if isinstance(value, torch.optim.Optimizer):
+        return any(isinstance(t, torch.Tensor) and t.is_cuda
+                   for st in value.state.values() for t in st.values())
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, (torch.Tensor, torch.nn.Module)) and _holds_device_state(v, torch)
+                   for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, (torch.Tensor, torch.nn.Module)) and _holds_device_state(v, torch)
+                   for v in value.values())
+    return False
+
+
+def register(shell):
+    """Before a delta is captured: names holding device state join the
+    replicated registry, so a replica that receives them (as host copies)
+    moves them onto its own GPU in its next GPU cell."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    ns = shell.user_ns
+    previous = set(ns.get(REGISTRY) or ())
+    names = {name for name, value in _candidates(ns)
+             if not name.startswith("Out[") and _holds_device_state(value, torch)}
+    if not names <= previous:
+        ns[REGISTRY] = sorted(previous | names)

@@ -302,6 +302,9 @@ class Kernel:
         """After a cell ran here: its namespace changes, as (header, buffers)."""
         # Runs after the cell's reply: nothing here may print into the cell.
         # What could not be pickled is listed by %notebookos and logged.
+        from . import gpu
+
+        gpu.register(self.shell)
         header, buffers = self.statesync.capture(code)
         skipped = self.statesync.unpicklable
         if skipped:

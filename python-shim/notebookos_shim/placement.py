@@ -147,7 +147,10 @@ def report(placement, last_cell, gpus):
     if usage:
         lines.append(
             f"GPU-seconds for this kernel: {usage['held_gpu_seconds']:.1f} held, "
-            f"{usage['used_gpu_seconds']:.1f} used ({usage['grants']} grants, "
+            f"{usage['used_gpu_seconds']:.1f} running cells, "
+            f"{usage.get('cached_gpu_seconds', 0):.1f} cached between cells, "
+            f"{usage.get('moving_gpu_seconds', 0):.1f} moving state ({usage['grants']} grants, "
+            f"{usage.get('reused', 0)} reused from the cache, {usage.get('revoked', 0)} revoked, "
             f"{usage['expired']} expired)"
         )
     grant = placement["gpu"]["grant"]

@@ -151,6 +151,13 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
+def _device_copies_done():
+    """Waits for the device-to-host copies a pickle queued (see _on_host)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def namespace_digest(name_digests):
     """One digest over every name and its value digest."""
     h = hashlib.sha256()
@@ -178,16 +185,20 @@ def _by_name_in_notebook(obj):
 
 
 def _tensor_reduce(torch, tensor):
-    """A dense CPU tensor through numpy, so its data can travel out-of-band
+    """A dense tensor through numpy, so its data can travel out-of-band
     (torch's own pickling copies the storage into the pickle); None to
-    leave it to torch."""
-    if (tensor.device.type != "cpu" or tensor.layout != torch.strided
+    leave it to torch. A GPU tensor travels as a host copy (its state stays
+    on this replica's GPU; the receivers' is on the host until a GPU cell
+    there moves it, see gpu.py)."""
+    if (tensor.device.type not in ("cpu", "cuda") or tensor.layout != torch.strided
             or tensor.is_quantized or tensor.grad_fn is not None):
         return None
     if type(tensor) is torch.nn.Parameter:
-        return (torch.nn.Parameter, (tensor.detach(), tensor.requires_grad))
+        return (torch.nn.Parameter, (_on_host(torch, tensor), tensor.requires_grad))
     if type(tensor) is not torch.Tensor:
         return None
+    if tensor.device.type == "cuda":
+        tensor = _on_host(torch, tensor).requires_grad_(tensor.requires_grad)
     if tensor.requires_grad:
         return (torch.Tensor.requires_grad_, (tensor.detach(),))
     try:
@@ -198,6 +209,21 @@ def _tensor_reduce(torch, tensor):
         return None if as_int is None else (torch.Tensor.view, (tensor.view(as_int), tensor.dtype))
     except RuntimeError:  # conjugate or negative views
         return None
+
+
+def _on_host(torch, tensor):
+    """The tensor's data on the host: itself on CPU, else a copy into pinned
+    memory (the fast path over PCIe), queued on the current stream; capture
+    synchronizes before the bytes are read."""
+    t = tensor.detach()
+    if t.device.type == "cpu":
+        return t
+    try:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    except RuntimeError:
+        return t.to("cpu")
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class _CanonicalPickler(_Pickler):
@@ -306,6 +332,7 @@ def _fingerprint(value, user_ns, pickler=_ChangePickler):
         return False
 
     inband = _dump(value, user_ns, keep, pickler)
+    _device_copies_done()
     return len(inband) + sum(v.nbytes for v in views), _hash_parts([inband, *views])
 
 
@@ -405,6 +432,7 @@ class StateSync:
         history_line = count - 1 if count > self._count else None
         header, buffers = self._pack("delta", changed, baseline, deleted, count,
                                      code, history_line, unpicklable)
+        _device_copies_done()
         self._baseline, self._unpicklable, self._count = baseline, unpicklable, count
         for name in (*changed, *deleted):
             self._elsewhere.pop(name, None)
@@ -413,8 +441,10 @@ class StateSync:
     def checkpoint(self):
         names = self._user_names()
         baseline, values, unpicklable = self._check(names, names, {})
-        return self._pack("checkpoint", values, baseline, [], self.shell.execution_count,
-                          None, None, unpicklable)
+        packed = self._pack("checkpoint", values, baseline, [], self.shell.execution_count,
+                            None, None, unpicklable)
+        _device_copies_done()
+        return packed
 
     # -- receiver side ------------------------------------------------------
 

@@ -11,6 +11,10 @@ Faults (chosen and placed by the seed, one kind after another):
 - kill_front: replica 1 gets SIGKILL and Jupyter restarts it; it rejoins;
 - freeze_peer: a peer is stopped (SIGSTOP) for 5 cells: to the others, a host
   cut off by a partition; then it resumes and catches up;
+- kill_streaming: the replica that ran a cell making a 200 MB value gets
+  SIGKILL right after the reply, while the cell's changes stream to the
+  others; the next cell must say which cells' changes were lost, and the
+  user re-runs those (no notice: nothing was lost);
 - drop_packets (with --netns): for 5 cells the namespace's loopback is shaped
   by a token bucket (tc tbf) that drops what exceeds it. (This machine's
   kernel has no netem; tbf tail drops are real packet loss.)
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -46,8 +51,13 @@ from frontend import Frontend, stream_text  # noqa: E402
 from notebook import FINGERPRINT, cells  # noqa: E402
 from replicas import ReplicatedKernel  # noqa: E402
 
-KINDS = ["kill_peer", "kill_running", "freeze_peer", "drop_packets", "kill_front"]
-CLUSTER_KINDS = ["kill_peer", "kill_running", "partition", "drop_packets", "kill_front"]
+KINDS = ["kill_peer", "kill_running", "freeze_peer", "drop_packets", "kill_front",
+         "kill_streaming"]
+CLUSTER_KINDS = ["kill_peer", "kill_running", "partition", "drop_packets", "kill_front",
+                 "kill_streaming"]
+# Appended to a cell so that its changes take a while to reach the others.
+BIG_VALUE = "\n_chaos_big = bytearray(200 << 20)"
+LOST_CELLS = re.compile(r"the changes of (.*?) reached another replica")
 WINDOW = 5
 PARTITION_SECONDS = 16
 
@@ -97,8 +107,10 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
     faults = plan(n_cells, n_faults, seed, netns, cluster)
     report = {
         "cells": n_cells, "seed": seed, "cells_run": 0, "faults": {},
-        "fault_errored": [], "unexpected": [], "packets_dropped": 0,
+        "fault_errored": [], "unexpected": [], "packets_dropped": 0, "changes_lost_told": [],
     }
+    # In [n] -> the notebook cell that ran as it, to re-run what a loss names.
+    ran_as = {}
     rk = ReplicatedKernel(Path(tmp) / "chaos", env=cluster[1] if cluster else None)
     frozen = None
     shaping_until = None
@@ -138,6 +150,27 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
                 shaping_until = i + WINDOW
             elif kind == "kill_front":
                 rk.kill_front_and_restart()
+            elif kind == "kill_streaming":
+                victim = rk.peers()[-1]
+                rk.steer(victim)
+                reply, _ = rk.fe.execute(cell + BIG_VALUE, timeout=300)
+                rk.kill_now(victim)
+                rk.unsteer()
+                report["cells_run"] += 1
+                ran_as[reply.get("execution_count")] = i
+                _, msgs = rk.fe.execute("pass", timeout=300)
+                told = LOST_CELLS.search(stream_text(msgs, "stderr"))
+                counts = [int(n) for n in re.findall(r"In \[(\d+)\]", told.group(1))] if told else []
+                report["changes_lost_told"].append({"cell": i, "in": counts})
+                # As a user would: re-run the cells the notice names, in order.
+                for n in counts:
+                    if n not in ran_as:
+                        report["unexpected"].append({"cell": i, "fault": kind, "unknown In": n})
+                        continue
+                    again, _ = rk.fe.execute(notebook[ran_as[n]], timeout=300)
+                    report["cells_run"] += 1
+                    ran_as[again.get("execution_count")] = ran_as[n]
+                continue
             elif kind == "kill_running":
                 victim = rk.peers()[-1]
                 rk.steer(victim)
@@ -157,6 +190,7 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
                     continue
             reply, _ = rk.fe.execute(cell, timeout=300)
             report["cells_run"] += 1
+            ran_as[reply.get("execution_count")] = i
             if kind == "partition":
                 # Long enough to be declared lost and replaced; then it is back.
                 time.sleep(max(0.0, PARTITION_SECONDS - (time.monotonic() - cut_at)))

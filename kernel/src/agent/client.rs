@@ -26,6 +26,15 @@ pub enum ClientError {
     NotStarted(PathBuf),
 }
 
+/// An answer to a grant request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granting {
+    Granted(AgentGrant),
+    Refused,
+    /// Others' cached GPUs are being reclaimed for us: ask again shortly.
+    Reclaiming,
+}
+
 /// GPUs granted for one cell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentGrant {
@@ -90,14 +99,14 @@ impl AgentClient {
         Err(io(std::io::ErrorKind::UnexpectedEof.into()))
     }
 
-    /// `Ok(None)` when the GPUs are not free now.
+    /// Refused when the GPUs are not free now.
     pub async fn grant(
         &self,
         kernel: &str,
         replica: u64,
         gpus: u32,
         lease: Duration,
-    ) -> Result<Option<AgentGrant>, ClientError> {
+    ) -> Result<Granting, ClientError> {
         let req = Request::Grant {
             kernel: kernel.into(),
             replica,
@@ -105,27 +114,52 @@ impl AgentClient {
             lease_ms: lease.as_millis() as u64,
         };
         match self.call(&req).await? {
-            Response::Granted { id, gpus, fake } => Ok(Some(AgentGrant { id, gpus, fake })),
-            Response::Refused { reason } => {
+            Response::Granted { id, gpus, fake } => {
+                Ok(Granting::Granted(AgentGrant { id, gpus, fake }))
+            }
+            Response::Refused { reason, reclaiming } => {
                 tracing::debug!(%reason, "GPU grant refused");
-                Ok(None)
+                Ok(if reclaiming {
+                    Granting::Reclaiming
+                } else {
+                    Granting::Refused
+                })
             }
             other => Err(unexpected(other)),
         }
     }
 
-    pub async fn renew(&self, id: GrantId) -> Result<(), ClientError> {
+    /// Whether the grant is still ours (false: revoked, release it).
+    pub async fn renew(&self, id: GrantId) -> Result<bool, ClientError> {
         match self.call(&Request::Renew { id }).await? {
+            Response::Ok => Ok(true),
+            Response::Revoked => Ok(false),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn cache(&self, id: GrantId, used: Duration) -> Result<(), ClientError> {
+        let req = Request::Cache {
+            id,
+            used_ms: used.as_millis() as u64,
+        };
+        match self.call(&req).await? {
             Response::Ok => Ok(()),
             other => Err(unexpected(other)),
         }
     }
 
-    pub async fn release(&self, id: GrantId, used: Duration) -> Result<(), ClientError> {
+    pub async fn release(
+        &self,
+        id: GrantId,
+        used: Duration,
+        moving: Duration,
+    ) -> Result<(), ClientError> {
         match self
             .call(&Request::Release {
                 id,
                 used_ms: used.as_millis() as u64,
+                moving_ms: moving.as_millis() as u64,
             })
             .await?
         {

@@ -45,10 +45,10 @@ pub fn render(s: &Status) -> String {
         s.gpus.len()
     ));
     let granted: usize = s.grants.iter().map(|g| g.gpus.len()).sum();
-    out.push_str("# HELP notebookos_gpus_granted GPUs granted to a running or starting cell now.\n# TYPE notebookos_gpus_granted gauge\n");
+    out.push_str("# HELP notebookos_gpus_granted GPUs granted now: to a running or starting cell, or cached with a kernel's state.\n# TYPE notebookos_gpus_granted gauge\n");
     out.push_str(&format!("notebookos_gpus_granted {granted}\n"));
     type Counter = fn(&UsageView) -> f64;
-    let per_kernel: [(&str, &str, Counter); 4] = [
+    let per_kernel: [(&str, &str, Counter); 8] = [
         (
             "notebookos_gpu_seconds_held_total",
             "GPU-seconds granted to a kernel's replicas.",
@@ -59,9 +59,29 @@ pub fn render(s: &Status) -> String {
             "GPU-seconds a kernel's cells ran on their grants.",
             |u| u.used_gpu_seconds,
         ),
+        (
+            "notebookos_gpu_seconds_cached_total",
+            "GPU-seconds a kernel's state sat on its GPUs between cells.",
+            |u| u.cached_gpu_seconds,
+        ),
+        (
+            "notebookos_gpu_seconds_moving_total",
+            "GPU-seconds spent moving a kernel's state off its GPUs.",
+            |u| u.moving_gpu_seconds,
+        ),
         ("notebookos_grants_total", "Grants made.", |u| {
             u.grants as f64
         }),
+        (
+            "notebookos_grants_reused_total",
+            "Cells served by the kernel's cached grant, state in place.",
+            |u| u.reused as f64,
+        ),
+        (
+            "notebookos_grants_revoked_total",
+            "Cached grants revoked for another kernel.",
+            |u| u.revoked as f64,
+        ),
         (
             "notebookos_grants_expired_total",
             "Grants whose holder stopped renewing (a replica died).",
@@ -98,7 +118,11 @@ mod tests {
                 UsageView {
                     held_gpu_seconds: 3.5,
                     used_gpu_seconds: 2.0,
+                    cached_gpu_seconds: 1.0,
+                    moving_gpu_seconds: 0.5,
                     grants: 4,
+                    reused: 2,
+                    revoked: 1,
                     expired: 1,
                 },
             )]

@@ -264,20 +264,38 @@ impl Agent {
                         }
                     }
                     Err(e) => Response::Refused {
+                        reclaiming: matches!(e, grants::GrantError::Reclaiming { .. }),
                         reason: e.to_string(),
                     },
                 }
             }
             Request::Renew { id } => match self.lock().renew(id, now) {
-                Ok(()) => Response::Ok,
+                Ok(grants::Renewal::Held) => Response::Ok,
+                Ok(grants::Renewal::Revoked) => Response::Revoked,
                 Err(e) => Response::Error {
                     message: e.to_string(),
                 },
             },
-            Request::Release { id, used_ms } => {
-                match self.lock().release(id, Duration::from_millis(used_ms), now) {
+            Request::Cache { id, used_ms } => {
+                match self.lock().cache(id, Duration::from_millis(used_ms), now) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Release {
+                id,
+                used_ms,
+                moving_ms,
+            } => {
+                let (used, moving) = (
+                    Duration::from_millis(used_ms),
+                    Duration::from_millis(moving_ms),
+                );
+                match self.lock().release(id, used, moving, now) {
                     Ok(()) => {
-                        tracing::info!(grant = id, used_ms, "released");
+                        tracing::info!(grant = id, used_ms, moving_ms, "released");
                         Response::Ok
                     }
                     Err(e) => Response::Error {
@@ -303,7 +321,7 @@ impl Agent {
             fake: self.fake,
             grants: g.active().into_iter().map(Into::into).collect(),
             usage: g
-                .usage()
+                .usage(Instant::now())
                 .iter()
                 .map(|(k, u)| (k.clone(), u.into()))
                 .collect(),

@@ -18,10 +18,19 @@ pub enum Request {
     Renew {
         id: GrantId,
     },
-    /// `used_ms`: how long a cell ran on it (0 when the election was lost).
+    /// The cell ended (it ran `used_ms`); the holder keeps its state on the
+    /// GPUs, revocably, for its next cell.
+    Cache {
+        id: GrantId,
+        used_ms: u64,
+    },
+    /// `used_ms`: how long its last cell ran on it (0 when the election was
+    /// lost); `moving_ms`: how long moving state off it took.
     Release {
         id: GrantId,
         used_ms: u64,
+        #[serde(default)]
+        moving_ms: u64,
     },
     Status,
 }
@@ -36,8 +45,13 @@ pub enum Response {
     },
     Refused {
         reason: String,
+        /// Cached grants of others are being revoked for this request: ask again soon.
+        #[serde(default)]
+        reclaiming: bool,
     },
     Ok,
+    /// A renewal: another replica needs these GPUs; move the state off and release.
+    Revoked,
     Error {
         message: String,
     },
@@ -64,7 +78,15 @@ pub struct GrantView {
 pub struct UsageView {
     pub held_gpu_seconds: f64,
     pub used_gpu_seconds: f64,
+    #[serde(default)]
+    pub cached_gpu_seconds: f64,
+    #[serde(default)]
+    pub moving_gpu_seconds: f64,
     pub grants: u64,
+    #[serde(default)]
+    pub reused: u64,
+    #[serde(default)]
+    pub revoked: u64,
     pub expired: u64,
 }
 
@@ -84,7 +106,11 @@ impl From<&Usage> for UsageView {
         Self {
             held_gpu_seconds: u.held_gpu_seconds,
             used_gpu_seconds: u.used_gpu_seconds,
+            cached_gpu_seconds: u.cached_gpu_seconds,
+            moving_gpu_seconds: u.moving_gpu_seconds,
             grants: u.grants,
+            reused: u.reused,
+            revoked: u.revoked,
             expired: u.expired,
         }
     }

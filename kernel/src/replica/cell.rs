@@ -72,6 +72,11 @@ impl Core {
         // state to host memory (the GPUs were bound only while the cell ran),
         // then the capture of what changed.
         match binding {
+            Some(binding) if self.gpu.caching() => {
+                if let Some(cached) = self.gpu.cache(&cell, used).await {
+                    tokio::spawn(self.clone().offload_when_reclaimed(cached, binding));
+                }
+            }
             Some(binding) => {
                 self.gpu.finished(&cell);
                 let unbound = binding.unbind(&self.exec);
@@ -118,6 +123,24 @@ impl Core {
             let _ = committed.send(proposed.is_ok());
         }
         lock(&self.running).remove(&cell);
+    }
+
+    /// The GPU state of the last cell stays on the GPUs until another replica
+    /// needs them (or they idle); then it moves to host memory and they go back.
+    async fn offload_when_reclaimed(
+        self: Arc<Self>,
+        cached: crate::gpu::CachedGrant,
+        binding: crate::gpu::Binding,
+    ) {
+        let id = cached.id;
+        let end = cached.ended().await;
+        if end == crate::gpu::CacheEnd::Reused {
+            return;
+        }
+        tracing::info!(grant = id, ?end, "moving GPU state to host memory");
+        let t = std::time::Instant::now();
+        binding.unbind(&self.exec).await;
+        self.gpu.release_cached(id, t.elapsed()).await;
     }
 
     pub(super) async fn execute_here(&self, msg: &Message) -> String {
