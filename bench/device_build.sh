@@ -2,8 +2,8 @@
 # Builds the kernel for a GPU host whose Python differs from this machine's
 # and stages what bench/gpu_evidence.sh needs there in target/device/:
 #   bench/device_build.sh LIBPYTHON_SO PYTHON_VERSION
-# e.g. bench/device_build.sh /path/to/libpython3.12.so.1.0 3.12 (copied from
-# the GPU host). Python headers are not needed (pyo3 declares the C API
+# e.g. bench/device_build.sh /path/to/libpython3.12.so.1.0 3.12 (from a
+# CPython of that version here, or copied from the GPU host). Python headers are not needed (pyo3 declares the C API
 # itself); the copied libpython is only linked against, the host's own is
 # loaded at run time.
 set -euo pipefail
@@ -31,8 +31,10 @@ PYO3_CONFIG_FILE="$WORK/pyo3-config.txt" CARGO_TARGET_DIR="$WORK/target" \
     cargo build -q --release -p notebookos-kernel
 cp "$WORK/target/release/notebookos-kernel" "$ROOT/target/device/notebookos-kernel"
 strip "$ROOT/target/device/notebookos-kernel"
-# IPython and jupyter_client for the host's Python (no internet there).
+# The shim's dependencies, jupyter_client, and ipykernel to compare with, for
+# the host's Python (no internet there).
 "$ROOT/.venv/bin/pip" download -q --only-binary=:all: --python-version "$VER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    -d "$ROOT/target/device/wheels" ipython comm matplotlib-inline traitlets jupyter_client
+    -d "$ROOT/target/device/wheels" ipython comm matplotlib-inline traitlets jupyter_client \
+    cloudpickle ipykernel numpy
 du -sh "$ROOT/target/device"

@@ -7,7 +7,7 @@ time until every replica holds the cell's changes (`notebookos_sync_request`
 answered). After the 800 MB array: the RSS (and PSS, which counts shared
 pages once) of all of each kernel's processes.
 
-Usage: python bench/interactive.py [--rounds 3] [--json FILE]
+Usage: python bench/interactive.py [--rounds 5] [--json FILE]
 Needs kernelspecs "python3" (ipykernel), "notebookos" and "notebookos-single"
 on JUPYTER_PATH (bench/run.sh writes them).
 """
@@ -99,7 +99,7 @@ class Kernel:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nbos-interactive-"))
@@ -111,7 +111,7 @@ def main():
     try:
         for r in range(args.rounds):
             for label, code in CELLS:
-                # Alternate which kernel goes first, so none always runs on a warm cache.
+                # Rotate which kernel goes first, so none always runs on a warm cache.
                 order = kernels[r % 3:] + kernels[:r % 3]
                 for k in order:
                     t_idle, t_sync = k.run(code)
@@ -119,6 +119,9 @@ def main():
                     if k.rk is not None:
                         synced[label].append(t_sync)
                     if label == AFTER_BIG and r == args.rounds - 1:
+                        if k.rk is not None:
+                            # Every replica has applied every change (a log barrier).
+                            k.rk.verify()
                         mem[k.name] = memory(k.pids())
                 print(f"round {r + 1} {label}: " + ", ".join(
                     f"{k.name} {idle[k.name][label][-1] * 1000:.1f} ms" for k in kernels), flush=True)

@@ -24,8 +24,18 @@ cat > "$SPECS/kernels/python3/kernel.json" <<JSON
 JSON
 mkdir -p bench/results
 export JUPYTER_PATH="$SPECS" IPYTHONDIR="$SPECS/ipython"
-.venv/bin/python bench/kernel_vs_ipykernel.py --json bench/results/kernel_vs_ipykernel.json "$@"
-# Time until all replicas hold a 1 GiB array a cell created.
-.venv/bin/python bench/replica_sync.py --json bench/results/replica_sync.json
-# Memory over a 10,000-cell session, and a late joiner's catch-up.
-.venv/bin/python bench/long_session.py --json bench/results/long_session.json
+# BENCHES picks some (default: all), e.g. BENCHES=interactive bash bench/run.sh
+BENCHES="${BENCHES:-kernel_vs_ipykernel interactive replica_sync long_session}"
+for b in $BENCHES; do
+    case "$b" in
+        # Message round trips against ipykernel.
+        kernel_vs_ipykernel) .venv/bin/python bench/kernel_vs_ipykernel.py --json bench/results/kernel_vs_ipykernel.json "$@" ;;
+        # Realistic cells: time to idle and to full replication, and memory.
+        interactive) .venv/bin/python bench/interactive.py --json bench/results/interactive.json ;;
+        # Time until all replicas hold a 1 GiB array a cell created.
+        replica_sync) .venv/bin/python bench/replica_sync.py --json bench/results/replica_sync.json ;;
+        # Memory over a 10,000-cell session, and a late joiner's catch-up.
+        long_session) .venv/bin/python bench/long_session.py --json bench/results/long_session.json ;;
+        *) echo "unknown bench: $b" >&2; exit 2 ;;
+    esac
+done

@@ -88,10 +88,16 @@ impl Core {
             }
             None => self.gpu.release(&cell, used).await,
         }
-        let captured = Box::pin(statesync::capture_delta(&self.exec, request_code(&request)));
+        let strict = self.sync_mode == SyncMode::Strict;
+        let (replied, reply_sent) = tokio::sync::oneshot::channel();
+        let captured = Box::pin(statesync::capture_delta(
+            &self.exec,
+            request_code(&request),
+            (!strict).then_some(reply_sent),
+        ));
         // Everything the cell printed reaches the front before its Done does.
         self.iopub.flush().await;
-        if self.sync_mode == SyncMode::Strict {
+        if strict {
             let shipped = self.sync_changes(captured).await;
             let done = Entry::Done {
                 cell: cell.clone(),
@@ -120,6 +126,7 @@ impl Core {
             if let Err(e) = &proposed {
                 tracing::error!(error = %e, "could not report a finished cell");
             }
+            let _ = replied.send(());
             let _ = committed.send(proposed.is_ok());
         }
         lock(&self.running).remove(&cell);

@@ -19,20 +19,49 @@ use crate::python::{Executor, PythonError};
 #[error("corrupt state delta: {0}")]
 pub struct CorruptDelta(&'static str);
 
-/// One pickled namespace change (or a whole checkpoint), packed.
+/// Below this the copy is not split across threads.
+const PARALLEL_COPY: usize = 64 << 20;
+const COPY_CHUNK: usize = 16 << 20;
+
+/// One pickled namespace change (or a whole checkpoint), packed. The copy
+/// is what makes it a snapshot later cells cannot tear; large ones are
+/// copied on every core.
 pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
-    let total =
-        4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(total);
+    let data: usize = buffers.iter().map(|b| b.len()).sum();
+    let mut out = Vec::with_capacity(4 + 8 * (1 + buffers.len()) + header.len() + data);
     out.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     for b in buffers {
         out.extend_from_slice(&(b.len() as u64).to_le_bytes());
     }
     out.extend_from_slice(header);
-    for b in buffers {
-        out.extend_from_slice(b);
+    if data < PARALLEL_COPY {
+        for b in buffers {
+            out.extend_from_slice(b);
+        }
+        return out;
     }
+    let start = out.len();
+    out.resize(start + data, 0);
+    // Pairs of (destination, source) chunks, spread over the threads.
+    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
+    let mut rest = &mut out[start..];
+    for b in buffers {
+        let (dst, tail) = rest.split_at_mut(b.len());
+        rest = tail;
+        pieces.extend(dst.chunks_mut(COPY_CHUNK).zip(b.chunks(COPY_CHUNK)));
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = pieces.len().div_ceil(threads.max(1));
+    std::thread::scope(|s| {
+        for group in pieces.chunks_mut(per.max(1)) {
+            s.spawn(move || {
+                for (dst, src) in group.iter_mut() {
+                    dst.copy_from_slice(src);
+                }
+            });
+        }
+    });
     out
 }
 
@@ -94,7 +123,10 @@ fn capture<'py>(
         }
     }
     let refs: Vec<&[u8]> = copies.iter().map(|c| c.as_ref()).collect();
-    Ok(pack(header.as_bytes(), &refs))
+    // The buffers are held; the cell is over, so only a thread the user left
+    // running could write to them meanwhile.
+    let head = header.as_bytes();
+    Ok(py.allow_threads(|| pack(head, &refs)))
 }
 
 fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()> {
@@ -179,12 +211,19 @@ impl DeltaBuffer {
 
 /// After a cell on the winner: what changed, packed (a copy, so later cells
 /// cannot tear it). Queued on the Python thread at once, so it runs before
-/// any cell queued after this call.
+/// any cell queued after this call; it starts once `after` resolves (or is
+/// dropped), so that it does not compete with the reply for the CPU.
 pub fn capture_delta(
     exec: &Executor,
     code: String,
+    after: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> impl std::future::Future<Output = Result<Vec<u8>, PythonError>> + Send + 'static {
-    exec.queue(move |_py, kernel| capture(kernel, "sync_capture", (code,)))
+    exec.queue(move |py, kernel| {
+        if let Some(after) = after {
+            py.allow_threads(|| drop(after.blocking_recv()));
+        }
+        capture(kernel, "sync_capture", (code,))
+    })
 }
 
 pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
@@ -222,6 +261,18 @@ mod tests {
         );
         let empty = Bytes::from(pack(b"", &[]));
         assert_eq!(unpack(&empty).unwrap().1.len(), 0);
+    }
+
+    #[test]
+    fn large_buffers_pack_the_same_across_threads() {
+        let a: Vec<u8> = (0..PARALLEL_COPY + 3 * COPY_CHUNK + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let b: Vec<u8> = (0..COPY_CHUNK / 2).map(|i| (i % 13) as u8).collect();
+        let data = Bytes::from(pack(b"h", &[&a, &[], &b]));
+        let (h, bufs) = unpack(&data).unwrap();
+        assert_eq!(&h[..], b"h");
+        assert!(bufs[0] == a && bufs[1].is_empty() && bufs[2] == b);
     }
 
     #[test]
