@@ -9,6 +9,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 OUTDIR="${1:-$ROOT/test-output/gpu}"
 "$PY" -m pip install -q --no-index --find-links "$ROOT/target/device/wheels" \
-    ipython comm matplotlib-inline traitlets jupyter_client cloudpickle ipykernel 2>&1 | tail -3
+    ipython comm matplotlib-inline traitlets jupyter_client cloudpickle ipykernel numpy 2>&1 | tail -3
 export PYTHONPATH="$ROOT/python-shim${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" "$ROOT/bench/gpu_interactive.py" --kernel "$ROOT/target/device/notebookos-kernel" --out "$OUTDIR"

@@ -35,11 +35,23 @@ def _torch(load=False):
         return None
 
 
-def _move_tensor(t, device):
+def _to(data, device, torch):
+    """`data` on `device`; to the host through pinned memory (PCIe at full
+    speed, asynchronously: callers synchronize)."""
+    if device == "cpu" and data.is_cuda and data.is_contiguous():
+        try:
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+        except RuntimeError:
+            return data.to(device)
+        return host.copy_(data, non_blocking=True)
+    return data.to(device, non_blocking=True)
+
+
+def _move_tensor(t, device, torch):
     # In place (the same tensor object), so every reference sees the move.
-    t.data = t.data.to(device, non_blocking=False)
+    t.data = _to(t.data, device, torch)
     if t.grad is not None:
-        t.grad.data = t.grad.data.to(device)
+        t.grad.data = _to(t.grad.data, device, torch)
 
 
 def _move(value, device, torch):
@@ -50,20 +62,19 @@ def _move(value, device, torch):
         for t in list(value.parameters()) + list(value.buffers()):
             if t.is_cuda != to_gpu:
                 moved += t.numel() * t.element_size()
-        if moved:
-            value.to(device)
+                _move_tensor(t, device, torch)
         return moved
     if isinstance(value, torch.Tensor):
         if value.is_cuda != to_gpu:
             moved += value.numel() * value.element_size()
-            _move_tensor(value, device)
+            _move_tensor(value, device, torch)
         return moved
     if isinstance(value, torch.optim.Optimizer):
         for state in value.state.values():
             for k, t in list(state.items()):
                 if isinstance(t, torch.Tensor) and t.is_cuda != to_gpu:
                     moved += t.numel() * t.element_size()
-                    state[k] = t.to(device)
+                    state[k] = _to(t, device, torch)
         return moved
     if isinstance(value, (list, tuple)):
         for v in value:
