@@ -505,3 +505,56 @@ def test_class_digest_does_not_depend_on_pickling_an_instance(tmp_path):
              ("apply", *winner.run("child = Child()"))]
     out = run_receiver(tmp_path, steps)
     assert out["digest"] == winner.sync.digest()
+
+
+def cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
+def test_torch_gpu_state_travels_as_host_copies_and_every_optimizer_step_is_seen(impl):
+    """Fused and foreach optimizer steps do not bump torch's version counters,
+    so change detection compares GPU contents (a digest on the GPU)."""
+    torch = cuda_torch()
+    kw = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[impl]
+    winner, other = Replica(), Replica()
+    header, buffers = winner.run(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 8)).cuda()\n"
+        f"opt = torch.optim.Adam(model.parameters(), lr=1e-3, **{kw!r})\n"
+        "x = torch.randn(64, 512, device='cuda')\n"
+    )
+    other.sync.apply(header, received(buffers))
+    step = "opt.zero_grad()\nmodel(x).pow(2).mean().backward()\nopt.step()\n"
+    for _ in range(3):
+        header, buffers = winner.run(step)
+        other.sync.apply(header, received(buffers))
+        mine, theirs = winner.ns["opt"].state_dict(), other.ns["opt"].state_dict()
+        for p, q in zip(winner.ns["model"].parameters(), other.ns["model"].parameters()):
+            assert not q.is_cuda and torch.equal(p.detach().cpu(), q.detach())
+        for k, st in mine["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(st[name].cpu(), theirs["state"][k][name]), (impl, name)
+    # Nothing that ran no step is sent again.
+    header, buffers = winner.run("y = 1")
+    assert sum(memoryview(b).nbytes for b in buffers) == 0
+
+
+def test_torch_gpu_state_moves_off_through_its_host_mirror_only_while_unchanged():
+    torch = cuda_torch()
+    winner = Replica()
+    winner.run("import torch\nw = torch.nn.Parameter(torch.randn(1 << 20, device='cuda'))\n")
+    gpu = sys.modules["notebookos_shim.gpu"]  # loaded by the capture
+    w = winner.ns["w"]
+    assert gpu.host_mirror(w, statesync.device_digest(torch, w)) is not None
+    with torch.no_grad():
+        w.mul_(2)  # changed after the capture: the mirror no longer applies
+    expected = w.detach().cpu()
+    assert gpu.host_mirror(w, statesync.device_digest(torch, w)) is None
+    gpu._move(w, "cpu", torch)
+    torch.cuda.synchronize()
+    assert not w.is_cuda and torch.equal(w.detach(), expected)

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 import time
+import weakref
 
 REGISTRY = "_notebookos_on_gpu"
 
@@ -35,23 +36,60 @@ def _torch(load=False):
         return None
 
 
-def _to(data, device, torch):
-    """`data` on `device`; to the host through pinned memory (PCIe at full
-    speed, asynchronously: callers synchronize)."""
-    if device == "cpu" and data.is_cuda and data.is_contiguous():
-        try:
-            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
-        except RuntimeError:
-            return data.to(device)
-        return host.copy_(data, non_blocking=True)
+# Host copies of GPU tensors made when their values were last replicated
+# (statesync's capture), per tensor object, with a digest of the contents
+# computed on the GPU: while the tensor is the same object with the same
+# contents, moving it off the GPU is a pointer swap, not a copy. An entry
+# goes when its tensor does.
+_MIRRORS = {}
+
+
+def host_mirror(t, digest):
+    """The pinned host copy of GPU tensor `t` if one is kept and `digest`
+    (its contents now, ``statesync.device_digest``) is the one it was made at."""
+    entry = _MIRRORS.get(id(t))
+    if entry is None or digest is None:
+        return None
+    ref, kept, host = entry
+    return host if ref() is t and kept == digest else None
+
+
+def keep_host_mirror(t, digest, host):
+    if digest is None:
+        return
+    key = id(t)
+    try:
+        ref = weakref.ref(t, lambda _, key=key: _MIRRORS.pop(key, None))
+    except TypeError:
+        return
+    _MIRRORS[key] = (ref, digest, host)
+
+
+def _to(t, device, torch):
+    """`t`'s data on `device`; to the host through its mirror or pinned memory
+    (PCIe at full speed, asynchronously: callers synchronize)."""
+    data = t.data
+    if device == "cpu" and data.is_cuda:
+        if _MIRRORS:
+            from .statesync import device_digest
+
+            mirror = host_mirror(t, device_digest(torch, data))
+            if mirror is not None:
+                return mirror
+        if data.is_contiguous():
+            try:
+                host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            except RuntimeError:
+                return data.to(device)
+            return host.copy_(data, non_blocking=True)
     return data.to(device, non_blocking=True)
 
 
 def _move_tensor(t, device, torch):
     # In place (the same tensor object), so every reference sees the move.
-    t.data = _to(t.data, device, torch)
+    t.data = _to(t, device, torch)
     if t.grad is not None:
-        t.grad.data = _to(t.grad.data, device, torch)
+        t.grad.data = _to(t.grad, device, torch)
 
 
 def _move(value, device, torch):
@@ -131,6 +169,7 @@ def unbind(shell):
             names.append(name)
         moved += n
     torch.cuda.synchronize()
+    _MIRRORS.clear()  # the host copies are the values now
     torch.cuda.empty_cache()
     previous = set(ns.get(REGISTRY) or ())
     ns[REGISTRY] = sorted(previous | set(names))
@@ -167,3 +206,28 @@ def register(shell):
              if not name.startswith("Out[") and _holds_device_state(value, torch)}
     if not names <= previous:
         ns[REGISTRY] = sorted(previous | names)
+    _mirror_grads(ns, torch)
+
+
+def _mirror_grads(ns, torch):
+    """Gradients do not travel with a delta (a parameter pickles without its
+    .grad), so the capture does not copy them; copy them here, once per
+    change, so that moving the state off later is a pointer swap for them
+    too. Synchronized with the capture's own copies."""
+    from .statesync import device_digest
+
+    for _, value in _candidates(ns):
+        if not isinstance(value, torch.nn.Module):
+            continue
+        for p in value.parameters():
+            g = p.grad
+            if g is None or not g.is_cuda or not g.is_contiguous():
+                continue
+            digest = device_digest(torch, g)
+            if host_mirror(g, digest) is not None:
+                continue
+            try:
+                host = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+            except RuntimeError:
+                return
+            keep_host_mirror(g, digest, host.copy_(g, non_blocking=True))

@@ -40,9 +40,8 @@ named in the cell is assumed unchanged, so in-place mutation of it through
 a function call, an alias stored elsewhere (``d = {"a": big}``, a numpy view)
 or ``%run -i`` style code that does not name it is not replicated. Checking
 a large object costs one pickle plus a hash of its buffers (xxh3 on every core,
-GIL released: several GB/s), no copy; a torch tensor is compared by its storage
-and version counter, never read (so ``t.data`` writes, which torch does not
-count, are not seen). Objects shared between names sent in different cells become separate
+GIL released: several GB/s), no copy; a GPU tensor by a digest computed on the GPU
+(``device_digest``), never copied to the host to be compared. Objects shared between names sent in different cells become separate
 copies on the receivers.
 
 Functions and classes defined in the notebook travel by value (cloudpickle).
@@ -190,8 +189,10 @@ def _tensor_reduce(torch, tensor):
     leave it to torch. A GPU tensor travels as a host copy (its state stays
     on this replica's GPU; the receivers' is on the host until a GPU cell
     there moves it, see gpu.py)."""
+    # A non-leaf travels as its data (its graph cannot), as torch's own pickle does;
+    # never as a GPU tensor, which would make the receiver take GPU memory.
     if (tensor.device.type not in ("cpu", "cuda") or tensor.layout != torch.strided
-            or tensor.is_quantized or tensor.grad_fn is not None):
+            or tensor.is_quantized):
         return None
     if type(tensor) is torch.nn.Parameter:
         return (torch.nn.Parameter, (_on_host(torch, tensor), tensor.requires_grad))
@@ -214,15 +215,24 @@ def _tensor_reduce(torch, tensor):
 def _on_host(torch, tensor):
     """The tensor's data on the host: itself on CPU, else a copy into pinned
     memory (the fast path over PCIe), queued on the current stream; capture
-    synchronizes before the bytes are read."""
+    synchronizes before the bytes are read. The copy is kept as the tensor's
+    host mirror (see gpu.py): moving the state off the GPU later costs no
+    copy while the tensor is unchanged."""
     t = tensor.detach()
     if t.device.type == "cpu":
         return t
+    from . import gpu
+
+    digest = device_digest(torch, t)
+    mirror = gpu.host_mirror(tensor, digest)
+    if mirror is not None:
+        return mirror
     try:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     except RuntimeError:
         return t.to("cpu")
     host.copy_(t, non_blocking=True)
+    gpu.keep_host_mirror(tensor, digest, host)
     return host
 
 
@@ -283,26 +293,59 @@ def _dump(obj, user_ns, buffer_callback=None, pickler=_Pickler):
 
 
 class _ChangePickler(_Pickler):
-    """What change detection pickles: a tensor as its storage, layout and
-    version counter (torch bumps it on every in-place write, optimizer steps
-    included), so an unchanged model is never read again. Never unpickled."""
+    """What change detection pickles: a GPU tensor as its layout and a digest
+    of its contents computed on the GPU (see ``device_digest``), so a model is
+    never copied to the host just to learn it did not change. Never unpickled.
+    (Version counters would be cheaper but are not bumped by fused or foreach
+    optimizer steps.) CPU tensors are hashed as bytes, like any buffer."""
 
     def reducer_override(self, obj):
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor):
-            token = _tensor_token(obj)
-            if token is not None:
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.is_cuda:
+            digest = device_digest(torch, obj)
+            if digest is not None:
+                token = (type(obj).__qualname__, str(obj.device), str(obj.dtype), tuple(obj.shape),
+                         obj.requires_grad, digest)
                 return (_tensor_token, token)
         return super().reducer_override(obj)
 
 
-def _tensor_token(t):
+def _tensor_token(*token):
+    raise RuntimeError("statesync: a change-detection token is never unpickled")
+
+
+_DIGEST_GROUP = 1 << 22  # words reduced at a time: bounds the temporary GPU memory
+_WEIGHTS = {}
+
+
+def device_digest(torch, t):
+    """Two wrapping 64-bit sums over the tensor's 32-bit words (plain, and
+    weighted by a fixed pseudo-random sequence, so moved or swapped words
+    show), computed on its GPU: milliseconds for gigabytes, one small copy
+    back. None when the tensor cannot be viewed as words."""
     try:
-        return (type(t).__qualname__, str(t.device), str(t.dtype), t.data_ptr(),
-                t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version,
-                t.requires_grad)
-    except (RuntimeError, TypeError, AttributeError):
-        # Inference tensors keep no version counter; sparse ones no strides.
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.numel() == 0:
+            return (0, 0, 0)
+        nbytes = flat.numel() * flat.element_size()
+        raw = flat.view(torch.uint8)
+        try:
+            words = raw.view(torch.int32)
+        except RuntimeError:  # a size or offset that is not a whole number of words
+            words = raw
+        weights = _WEIGHTS.get(t.device)
+        if weights is None:
+            g = torch.Generator(device=t.device).manual_seed(0x6E626F73)
+            weights = torch.randint(1, 1 << 31, (_DIGEST_GROUP,), generator=g,
+                                    device=t.device, dtype=torch.int32)
+            _WEIGHTS[t.device] = weights
+        sums = []
+        for at in range(0, words.numel(), _DIGEST_GROUP):
+            part = words[at:at + _DIGEST_GROUP].to(torch.int64)
+            sums.append(torch.stack([part.sum(), (part * weights[:part.numel()]).sum()]))
+        total = torch.stack(sums).sum(dim=0).tolist()
+        return (nbytes, *total)
+    except (RuntimeError, TypeError):
         return None
 
 

@@ -462,6 +462,19 @@ mod tests {
     }
 
     #[test]
+    fn cached_and_revoked_grants_count_as_reclaimable() {
+        let t0 = Instant::now();
+        let mut g = Grants::new(3);
+        let a = g.grant("k1", 1, 2, LEASE, t0).unwrap();
+        g.grant("k2", 1, 1, LEASE, t0).unwrap();
+        assert_eq!(g.cached_gpus(), 0);
+        g.cache(a.id, secs(1), t0 + secs(1)).unwrap();
+        assert_eq!(g.cached_gpus(), 2);
+        assert!(g.grant("k3", 1, 1, LEASE, t0 + secs(1)).is_err());
+        assert_eq!(g.cached_gpus(), 2, "revoked, still to be reclaimed");
+    }
+
+    #[test]
     fn running_grants_are_never_revoked() {
         let t0 = Instant::now();
         let mut g = Grants::new(1);

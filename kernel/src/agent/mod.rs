@@ -307,11 +307,15 @@ impl Agent {
         }
     }
 
-    /// (GPUs, GPUs no grant holds).
+    /// (GPUs, GPUs free for a new cell). Cached grants count as free: the
+    /// agent revokes them on demand, and moving their state off takes a
+    /// fraction of a second (docs/gpu.md), far less than a scale-out.
     fn gpu_counts(&self) -> (u32, u32) {
         let total = self.gpus.len() as u32;
-        let held: usize = self.lock().active().iter().map(|g| g.gpus.len()).sum();
-        (total, total.saturating_sub(held as u32))
+        let g = self.lock();
+        let held: usize = g.active().iter().map(|g| g.gpus.len()).sum();
+        let running = held.saturating_sub(g.cached_gpus());
+        (total, total.saturating_sub(running as u32))
     }
 
     fn status(&self) -> Status {
