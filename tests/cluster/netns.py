@@ -74,17 +74,25 @@ def cut(tag, n, up=False):
        "up" if up else "down")
 
 
-def hog(socket_path, gpus):
-    """Holds `gpus` GPUs of an agent, as another kernel's cell would."""
+def hog(socket_path, gpus, patience=30):
+    """Holds `gpus` GPUs of an agent, as another kernel's cell would: while
+    the agent reclaims them from a kernel that keeps its state cached on
+    them, it asks again."""
     import socket as so
 
-    c = so.socket(so.AF_UNIX)
-    c.connect(str(socket_path))
-    c.sendall(json.dumps({"op": "grant", "kernel": "hog", "replica": 0, "gpus": gpus,
-                          "lease_ms": 600_000}).encode() + b"\n")
-    answer = json.loads(c.makefile().readline())
-    c.close()
-    return answer["granted"]["id"]
+    deadline = time.monotonic() + patience
+    while True:
+        c = so.socket(so.AF_UNIX)
+        c.connect(str(socket_path))
+        c.sendall(json.dumps({"op": "grant", "kernel": "hog", "replica": 0, "gpus": gpus,
+                              "lease_ms": 600_000}).encode() + b"\n")
+        answer = json.loads(c.makefile().readline())
+        c.close()
+        if "granted" in answer:
+            return answer["granted"]["id"]
+        reclaiming = answer.get("refused", {}).get("reclaiming")
+        assert reclaiming and time.monotonic() < deadline, answer
+        time.sleep(0.05)
 
 
 def release(socket_path, grant):

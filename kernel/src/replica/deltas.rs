@@ -48,12 +48,9 @@ const INLINE_DELTA: usize = 64 << 10;
 impl Core {
     /// Queues a cell's changes behind the earlier cells'.
     pub(super) fn replicate(&self, out: Outbound) {
-        if let Some(tx) = &*lock(&self.outbound) {
-            if tx.send(out).is_ok() {
-                return;
-            }
+        if self.outbound.send(out).is_err() {
+            tracing::warn!("replication has stopped; a cell's changes stay on this replica");
         }
-        tracing::warn!("replication has stopped; a cell's changes stay on this replica");
     }
 
     /// Ships queued changes one cell at a time, in the order the cells ran.

@@ -170,7 +170,7 @@ pub struct Core {
     remote_stdin: OnceLock<Arc<relay::RemoteStdin>>,
     sync_mode: SyncMode,
     /// This replica's cells' changes, in the order they ran, to ship.
-    outbound: Mutex<Option<mpsc::UnboundedSender<deltas::Outbound>>>,
+    outbound: mpsc::UnboundedSender<deltas::Outbound>,
     replication: Mutex<Option<mpsc::UnboundedReceiver<deltas::Outbound>>>,
     /// Bytes of changes captured here and not yet committed.
     unsynced_bytes: std::sync::atomic::AtomicU64,
@@ -226,7 +226,7 @@ impl Core {
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
             sync_mode: SyncMode::from_env(),
-            outbound: Mutex::new(Some(outbound)),
+            outbound,
             replication: Mutex::new(Some(replication)),
             unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
             stop: watch::channel(false).0,
