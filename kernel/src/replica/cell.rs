@@ -94,6 +94,7 @@ impl Core {
             &self.exec,
             request_code(&request),
             (!strict).then_some(reply_sent),
+            self.backlog.clone(),
         ));
         // Everything the cell printed reaches the front before its Done does.
         self.iopub.flush().await;

@@ -105,6 +105,7 @@ impl Core {
     pub(super) fn shipped(&self, shipped: Shipped) {
         self.unsynced_bytes
             .fetch_sub(shipped.bytes, Ordering::Relaxed);
+        self.backlog.leave();
         if let Delta::Blob { hash, len } = shipped.delta {
             if shipped.pushed_to_all {
                 self.node.remove_blob(&BlobHash(hash));

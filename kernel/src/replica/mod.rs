@@ -174,6 +174,8 @@ pub struct Core {
     replication: Mutex<Option<mpsc::UnboundedReceiver<deltas::Outbound>>>,
     /// Bytes of changes captured here and not yet committed.
     unsynced_bytes: std::sync::atomic::AtomicU64,
+    /// How many captured deltas may wait to be committed.
+    backlog: Arc<statesync::Backlog>,
     stop: watch::Sender<bool>,
 }
 
@@ -229,6 +231,7 @@ impl Core {
             outbound,
             replication: Mutex::new(Some(replication)),
             unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
+            backlog: Arc::new(statesync::Backlog::from_env()),
             stop: watch::channel(false).0,
         })
     }

@@ -217,13 +217,63 @@ pub fn capture_delta(
     exec: &Executor,
     code: String,
     after: Option<tokio::sync::oneshot::Receiver<()>>,
+    backlog: Arc<Backlog>,
 ) -> impl std::future::Future<Output = Result<Vec<u8>, PythonError>> + Send + 'static {
     exec.queue(move |py, kernel| {
-        if let Some(after) = after {
-            py.allow_threads(|| drop(after.blocking_recv()));
-        }
+        py.allow_threads(|| {
+            if let Some(after) = after {
+                drop(after.blocking_recv());
+            }
+            backlog.enter();
+        });
         capture(kernel, "sync_capture", (code,))
     })
+}
+
+/// Bounds how many captured deltas of one replica are not yet committed, so
+/// memory stays bounded when cells come faster than their changes can be
+/// shipped: the next capture waits on the Python thread, which delays the
+/// next cell (never the reply of the one that just ran).
+pub struct Backlog {
+    limit: usize,
+    count: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Backlog {
+    /// `NOTEBOOKOS_SYNC_BACKLOG` deltas (default 2).
+    pub fn from_env() -> Self {
+        let limit = std::env::var("NOTEBOOKOS_SYNC_BACKLOG")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(2);
+        Self::new(limit)
+    }
+
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            count: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Blocks until a delta may be captured, and counts it.
+    pub fn enter(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count >= self.limit {
+            count = self.freed.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
+        *count += 1;
+    }
+
+    /// A counted delta is committed (or given up).
+    pub fn leave(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        self.freed.notify_one();
+    }
 }
 
 pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError> {
@@ -273,6 +323,26 @@ mod tests {
         let (h, bufs) = unpack(&data).unwrap();
         assert_eq!(&h[..], b"h");
         assert!(bufs[0] == a && bufs[1].is_empty() && bufs[2] == b);
+    }
+
+    #[test]
+    fn the_backlog_admits_its_limit_then_waits_for_a_leave() {
+        let backlog = Arc::new(Backlog::new(2));
+        backlog.enter();
+        backlog.enter();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = backlog.clone();
+        let third = std::thread::spawn(move || {
+            b.enter();
+            tx.send(()).unwrap();
+        });
+        // Not admitted while two are in flight.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err());
+        backlog.leave();
+        rx.recv().unwrap();
+        third.join().unwrap();
     }
 
     #[test]
