@@ -68,9 +68,10 @@ impl Core {
             Err(e) => error_reply("BadRequest", &e.to_string()),
         };
         let used = started.elapsed();
-        // Queued on the Python thread now, so before any later cell: device
-        // state to host memory (the GPUs were bound only while the cell ran),
-        // then the capture of what changed.
+        // The grant stays cached with the state on its GPUs (or, with caching
+        // off, the state is queued to go to host memory first); then the
+        // capture of what changed is queued on the Python thread, so it runs
+        // before any later cell there.
         match binding {
             Some(binding) if self.gpu.caching() => {
                 if let Some(cached) = self.gpu.cache(&cell, used).await {
