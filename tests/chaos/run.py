@@ -148,10 +148,13 @@ def run(n_cells, n_faults, seed, netns, tmp, cluster=None):
                 tc("qdisc", "replace", "dev", DEV, "root", "tbf", "rate", "8mbit",
                    "burst", "16kb", "latency", "20ms")
                 shaping_until = i + WINDOW
-                # Cells' own traffic is small; a value of a few MB makes the
-                # bulk stream burst past the bucket for certain.
+                # Cells' own traffic is small; a value of a few MB that replica
+                # 1 sends makes the bulk stream burst past the bucket for certain
+                # (in a cluster only replica 1's link is shaped).
                 burst = "_chaos_burst = bytes(4 << 20)"
+                rk.steer(rk.front())
                 reply, _ = rk.fe.execute(burst, timeout=300)
+                rk.unsteer()
                 ran_as[reply.get("execution_count")] = burst
             elif kind == "kill_front":
                 rk.kill_front_and_restart()
