@@ -44,6 +44,8 @@ pub fn wanted(code: &str, default: u32) -> u32 {
 struct Held {
     grant: AgentGrant,
     renew: JoinHandle<()>,
+    /// Taken back from this replica's cache: state from an earlier cell is on it.
+    from_cache: bool,
     /// Its cell ended; the GPUs go back once their state is off them.
     finished: bool,
 }
@@ -160,7 +162,8 @@ impl Grants {
         match answer {
             Ok(Granting::Granted(grant)) => {
                 let mut cached = lock(&self.cached);
-                if cached.as_ref().is_some_and(|c| c.grant.id == grant.id) {
+                let from_cache = cached.as_ref().is_some_and(|c| c.grant.id == grant.id);
+                if from_cache {
                     if let Some(c) = cached.take() {
                         // Its watcher stops; the state is where the cell needs it.
                         let _ = c.reused.send(());
@@ -171,6 +174,7 @@ impl Grants {
                 let held = Held {
                     grant,
                     renew,
+                    from_cache,
                     finished: false,
                 };
                 lock(&self.held).insert(cell.to_owned(), held);
@@ -224,6 +228,18 @@ impl Grants {
             id: held.grant.id,
             end: tokio::spawn(watch_cached(agent, held.grant.id, self.cache_idle, taken)),
         })
+    }
+
+    /// The election for `cell` went elsewhere: its GPUs go back to the agent,
+    /// or, if they came from this replica's cache (with earlier state on
+    /// them), back to the cache; then the caller watches it as after a cell.
+    pub async fn give_back(&self, cell: &str) -> Option<CachedGrant> {
+        let from_cache = lock(&self.held).get(cell).is_some_and(|h| h.from_cache);
+        if from_cache {
+            return self.cache(cell, Duration::ZERO).await;
+        }
+        self.release(cell, Duration::ZERO).await;
+        None
     }
 
     /// Gives back the cached grant `id` once its state is off (`moving` long).
@@ -369,6 +385,13 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// For state left on GPUs by an earlier cell, with no context retained now.
+    pub fn earlier() -> Self {
+        Self {
+            _contexts: Vec::new(),
+        }
+    }
+
     /// After the cell: device state to host memory, caches emptied. Queued on
     /// the Python thread at once, ahead of anything queued after this call.
     pub fn unbind(self, exec: &Executor) -> impl std::future::Future<Output = ()> + Send + 'static {

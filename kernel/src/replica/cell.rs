@@ -136,7 +136,7 @@ impl Core {
 
     /// The GPU state of the last cell stays on the GPUs until another replica
     /// needs them (or they idle); then it moves to host memory and they go back.
-    async fn offload_when_reclaimed(
+    pub(super) async fn offload_when_reclaimed(
         self: Arc<Self>,
         cached: crate::gpu::CachedGrant,
         binding: crate::gpu::Binding,

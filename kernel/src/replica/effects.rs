@@ -37,7 +37,10 @@ impl Core {
                 }
             }
             Effect::ReleaseGpus { cell } => {
-                self.gpu.release(&cell, std::time::Duration::ZERO).await;
+                if let Some(cached) = self.gpu.give_back(&cell).await {
+                    let binding = crate::gpu::Binding::earlier();
+                    tokio::spawn(self.clone().offload_when_reclaimed(cached, binding));
+                }
             }
             Effect::Queued { cell, request } => {
                 self.emit(CoreEvent::Queued { cell, request });
