@@ -75,6 +75,14 @@ pub enum CellResult {
     Lost { replica: NodeId },
 }
 
+/// A replica on its way in: where its `MemberJoin` is, and where it listens
+/// (so that whichever replica leads can admit it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joiner {
+    pub at: u64,
+    pub addr: String,
+}
+
 /// What every replica agrees on, derived from the log alone; a Raft snapshot is this.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GroupState {
@@ -83,9 +91,8 @@ pub struct GroupState {
     pub front: NodeId,
     /// Voting members, as of the last membership entry.
     pub voters: BTreeSet<NodeId>,
-    /// Replicas whose `MemberJoin` is in the log and whose checkpoint is not yet: the index
-    /// of their `MemberJoin`.
-    pub joining: BTreeMap<NodeId, u64>,
+    /// Replicas whose `MemberJoin` is in the log and whose checkpoint is not yet.
+    pub joining: BTreeMap<NodeId, Joiner>,
     /// Replicas whose checkpoint is in the log: ready to vote.
     pub checkpointed: BTreeSet<NodeId>,
     pub checkpoint: Option<CheckpointRef>,
@@ -276,9 +283,9 @@ impl Applier {
                 );
             }
             Local::Joining { joined, buffered } => {
-                if let Some(at) = self.state.joining.get(&self.me) {
+                if let Some(joiner) = self.state.joining.get(&self.me) {
                     *joined = true;
-                    for d in self.state.deltas.iter().filter(|d| d.index > *at) {
+                    for d in self.state.deltas.iter().filter(|d| d.index > joiner.at) {
                         if !buffered.iter().any(|b| b.index == d.index) {
                             buffered.push(d.clone());
                         }
@@ -384,7 +391,13 @@ impl Applier {
                 if front {
                     self.state.front = replica;
                 }
-                self.state.joining.insert(replica, index);
+                self.state.joining.insert(
+                    replica,
+                    Joiner {
+                        at: index,
+                        addr: addr.clone(),
+                    },
+                );
                 if replica == self.me {
                     if let Local::Joining { joined, .. } = &mut self.local {
                         *joined = true;

@@ -65,7 +65,7 @@ impl Core {
             }
             Effect::AddMember { replica, addr } => {
                 if self.is_leader() {
-                    tokio::spawn(self.clone().add_member(replica, addr));
+                    self.admit(replica, addr);
                 }
             }
             Effect::AnswerVerify { nonce, to } => {

@@ -10,9 +10,9 @@ use raft_transport::NodeId;
 use super::entry::Entry;
 use super::{lock, statesync, Core};
 
-/// How often the leader checks that downed replicas left Raft's membership.
 /// How long a checkpoint for a joiner waits for changes still streaming.
 const JOIN_SYNC_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often the leader checks that downed replicas left Raft's membership.
 const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Core {
@@ -60,6 +60,20 @@ impl Core {
                     Err(e) => tracing::debug!(replica, error = %e, "promotion will be retried"),
                 }
             }
+            // A joiner whose admission failed, or began under an earlier leader.
+            let joiners: Vec<(NodeId, String)> = {
+                let applier = lock(&self.applier);
+                let state = applier.state();
+                state
+                    .joining
+                    .iter()
+                    .filter(|(id, _)| !state.elections.is_down(**id))
+                    .map(|(id, j)| (*id, j.addr.clone()))
+                    .collect()
+            };
+            for (replica, addr) in joiners {
+                self.admit(replica, addr);
+            }
         }
     }
 
@@ -77,14 +91,49 @@ impl Core {
         });
     }
 
-    /// Leader: bring a new replica in: learner, checkpoint, voter.
-    pub(super) async fn add_member(self: Arc<Self>, replica: NodeId, addr: String) {
+    /// Adds `replica` as a learner, retrying while Raft refuses because
+    /// another membership change (typically the removal of the replica this
+    /// one replaces) is still in flight. Gives up if this replica stops
+    /// leading or the joiner is declared down; `reconcile_membership` starts
+    /// again on whichever replica leads.
+    async fn add_learner(&self, replica: NodeId, sock: std::net::SocketAddr) -> bool {
+        let mut stop = self.stop.subscribe();
+        loop {
+            let err = match self.node.add_learner(replica, sock).await {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            if !self.is_leader() || self.is_down(replica) {
+                tracing::warn!(replica, error = %err, "could not add replica");
+                return false;
+            }
+            tracing::debug!(replica, error = %err, "adding the replica will be retried");
+            tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => return false,
+            }
+        }
+    }
+
+    /// Leader: starts admitting `replica` unless that is under way here.
+    pub(super) fn admit(self: &Arc<Self>, replica: NodeId, addr: String) {
+        if !lock(&self.admitting).insert(replica) {
+            return;
+        }
+        let core = self.clone();
+        tokio::spawn(async move {
+            core.add_member(replica, addr).await;
+            lock(&core.admitting).remove(&replica);
+        });
+    }
+
+    /// Brings a new replica in: learner, checkpoint, voter.
+    async fn add_member(self: &Arc<Self>, replica: NodeId, addr: String) {
         let Ok(sock) = addr.parse() else {
             tracing::warn!(replica, addr, "new replica has an unusable address");
             return;
         };
-        if let Err(e) = self.node.add_learner(replica, sock).await {
-            tracing::warn!(replica, error = %e, "could not add replica");
+        if !self.add_learner(replica, sock).await {
             return;
         }
         // A checkpoint holding changes the log does not have yet would give the

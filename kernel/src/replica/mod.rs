@@ -162,6 +162,8 @@ pub struct Core {
     applied: std::sync::atomic::AtomicU64,
     /// Cells this replica is running, so a snapshot's `Run` never starts one twice.
     running: Mutex<BTreeSet<CellId>>,
+    /// Joiners this replica is admitting (learner, checkpoint, voter) now.
+    admitting: Mutex<BTreeSet<NodeId>>,
     /// Where events go on the replica facing Jupyter (`None` on peers).
     events: Option<mpsc::UnboundedSender<CoreEvent>>,
     /// GPU grants this replica holds, per cell it bid to lead.
@@ -224,6 +226,7 @@ impl Core {
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
             running: Mutex::new(BTreeSet::new()),
+            admitting: Mutex::new(BTreeSet::new()),
             events: cfg.events,
             gpu: crate::gpu::Grants::from_env(),
             remote_stdin: OnceLock::new(),
