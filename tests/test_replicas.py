@@ -10,6 +10,7 @@ import base64
 import os
 import random
 import time
+from queue import Empty
 
 import pytest
 
@@ -155,6 +156,63 @@ def test_unpicklable_values_are_listed_by_the_magic_not_printed_in_the_cell(rk):
     _, msgs = rk.fe.execute("%notebookos")
     out = stream_text(msgs, "stdout")
     assert "Not replicated" in out and "fh (open file)" in out, out
+
+
+def test_the_shell_travels_as_each_replicas_own(rk):
+    """`ip = get_ipython()` (and objects holding the shell or sys.stdout) is
+    bound to the receiving replica's own shell: no output, nothing listed as
+    lost, and the peer's `ip` is its shell, with ipykernel's parent_header."""
+    code = ("ip = get_ipython()\n"
+            "class Holder:\n"
+            "    def __init__(self):\n"
+            "        self.shell, self.out = get_ipython(), __import__('sys').stdout\n"
+            "held = Holder()")
+    reply, msgs = rk.fe.execute(code)
+    assert reply["status"] == "ok"
+    assert [m for m in msgs if m["msg_type"] == "stream"] == []
+    rk.steer(rk.peers()[0])
+    assert rk.pid_of_next_cell() == rk.pid(rk.peers()[0])
+    reply, msgs = rk.fe.execute(
+        "import os, sys\n"
+        "print(ip is get_ipython(), held.shell is ip, held.out is sys.stdout,\n"
+        "      ip.parent_header['msg_type'], ip.kernel.parent_header['msg_id'] == ip.parent_header['msg_id'],\n"
+        "      os.getpid())")
+    assert reply["status"] == "ok", reply
+    assert stream_text(msgs, "stderr") == ""
+    words = stream_text(msgs, "stdout").split()
+    assert words[:5] == ["True", "True", "True", "execute_request", "True"], words
+    assert int(words[5]) == rk.pid(rk.peers()[0])
+    rk.unsteer()
+    _, msgs = rk.fe.execute("%notebookos")
+    assert "Not replicated" not in stream_text(msgs, "stdout")
+    rk.verify()
+
+
+def test_warnings_of_the_replication_stay_out_of_cells(rk):
+    """A warning raised while the kernel captures a cell's changes (here by a
+    value's own pickling, as torch's .grad warning did on a GPU) goes to the
+    kernel's log, not into that cell or the next."""
+    code = ("import warnings\n"
+            "class Noisy:\n"
+            "    def __reduce__(self):\n"
+            "        warnings.warn('pickled by the replication')\n"
+            "        return (Noisy, ())\n"
+            "noisy = Noisy()")
+    rk.fe.flush_iopub()
+    late = []
+    for cell in (code, "noisy2 = noisy"):
+        reply, msgs = rk.fe.execute(cell)
+        assert reply["status"] == "ok"
+        late += msgs
+        rk.fe.synced()
+    # Whatever arrived, under either cell, before or after its idle.
+    while True:
+        try:
+            late.append(rk.fe.kc.get_iopub_msg(timeout=1))
+        except Empty:
+            break
+    streams = [m["content"] for m in late if m["msg_type"] == "stream"]
+    assert streams == [], streams
 
 
 # -- the single-replica behaviours, with the cell on another replica -----------

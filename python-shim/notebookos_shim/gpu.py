@@ -88,7 +88,8 @@ def _to(t, device, torch):
 def _move_tensor(t, device, torch):
     # In place (the same tensor object), so every reference sees the move.
     t.data = _to(t, device, torch)
-    if t.grad is not None:
+    # .grad of a non-leaf tensor is None and reading it warns.
+    if (t.is_leaf or t.retains_grad) and t.grad is not None:
         t.grad.data = _to(t.grad, device, torch)
 
 

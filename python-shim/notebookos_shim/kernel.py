@@ -6,6 +6,7 @@ reply); Rust checks it against the typed reply and sends it.
 
 import ast
 import builtins
+import functools
 import getpass
 import json
 import logging
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import _notebookos
 
@@ -29,6 +31,24 @@ if not _log.handlers:
 
 from . import placement
 from .jsonutil import dumps
+
+
+def _quiet(method):
+    """The kernel's own work between cells (replication, GPU binding) warns
+    into the kernel's log, never into the user's cell."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return method(*args, **kwargs)
+            finally:
+                for w in caught:
+                    _log.info("%s: %s: %s (%s:%s)", method.__name__, w.category.__name__,
+                              w.message, w.filename, w.lineno)
+
+    return run
 
 
 class _IopubSocket:
@@ -98,6 +118,11 @@ class Kernel:
     def get_parent(self, channel="shell"):
         return getattr(self._local, "parent", self._main_parent)
 
+    def set_parent(self, parent, channel="shell"):
+        self._local.parent = parent
+        if threading.current_thread() is self._main_thread:
+            self._main_parent = parent
+
     @property
     def parent_header(self):
         return self.get_parent().get("header", {})
@@ -105,9 +130,7 @@ class Kernel:
     def dispatch(self, msg_type, msg, buffers):
         parent = json.loads(msg)
         parent["buffers"] = buffers
-        self._local.parent = parent
-        if threading.current_thread() is self._main_thread:
-            self._main_parent = parent
+        self.set_parent(parent)
         handler = self._handlers[msg_type]
         reply = handler(parent["content"], parent)
         return None if reply is None else dumps(reply)
@@ -298,6 +321,7 @@ class Kernel:
             sync = self._statesync = StateSync(self.shell)
         return sync
 
+    @_quiet
     def sync_capture(self, code):
         """After a cell ran here: its namespace changes, as (header, buffers)."""
         # Runs after the cell's reply: nothing here may print into the cell.
@@ -312,25 +336,31 @@ class Kernel:
             _log.info("not replicated, lost if this replica fails: %s", names)
         return header, list(buffers)
 
+    @_quiet
     def sync_apply(self, header, buffers):
         self.statesync.apply(header, buffers)
 
+    @_quiet
     def sync_checkpoint(self):
         header, buffers = self.statesync.checkpoint()
         return header, list(buffers)
 
+    @_quiet
     def sync_restore(self, header, buffers):
         self.statesync.restore(header, buffers)
 
+    @_quiet
     def sync_digest(self):
         """Per-name value digests, as JSON (what `%notebookos verify` compares)."""
         return json.dumps(self.statesync.name_digests())
 
+    @_quiet
     def gpu_bind(self, gpus, fake):
         from . import gpu
 
         return gpu.bind(self.shell, list(gpus), bool(fake))
 
+    @_quiet
     def gpu_unbind(self):
         from . import gpu
 

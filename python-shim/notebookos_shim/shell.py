@@ -64,6 +64,19 @@ class NotebookosShell(InteractiveShell):
     keepkernel_on_exit = Bool(False)
     _last_traceback = None
 
+    # ipykernel's shell exposes the request being handled; libraries that
+    # publish their own messages parent them with it.
+    @property
+    def parent_header(self):
+        return self.kernel.parent_header if self.kernel is not None else {}
+
+    def get_parent(self):
+        return self.kernel.get_parent() if self.kernel is not None else {}
+
+    def set_parent(self, parent):
+        if self.kernel is not None:
+            self.kernel.set_parent(parent)
+
     def init_environment(self):
         env = os.environ
         env["TERM"] = "xterm-color"

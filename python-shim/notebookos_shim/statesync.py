@@ -112,12 +112,49 @@ _USER_NS = _UserNamespace()
 _MISSING = object()
 
 
+def _process_locals():
+    """The objects every replica has its own of, by name: the shell and what
+    hangs off it (the kernel, its session and sockets, the display and
+    history machinery), and the standard streams. A value holding one (``ip =
+    get_ipython()``, an object keeping ``sys.stdout``) travels with a name in
+    its place and is bound to the receiving replica's own."""
+    from IPython.core.getipython import get_ipython
+
+    shell = get_ipython()
+    found = {"stdout": sys.stdout, "stderr": sys.stderr, "stdin": sys.stdin,
+             "__stdout__": sys.__stdout__, "__stderr__": sys.__stderr__}
+    if shell is None:
+        return found
+    found["shell"] = shell
+    for attr in ("kernel", "display_pub", "displayhook", "display_formatter",
+                 "history_manager", "payload_manager", "events", "magics_manager",
+                 "extension_manager", "builtin_trap", "display_trap", "compile"):
+        value = getattr(shell, attr, None)
+        if value is not None:
+            found[attr] = value
+    kernel = found.get("kernel")
+    for attr in ("session", "iopub_socket", "comm_manager"):
+        value = getattr(kernel, attr, None)
+        if value is not None:
+            found["kernel." + attr] = value
+    return found
+
+
+def _process_local(name):
+    """Unpickling: this replica's own object of that name."""
+    try:
+        return _process_locals()[name]
+    except KeyError:
+        raise pickle.UnpicklingError(f"statesync: no process-local object {name!r}") from None
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle that leaves the notebook's globals out of its functions."""
 
     def __init__(self, file, user_ns, buffer_callback=None):
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self._user_ns = user_ns
+        self._locals = {id(v): k for k, v in _process_locals().items()}
 
     def _dynamic_function_reduce(self, func):
         reduced = super()._dynamic_function_reduce(func)
@@ -130,6 +167,9 @@ class _Pickler(cloudpickle.Pickler):
         return (make, (code, _USER_NS, name, defaults, closure), (state, slots), *rest)
 
     def reducer_override(self, obj):
+        local = self._locals.get(id(obj))
+        if local is not None:
+            return (_process_local, (local,))
         # cloudpickle would send a file opened for reading as a StringIO of
         # its contents: not the same object, so report it instead.
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.StringIO, io.BytesIO)):
