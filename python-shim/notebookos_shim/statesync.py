@@ -111,39 +111,54 @@ class _UserNamespace:
 _USER_NS = _UserNamespace()
 _MISSING = object()
 
+_STREAMS = ("stdout", "stderr", "stdin", "__stdout__", "__stderr__")
+_SHELL_PARTS = ("kernel", "display_pub", "displayhook", "display_formatter", "history_manager",
+                "payload_manager", "events", "magics_manager", "extension_manager",
+                "builtin_trap", "display_trap", "compile")
+_KERNEL_PARTS = ("session", "iopub_socket", "comm_manager")
+_shell_parts = None
 
-def _process_locals():
-    """The objects every replica has its own of, by name: the shell and what
-    hangs off it (the kernel, its session and sockets, the display and
-    history machinery), and the standard streams. A value holding one (``ip =
-    get_ipython()``, an object keeping ``sys.stdout``) travels with a name in
-    its place and is bound to the receiving replica's own."""
-    from IPython.core.getipython import get_ipython
 
-    shell = get_ipython()
-    found = {"stdout": sys.stdout, "stderr": sys.stderr, "stdin": sys.stdin,
-             "__stdout__": sys.__stdout__, "__stderr__": sys.__stderr__}
-    if shell is None:
-        return found
-    found["shell"] = shell
-    for attr in ("kernel", "display_pub", "displayhook", "display_formatter",
-                 "history_manager", "payload_manager", "events", "magics_manager",
-                 "extension_manager", "builtin_trap", "display_trap", "compile"):
-        value = getattr(shell, attr, None)
-        if value is not None:
-            found[attr] = value
-    kernel = found.get("kernel")
-    for attr in ("session", "iopub_socket", "comm_manager"):
-        value = getattr(kernel, attr, None)
-        if value is not None:
-            found["kernel." + attr] = value
-    return found
+def _shell_objects():
+    """The shell and what hangs off it (the kernel, its session and sockets,
+    the display and history machinery), by name: made once with the shell,
+    they live as long as the process, so the table is built once."""
+    global _shell_parts
+    if _shell_parts is None:
+        from IPython.core.getipython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            return {}
+        found = {"shell": shell}
+        found.update((a, getattr(shell, a, None)) for a in _SHELL_PARTS)
+        kernel = found["kernel"]
+        found.update(("kernel." + a, getattr(kernel, a, None)) for a in _KERNEL_PARTS)
+        by_name = {name: v for name, v in found.items() if v is not None}
+        _shell_parts = (by_name, {id(v): name for name, v in by_name.items()})
+    return _shell_parts[0]
+
+
+def _process_local_name(obj):
+    """The name under which `obj` travels if every replica has its own (the
+    shell's objects, the standard streams, which a cell may swap), else None.
+    A value holding one (``ip = get_ipython()``, an object keeping
+    ``sys.stdout``) is bound to the receiving replica's own."""
+    _shell_objects()
+    if _shell_parts is not None and id(obj) in _shell_parts[1]:
+        return _shell_parts[1][id(obj)]
+    for stream in _STREAMS:
+        if getattr(sys, stream) is obj:
+            return stream
+    return None
 
 
 def _process_local(name):
     """Unpickling: this replica's own object of that name."""
+    if name in _STREAMS:
+        return getattr(sys, name)
     try:
-        return _process_locals()[name]
+        return _shell_objects()[name]
     except KeyError:
         raise pickle.UnpicklingError(f"statesync: no process-local object {name!r}") from None
 
@@ -154,7 +169,6 @@ class _Pickler(cloudpickle.Pickler):
     def __init__(self, file, user_ns, buffer_callback=None):
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self._user_ns = user_ns
-        self._locals = {id(v): k for k, v in _process_locals().items()}
 
     def _dynamic_function_reduce(self, func):
         reduced = super()._dynamic_function_reduce(func)
@@ -167,7 +181,7 @@ class _Pickler(cloudpickle.Pickler):
         return (make, (code, _USER_NS, name, defaults, closure), (state, slots), *rest)
 
     def reducer_override(self, obj):
-        local = self._locals.get(id(obj))
+        local = _process_local_name(obj)
         if local is not None:
             return (_process_local, (local,))
         # cloudpickle would send a file opened for reading as a StringIO of
