@@ -6,6 +6,7 @@ Which replica runs a cell is steered with a control message (the replicas
 it lists yield, as if their host had no free GPU), so each test knows
 where its cells run."""
 
+import ast
 import base64
 import os
 import random
@@ -213,6 +214,56 @@ def test_warnings_of_the_replication_stay_out_of_cells(rk):
             break
     streams = [m["content"] for m in late if m["msg_type"] == "stream"]
     assert streams == [], streams
+
+
+def test_configuration_and_process_state_are_the_same_on_every_replica(tmp_path):
+    """The kernel's command-line configuration, and what cells change of the
+    working directory, environment and sys.path, hold on whichever replica
+    runs the next cell -- a peer, and a replacement started from a checkpoint."""
+    from conftest import write_spec
+
+    hist = tmp_path / "hist.sqlite"
+    write_spec("nbos-config", "config", extra_args=[
+        f"--HistoryManager.hist_file={hist}", "--InteractiveShell.ast_node_interactivity=all"])
+    (tmp_path / "work" / "deeper").mkdir(parents=True)
+    rk = ReplicatedKernel(tmp_path / "k", kernel_name="nbos-config", env={"NBOS_DROPPED": "x"})
+    try:
+        reply, _ = rk.fe.execute(
+            "import os, sys\n"
+            f"%cd {tmp_path / 'work'}\n"
+            "%env NBOS_MAGIC=from-magic\n"
+            "os.environ['NBOS_SET'] = 'from-os'\n"
+            "del os.environ['NBOS_DROPPED']\n"
+            "sys.path.insert(0, '/nbos/extra')")
+        assert reply["status"] == "ok", reply
+        probe = ("os.getcwd(), os.environ.get('NBOS_MAGIC'), os.environ.get('NBOS_SET'), "
+                 "'NBOS_DROPPED' in os.environ, sys.path[0], "
+                 "str(get_ipython().history_manager.hist_file)")
+        expected = (str(tmp_path / "work"), "from-magic", "from-os", False, "/nbos/extra",
+                    str(hist))
+
+        def on(replica):
+            rk.fe.synced()
+            rk.steer(replica)
+            assert rk.pid_of_next_cell() == rk.pid(replica)
+            reply, msgs = rk.fe.execute("1\n2")
+            assert [m["content"]["data"]["text/plain"]
+                    for m in of_type(msgs, "execute_result")] == ["1", "2"]
+            return ast.literal_eval(rk.eval(probe))
+
+        peer, other = rk.peers()
+        assert on(peer) == expected
+        # The peer's own change comes back to replica 1.
+        rk.fe.execute("os.chdir('deeper'); os.environ['NBOS_SET'] = 'from-peer'")
+        deeper = on(rk.front())
+        assert deeper == (str(tmp_path / "work" / "deeper"), "from-magic", "from-peer", False,
+                          "/nbos/extra", str(hist))
+        rk.kill(other)
+        rk.wait_members(3)
+        (newcomer,) = set(rk.peers()) - {peer}
+        assert on(newcomer) == deeper
+    finally:
+        rk.close()
 
 
 # -- the single-replica behaviours, with the cell on another replica -----------

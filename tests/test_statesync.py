@@ -457,6 +457,29 @@ def test_corrupt_input_raises_and_changes_nothing():
     assert "x" not in other.ns and other.ns["arr"].shape == (1 << 16,)
 
 
+def test_process_changes_travel_with_the_delta_and_are_checked(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # Set first, so that monkeypatch restores what the cells change.
+    for name in ("NBOS_UNIT", "NBOS_GONE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, "before")
+    winner, other = Replica(), Replica()
+    header, buffers = winner.run(
+        "import os, sys\nos.environ['NBOS_UNIT'] = 'u'\ndel os.environ['NBOS_GONE']\n"
+        "sys.path.append('/nbos/unit')\nos.environ['CUDA_VISIBLE_DEVICES'] = '7'")
+    change = payload(header, received(buffers))["process"]
+    assert change == {"env": {"NBOS_UNIT": "u"}, "unset": ["NBOS_GONE"], "path": sys.path}
+    header, buffers = winner.run("y = 1")
+    assert payload(header, received(buffers))["process"] is None
+    full = payload(*winner.sync.checkpoint())["process"]
+    assert full["exact"] and full["env"]["NBOS_UNIT"] == "u" and "CUDA_VISIBLE_DEVICES" not in full["env"]
+
+    for bad in ({"path": "/x"}, {"env": {"A": 1}}, {"cwd": 3}, {"unset": [None]}, "cwd"):
+        p = payload(header, received(buffers))
+        p["process"] = bad
+        with pytest.raises(ValueError, match="corrupt state delta: bad 'process'"):
+            other.sync.apply(pickle.dumps(p), [])
+
+
 def test_a_value_that_fails_to_load_applies_nothing(tmp_path, monkeypatch):
     (tmp_path / "statesync_only_on_winner.py").write_text("class Thing:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))

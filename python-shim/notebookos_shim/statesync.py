@@ -10,6 +10,9 @@ names sent together stay shared. Buffers of 64 KiB or more (numpy arrays,
 pandas blocks, CPU torch tensors) are protocol-5 out-of-band buffers returned
 next to the header, so large arrays are never copied into it.
 
+Besides names, every payload carries what the cell changed of the working
+directory, the environment and ``sys.path`` (``process.py``).
+
 User names are the names in ``user_ns`` that IPython does not hide, that
 are not its output/input caches (``_``, ``__``, ``___``, ``_i``, ``_ii``,
 ``_iii``, ``_<N>``, ``_i<N>``) and are not module machinery (``__name__``,
@@ -74,9 +77,11 @@ import types
 
 import cloudpickle
 
+from . import process
+
 SMALL = 1 << 20  # pickled size below which a value is re-checked after every cell
 OUT_OF_BAND = 64 << 10  # buffers at least this big travel next to the header
-FORMAT = "notebookos-statesync/1"
+FORMAT = "notebookos-statesync/2"
 
 _CACHE_NAME = re.compile(r"_(_{1,2}|i{1,3}|i?\d+)?\Z")
 _MODULE_NAMES = frozenset(
@@ -498,6 +503,7 @@ class StateSync:
         # Names another replica could not send us: (name -> reason).
         self._elsewhere = {}
         self._count = shell.execution_count
+        self._process = process.ProcessContext()
 
     @property
     def unpicklable(self):
@@ -528,7 +534,7 @@ class StateSync:
         # IPython numbers and stores a cell only when it advances the count.
         history_line = count - 1 if count > self._count else None
         header, buffers = self._pack("delta", changed, baseline, deleted, count,
-                                     code, history_line, unpicklable)
+                                     code, history_line, unpicklable, self._process.changes())
         _device_copies_done()
         self._baseline, self._unpicklable, self._count = baseline, unpicklable, count
         for name in (*changed, *deleted):
@@ -539,7 +545,7 @@ class StateSync:
         names = self._user_names()
         baseline, values, unpicklable = self._check(names, names, {})
         packed = self._pack("checkpoint", values, baseline, [], self.shell.execution_count,
-                            None, None, unpicklable)
+                            None, None, unpicklable, self._process.full())
         _device_copies_done()
         return packed
 
@@ -556,6 +562,7 @@ class StateSync:
         for name in (*payload["set"], *payload["deleted"]):
             self._elsewhere.pop(name, None)
         self._elsewhere.update((n, why) for n, why in payload["unpicklable"])
+        self._process.apply(payload["process"])
         self._store_history(payload["history_line"], payload["code"])
 
     def restore(self, header, buffers):
@@ -567,6 +574,7 @@ class StateSync:
         ns.update(payload["set"])
         self._baseline = {}
         self._elsewhere = dict(payload["unpicklable"])
+        self._process.apply(payload["process"])
         self._rebase(payload)
 
     def digest(self):
@@ -617,7 +625,8 @@ class StateSync:
             baseline[name] = _Entry(id(value), size, digest)
         return baseline, changed, unpicklable
 
-    def _pack(self, kind, values, baseline, deleted, count, code, history_line, unpicklable):
+    def _pack(self, kind, values, baseline, deleted, count, code, history_line, unpicklable,
+              process_change):
         payload = {
             "format": FORMAT,
             "kind": kind,
@@ -628,6 +637,7 @@ class StateSync:
             "code": code,
             "history_line": history_line,
             "unpicklable": unpicklable,
+            "process": process_change,
         }
         buffers = []
 
@@ -714,4 +724,4 @@ def _malformed(payload, kind):
         return "bad 'code'"
     if not isinstance(payload.get("unpicklable"), list):
         return "bad 'unpicklable'"
-    return None
+    return process.malformed(payload.get("process"))

@@ -294,6 +294,8 @@ mod tests {
             addr_file: PathBuf::new(),
             argv: vec![],
             listen: String::new(),
+            cwd: None,
+            env: vec![],
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use raft_transport::{KernelCa, NodeId, ReplicaNode};
 
 use super::entry::{Entry, Frames, Mail};
-use super::group::{Bootstrap, GroupError, GroupState, Member, StateDir};
+use super::group::{self, Bootstrap, GroupError, GroupState, Member, StateDir};
 use super::remote::ClusterPlacement;
 use super::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
 use super::{lock, Core, CoreConfig};
@@ -108,6 +108,8 @@ pub struct Front {
     losses: Mutex<BTreeMap<u64, String>>,
     losses_told: Mutex<std::collections::BTreeSet<u64>>,
     argv: Vec<String>,
+    /// Where and with which environment replicas start: see [`Bootstrap::cwd`].
+    launch: (Option<PathBuf>, Vec<(String, String)>),
     listen_ip: String,
     replicas: usize,
     stopping: AtomicBool,
@@ -184,6 +186,7 @@ impl Front {
             losses: Mutex::new(BTreeMap::new()),
             losses_told: Mutex::new(std::collections::BTreeSet::new()),
             argv: opts.argv,
+            launch: group::launch_context(),
             listen_ip,
             replicas: plan.replicas,
             stopping: AtomicBool::new(false),
@@ -378,9 +381,13 @@ impl Front {
         let identity = ca.issue_identity(id).map_err(GroupError::from)?;
         let mut argv = self.argv.clone();
         // The front's history holds every cell (stored when deltas are applied); a
-        // second writer to the same history file would duplicate them.
-        argv.push("--HistoryManager.hist_file=:memory:".into());
+        // second writer to the same history file would duplicate them. Disabled
+        // rather than moved to `:memory:`, so `hist_file` reads as the user set it.
+        argv.push("--HistoryManager.enabled=False".into());
+        let (cwd, env) = self.launch.clone();
         let bootstrap = Bootstrap {
+            cwd,
+            env,
             id,
             kernel_id: lock(&self.group).kernel_id.clone(),
             identity_pem: identity.to_pem(),

@@ -87,6 +87,27 @@ pub struct Bootstrap {
     /// IPython options, as the front got them.
     pub argv: Vec<String>,
     pub listen: String,
+    /// The front's working directory and environment when the kernel started
+    /// (what a cell changes later travels with the namespace), so that a
+    /// replica on any server starts where replica 1 did.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// Variables that describe the server a process runs on, not the kernel:
+/// each replica keeps its own.
+pub const PER_HOST_ENV: &[&str] = &["NOTEBOOKOS_AGENT_SOCKET", "CUDA_VISIBLE_DEVICES"];
+
+/// This process's working directory and environment, less [`PER_HOST_ENV`]
+/// (and variables that are not UTF-8, which no Python code could have set).
+pub fn launch_context() -> (Option<PathBuf>, Vec<(String, String)>) {
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| !PER_HOST_ENV.contains(&k.as_str()))
+        .collect();
+    (std::env::current_dir().ok(), env)
 }
 
 /// The directory for one connection file's replica group.

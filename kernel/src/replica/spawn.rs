@@ -94,11 +94,20 @@ impl Spawner for LocalSpawner {
         let data = serde_json::to_vec(bootstrap).unwrap_or_default();
         group::write_private(&file, &data)?;
         let mut cmd = std::process::Command::new(&self.program);
-        cmd.arg("replica")
-            .arg("--bootstrap")
-            .arg(&file)
-            .env("PYTHONHASHSEED", self.hash_seed.to_string())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        cmd.arg("replica").arg("--bootstrap").arg(&file).env_clear();
+        cmd.envs(bootstrap.env.iter().map(|(k, v)| (k, v)));
+        for name in group::PER_HOST_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.env("PYTHONHASHSEED", self.hash_seed.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        // A server without the directory starts the replica in its own.
+        if let Some(cwd) = bootstrap.cwd.as_ref().filter(|d| d.is_dir()) {
+            cmd.current_dir(cwd);
+        }
+        cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
