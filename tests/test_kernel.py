@@ -469,6 +469,42 @@ def test_unknown_command_line_options_are_accepted():
         fe.close()
 
 
+@pytest.mark.parametrize("command", [
+    [], ["agent"], ["cluster"], ["cluster", "new-ca"], ["cluster", "status"],
+    ["cluster", "autoscale"], ["simulate"]])
+def test_every_subcommand_has_help(command):
+    import subprocess
+
+    from conftest import KERNEL_BIN
+
+    out = subprocess.run([str(KERNEL_BIN), *command, "--help"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and out.stderr == "", out
+    assert f"Usage: notebookos-kernel {' '.join(command)}".rstrip() in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["simulate", "--trace", "/nonexistent/trace.json"], "/nonexistent/trace.json"),
+    (["-f", "/nonexistent/kernel.json"], "cannot read connection file /nonexistent/kernel.json"),
+    (["simulate", "--help-me"], "unexpected argument '--help-me'"),
+])
+def test_command_line_errors_are_one_clear_line(args, says):
+    import subprocess
+
+    from conftest import KERNEL_BIN
+
+    env = dict(os.environ, RUST_BACKTRACE="1")
+    out = subprocess.run([str(KERNEL_BIN), *args], capture_output=True, text=True, timeout=30,
+                         env=env)
+    assert out.returncode != 0 and out.stdout == ""
+    first, *rest = out.stderr.strip().splitlines()
+    assert says in first, out.stderr
+    assert "backtrace" not in out.stderr.lower()
+    # clap adds its usage and a pointer to --help; our own errors are the one line.
+    assert all(line == "" or line.startswith(("Usage:", "For more information", "  tip:"))
+               for line in rest), out.stderr
+
+
 def test_kernel_exits_when_its_launcher_dies(tmp_path):
     import subprocess
 

@@ -1,12 +1,260 @@
-//! `notebookos-kernel -f {connection_file}`: the kernel Jupyter launches.
+//! `notebookos-kernel -f {connection_file}`: the kernel Jupyter launches, and
+//! the subcommands of a cluster (agent, cluster, simulate).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 
 use notebookos_kernel::{connection::ConnectionInfo, kernel, replica, signals};
 
-fn main() -> anyhow::Result<()> {
+#[derive(Parser)]
+#[command(
+    name = "notebookos-kernel",
+    version,
+    about = "A replicated Jupyter kernel for Python that binds GPUs only while a cell runs",
+    after_help = "Jupyter starts the kernel as `notebookos-kernel -f {connection_file}` (see the \
+                  kernelspec); options it does not know, such as --Class.trait=value or \
+                  --profile=NAME, configure IPython as they do under ipykernel.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    launch: Launch,
+}
+
+/// What Jupyter passes when it starts the kernel.
+#[derive(Args)]
+struct Launch {
+    /// The connection file Jupyter wrote.
+    #[arg(
+        short = 'f',
+        long = "connection-file",
+        visible_alias = "f",
+        value_name = "FILE"
+    )]
+    connection_file: Option<PathBuf>,
+    /// IPython configuration, handed to every replica as ipykernel hands it to IPython.
+    #[arg(value_name = "IPYTHON_OPTION", allow_hyphen_values = true)]
+    ipython: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The per-host agent: accounts this server's GPUs and grants them to cells.
+    Agent(AgentArgs),
+    /// Cluster administration.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Replays a workload through the placement policy and its baselines.
+    Simulate(SimulateArgs),
+    /// A peer replica (started by replica 1 or an agent, never by hand).
+    #[command(hide = true)]
+    Replica {
+        #[arg(long, value_name = "FILE")]
+        bootstrap: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The Unix socket kernels on this host ask for GPUs on.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Pretend this host has N GPUs (tests, and hosts without a CUDA driver).
+    #[arg(long, value_name = "N")]
+    fake_gpus: Option<u32>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Serve the cluster control protocol, as the server --name of this cluster file.
+    #[arg(long, value_name = "FILE", requires = "name")]
+    cluster: Option<PathBuf>,
+    /// This server's name in the cluster file.
+    #[arg(long, value_name = "SERVER", requires = "cluster")]
+    name: Option<String>,
+    /// How long replicas started here outlive their kernel's replica 1.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds,
+          default_value = "60")]
+    rejoin_grace: Duration,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Writes a new cluster CA (certificate and key) to FILE.
+    NewCa {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Prints every agent's inventory as JSON.
+    Status {
+        #[arg(value_name = "CONFIG")]
+        config: PathBuf,
+        /// The address to call the agents from.
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        from: IpAddr,
+    },
+    /// Adds and removes servers as the policy asks, by running shell commands.
+    Autoscale(AutoscaleArgs),
+}
+
+#[derive(Args)]
+struct AutoscaleArgs {
+    #[arg(value_name = "CONFIG")]
+    config: PathBuf,
+    /// Shell command that adds a server.
+    #[arg(long, value_name = "CMD")]
+    add: String,
+    /// Shell command that removes a server (its name in $NOTEBOOKOS_SERVER).
+    #[arg(long, value_name = "CMD")]
+    remove: String,
+    /// How often to look.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds, default_value = "30")]
+    every: Duration,
+    /// No new scale-out this soon after one.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds, default_value = "300")]
+    cooldown: Duration,
+    /// Idle GPUs to keep (over the config's policy).
+    #[arg(long, value_name = "GPUS")]
+    headroom: Option<u32>,
+    /// Remove a server idle this long (over the config's policy).
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    scale_in_after: Option<Duration>,
+    /// The address to call the agents from.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    from: IpAddr,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("workload").required(true).args(["trace", "csv", "synthetic"])))]
+struct SimulateArgs {
+    /// A session trace (JSON, as in ../shared/traces).
+    #[arg(long, value_name = "SESSIONS.json")]
+    trace: Option<PathBuf>,
+    /// An event trace (CSV).
+    #[arg(long, value_name = "EVENTS.csv")]
+    csv: Option<PathBuf>,
+    /// N synthetic sessions.
+    #[arg(long, value_name = "N")]
+    synthetic: Option<usize>,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+    /// Comma-separated: reservation, batch, notebookos-N (N replicas).
+    #[arg(long, value_name = "MODES", value_delimiter = ',', value_parser = mode,
+          default_value = "reservation,batch,notebookos-1,notebookos-3")]
+    modes: Vec<notebookos_kernel::sim::Mode>,
+    /// Also write the results (CSV, JSON) to this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// One Raft commit, in microseconds.
+    #[arg(long, value_name = "N")]
+    commit_us: Option<u64>,
+    /// From asking for a server to its agent taking work.
+    #[arg(long, value_name = "SECONDS")]
+    scale_out_delay: Option<u64>,
+    #[arg(long, value_name = "R")]
+    subscription_ratio: Option<f64>,
+    /// Idle GPUs the policy keeps.
+    #[arg(long, value_name = "GPUS")]
+    headroom: Option<u32>,
+    /// Migrate a replica whose cell waited this long.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    migrate_after: Option<Duration>,
+    /// State size of each CSV session.
+    #[arg(long, value_name = "GB", default_value_t = 4.0)]
+    csv_state_gb: f64,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
+    use notebookos_kernel::sim::Mode;
+    match s.trim() {
+        "reservation" => Ok(Mode::Reservation),
+        "batch" => Ok(Mode::Batch),
+        other => other
+            .strip_prefix("notebookos-")
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n >= 1)
+            .map(|replicas| Mode::NotebookOs { replicas })
+            .ok_or_else(|| format!("unknown mode {other:?} (reservation, batch or notebookos-N)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(connection_file_first(std::env::args_os().collect()));
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("notebookos-kernel: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The arguments with the connection file's option moved to the front: clap
+/// takes every argument after the first IPython option as another one, and
+/// Jupyter allows `-f {connection_file}` anywhere in a kernelspec's argv.
+fn connection_file_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const FLAGS: [&str; 3] = ["-f", "--f", "--connection-file"];
+    let is_flag = |a: &std::ffi::OsString, with_value: bool| {
+        let a = a.to_string_lossy();
+        FLAGS.iter().any(|f| {
+            if with_value {
+                a.strip_prefix(f).is_some_and(|rest| rest.starts_with('='))
+            } else {
+                a == *f
+            }
+        })
+    };
+    let subcommand = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        use clap::CommandFactory;
+        a == "help" || Cli::command().find_subcommand(a).is_some()
+    });
+    if subcommand {
+        return args;
+    }
+    let Some(at) = args
+        .iter()
+        .skip(1)
+        .position(|a| is_flag(a, false) || is_flag(a, true))
+    else {
+        return args;
+    };
+    let at = at + 1;
+    let n = if is_flag(&args[at], true) { 1 } else { 2 }.min(args.len() - at);
+    let moved: Vec<_> = args.drain(at..at + n).collect();
+    args.splice(1..1, moved);
+    args
+}
+
+/// The error and its causes on one line, each cause once (many errors already
+/// print their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
     // Before any thread exists, so every later thread inherits the mask.
     signals::block_sigint_in_this_thread().context("blocking SIGINT")?;
     signals::ignore_sigint();
@@ -22,316 +270,235 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let mut argv = std::env::args().skip(1).peekable();
-    if argv.peek().map(String::as_str) == Some("simulate") {
-        argv.next();
-        return simulate(argv);
+    if let Some(Command::Simulate(args)) = cli.command {
+        simulate(args)?;
+        return Ok(0);
     }
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("notebookos-io")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    if argv.peek().map(String::as_str) == Some("agent") {
-        argv.next();
-        let opts = agent_options(argv)?;
-        runtime.block_on(notebookos_kernel::agent::run(opts))?;
-        return Ok(());
-    }
-    if argv.peek().map(String::as_str) == Some("cluster") {
-        argv.next();
-        return runtime.block_on(cluster_command(argv));
-    }
-    if argv.peek().map(String::as_str) == Some("replica") {
-        argv.next();
-        let bootstrap = match (argv.next().as_deref(), argv.next()) {
-            (Some("--bootstrap"), Some(path)) => PathBuf::from(path),
-            _ => bail!("usage: notebookos-kernel replica --bootstrap FILE"),
-        };
-        let code = runtime.block_on(replica::peer::run(&bootstrap))?;
-        std::process::exit(code)
-    }
-    let args = Args::parse(argv)?;
-    let info = ConnectionInfo::from_file(&args.connection_file)?;
-    let replicas = match std::env::var("NOTEBOOKOS_REPLICAS") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("NOTEBOOKOS_REPLICAS={v:?} is not a number"))?,
-        Err(_) => 3,
-    };
-    let start = kernel::StartOptions {
-        connection_file: args.connection_file,
-        argv: args.passthrough,
-        replicas,
-    };
-    let code = runtime.block_on(kernel::run(info, start))?;
-    // Python is never finalised from another thread: exit directly, after
-    // the shell ran its own shutdown (history, atexit) on its thread.
-    std::process::exit(code)
-}
-
-/// `agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER
-/// [--rejoin-grace SECONDS]]`.
-fn agent_options(
-    args: impl Iterator<Item = String>,
-) -> anyhow::Result<notebookos_kernel::agent::AgentOptions> {
-    let mut opts = notebookos_kernel::agent::AgentOptions {
-        socket: notebookos_kernel::agent::default_socket(),
-        fake_gpus: None,
-        metrics: None,
-        cluster: None,
-        rejoin_grace: notebookos_kernel::agent::reaper::REJOIN_GRACE,
-    };
-    let (mut cluster, mut name) = (None, None);
-    let mut args = args;
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--socket" => opts.socket = PathBuf::from(value()?),
-            "--fake-gpus" => opts.fake_gpus = Some(value()?.parse().context("--fake-gpus N")?),
-            "--metrics" => opts.metrics = Some(value()?),
-            "--cluster" => cluster = Some(PathBuf::from(value()?)),
-            "--name" => name = Some(value()?),
-            "--rejoin-grace" => {
-                let secs: f64 = value()?.parse().context("--rejoin-grace SECONDS")?;
-                opts.rejoin_grace = std::time::Duration::try_from_secs_f64(secs)
-                    .context("--rejoin-grace SECONDS")?;
-            }
-            other => bail!("usage: notebookos-kernel agent [--socket PATH] [--fake-gpus N] [--metrics ADDR] [--cluster FILE --name SERVER [--rejoin-grace SECONDS]] (unknown {other})"),
+    let code = match cli.command {
+        Some(Command::Agent(args)) => {
+            runtime.block_on(notebookos_kernel::agent::run(agent_options(args)))?;
+            0
         }
-    }
-    opts.cluster = match (cluster, name) {
-        (Some(config), Some(name)) => {
-            Some(notebookos_kernel::agent::ClusterMembership { config, name })
+        Some(Command::Cluster(command)) => {
+            runtime.block_on(cluster(command))?;
+            0
         }
-        (None, None) => None,
-        _ => bail!("--cluster FILE and --name SERVER go together"),
-    };
-    Ok(opts)
-}
-
-const CLUSTER_USAGE: &str =
-    "usage: notebookos-kernel cluster (new-ca FILE | status CONFIG [--from IP] \
-| autoscale CONFIG --add CMD --remove CMD [--every SECONDS] [--cooldown SECONDS] \
-[--headroom GPUS] [--scale-in-after SECONDS] [--from IP])";
-
-/// `cluster new-ca FILE`: a cluster CA; `cluster status CONFIG`: every
-/// agent's inventory, as JSON.
-async fn cluster_command(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    use notebookos_kernel::cluster::{client, config};
-    match (args.next().as_deref(), args.next()) {
-        (Some("new-ca"), Some(file)) => {
-            config::write_new_ca(std::path::Path::new(&file))?;
-            Ok(())
+        Some(Command::Replica { bootstrap }) => {
+            let code = runtime.block_on(replica::peer::run(&bootstrap))?;
+            std::process::exit(code)
         }
-        (Some("status"), Some(file)) => {
-            let from: std::net::IpAddr = match (args.next().as_deref(), args.next()) {
-                (Some("--from"), Some(ip)) => ip.parse().context("--from IP")?,
-                (None, _) => "127.0.0.1".parse()?,
-                _ => bail!("{CLUSTER_USAGE}"),
+        Some(Command::Simulate(_)) => unreachable!("handled before the runtime starts"),
+        None => {
+            let Some(connection_file) = cli.launch.connection_file else {
+                anyhow::bail!("missing -f CONNECTION_FILE (Jupyter passes it; see --help)");
             };
-            let cfg = config::ClusterConfig::load(std::path::Path::new(&file))?;
-            let cluster = client::ClusterClient::new(cfg, std::net::SocketAddr::new(from, 0))?;
+            let info = ConnectionInfo::from_file(&connection_file)?;
+            let replicas = match std::env::var("NOTEBOOKOS_REPLICAS") {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("NOTEBOOKOS_REPLICAS={v:?} is not a number"))?,
+                Err(_) => 3,
+            };
+            let start = kernel::StartOptions {
+                connection_file,
+                argv: cli.launch.ipython,
+                replicas,
+            };
+            let code = runtime.block_on(kernel::run(info, start))?;
+            // Python is never finalised from another thread: exit directly, after
+            // the shell ran its own shutdown (history, atexit) on its thread.
+            std::process::exit(code)
+        }
+    };
+    Ok(code)
+}
+
+fn agent_options(args: AgentArgs) -> notebookos_kernel::agent::AgentOptions {
+    use notebookos_kernel::agent::{default_socket, AgentOptions, ClusterMembership};
+    AgentOptions {
+        socket: args.socket.unwrap_or_else(default_socket),
+        fake_gpus: args.fake_gpus,
+        metrics: args.metrics,
+        // clap makes --cluster and --name come together.
+        cluster: args
+            .cluster
+            .zip(args.name)
+            .map(|(config, name)| ClusterMembership { config, name }),
+        rejoin_grace: args.rejoin_grace,
+    }
+}
+
+async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    use notebookos_kernel::cluster::{autoscale, client, config, provider::ShellProvider};
+    match command {
+        ClusterCommand::NewCa { file } => config::write_new_ca(&file)?,
+        ClusterCommand::Status { config: file, from } => {
+            let cfg = config::ClusterConfig::load(&file)?;
+            let cluster = client::ClusterClient::new(cfg, SocketAddr::new(from, 0))?;
             let inventories = cluster.inventories().await;
             println!("{}", serde_json::to_string_pretty(&inventories)?);
-            Ok(())
         }
-        (Some("autoscale"), Some(file)) => {
-            use notebookos_kernel::cluster::{autoscale, provider::ShellProvider};
-            use std::time::Duration;
-            let secs = |v: String, flag: &str| -> anyhow::Result<Duration> {
-                Ok(Duration::from_secs_f64(
-                    v.parse().with_context(|| format!("{flag} SECONDS"))?,
-                ))
+        ClusterCommand::Autoscale(a) => {
+            let opts = autoscale::AutoscaleOptions {
+                config: a.config,
+                from: SocketAddr::new(a.from, 0),
+                every: a.every,
+                cooldown: a.cooldown,
+                headroom_gpus: a.headroom,
+                scale_in_after: a.scale_in_after,
             };
-            let mut opts = autoscale::AutoscaleOptions {
-                config: PathBuf::from(file),
-                from: "127.0.0.1:0".parse()?,
-                every: Duration::from_secs(30),
-                cooldown: Duration::from_secs(300),
-                headroom_gpus: None,
-                scale_in_after: None,
+            let provider = ShellProvider {
+                add: a.add,
+                remove: a.remove,
             };
-            let (mut add, mut remove) = (None, None);
-            while let Some(flag) = args.next() {
-                let value = args
-                    .next()
-                    .with_context(|| format!("{flag} needs a value\n{CLUSTER_USAGE}"))?;
-                match flag.as_str() {
-                    "--add" => add = Some(value),
-                    "--remove" => remove = Some(value),
-                    "--every" => opts.every = secs(value, "--every")?,
-                    "--cooldown" => opts.cooldown = secs(value, "--cooldown")?,
-                    "--scale-in-after" => {
-                        opts.scale_in_after = Some(secs(value, "--scale-in-after")?)
-                    }
-                    "--headroom" => {
-                        opts.headroom_gpus = Some(value.parse().context("--headroom GPUS")?)
-                    }
-                    "--from" => {
-                        opts.from =
-                            std::net::SocketAddr::new(value.parse().context("--from IP")?, 0)
-                    }
-                    _ => bail!("unknown option {flag}\n{CLUSTER_USAGE}"),
-                }
-            }
-            let (Some(add), Some(remove)) = (add, remove) else {
-                bail!("autoscale needs --add CMD and --remove CMD\n{CLUSTER_USAGE}");
-            };
-            autoscale::run(opts, Box::new(ShellProvider { add, remove })).await?;
-            Ok(())
+            autoscale::run(opts, Box::new(provider)).await?;
         }
-        _ => bail!("{CLUSTER_USAGE}"),
     }
+    Ok(())
 }
 
-const SIMULATE_USAGE: &str = "usage: notebookos-kernel simulate \
-(--trace SESSIONS.json | --csv EVENTS.csv | --synthetic N) [--seed N] \
-[--modes reservation,batch,notebookos-1,notebookos-3] [--out DIR] [--commit-us N] \
-[--scale-out-delay SECONDS] [--subscription-ratio R] [--headroom GPUS] \
-[--migrate-after SECONDS] [--csv-state-gb GB]";
-
-/// `simulate ...`: replays a workload through the policy and the baselines.
-fn simulate(args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     use notebookos_kernel::cluster::policy::Policy;
-    use notebookos_kernel::sim::{self, workload::Workload, Costs, Mode};
-    use std::time::Duration;
+    use notebookos_kernel::sim::{self, workload::Workload, Costs};
 
-    enum Source {
-        Trace(PathBuf),
-        Csv(PathBuf),
-        Synthetic(usize),
-    }
-    let mut source = None;
-    let mut seed = 1u64;
-    let mut modes = vec![
-        Mode::Reservation,
-        Mode::Batch,
-        Mode::NotebookOs { replicas: 1 },
-        Mode::NotebookOs { replicas: 3 },
-    ];
-    let mut out = None;
     let mut policy = Policy::default();
     let mut costs = Costs::default();
-    let mut csv_state_gb = 4.0f64;
-    let mut args = args;
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{arg} needs a value\n{SIMULATE_USAGE}"))
-        };
-        match arg.as_str() {
-            "--trace" => source = Some(Source::Trace(value()?.into())),
-            "--csv" => source = Some(Source::Csv(value()?.into())),
-            "--synthetic" => {
-                source = Some(Source::Synthetic(
-                    value()?.parse().context("--synthetic N")?,
-                ))
-            }
-            "--seed" => seed = value()?.parse().context("--seed N")?,
-            "--out" => out = Some(PathBuf::from(value()?)),
-            "--commit-us" => costs.commit_us = value()?.parse().context("--commit-us N")?,
-            "--scale-out-delay" => {
-                costs.scale_out_delay = value()?
-                    .parse::<u64>()
-                    .context("--scale-out-delay SECONDS")?
-                    * 1000
-            }
-            "--subscription-ratio" => {
-                policy.subscription_ratio = value()?.parse().context("--subscription-ratio R")?
-            }
-            "--headroom" => policy.headroom_gpus = value()?.parse().context("--headroom GPUS")?,
-            "--migrate-after" => {
-                policy.migrate_after =
-                    Duration::from_secs_f64(value()?.parse().context("--migrate-after SECONDS")?)
-            }
-            "--csv-state-gb" => csv_state_gb = value()?.parse().context("--csv-state-gb GB")?,
-            "--modes" => {
-                modes = value()?
-                    .split(',')
-                    .map(|m| match m.trim() {
-                        "reservation" => Ok(Mode::Reservation),
-                        "batch" => Ok(Mode::Batch),
-                        other => other
-                            .strip_prefix("notebookos-")
-                            .and_then(|n| n.parse().ok())
-                            .filter(|&n| n >= 1)
-                            .map(|replicas| Mode::NotebookOs { replicas })
-                            .with_context(|| format!("unknown mode {other:?}\n{SIMULATE_USAGE}")),
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            }
-            other => bail!("unknown option {other}\n{SIMULATE_USAGE}"),
-        }
+    if let Some(us) = args.commit_us {
+        costs.commit_us = us;
     }
-    let workload = match source {
-        Some(Source::Trace(path)) => Workload::from_session_trace(&path)?,
-        Some(Source::Csv(path)) => Workload::from_event_csv(&path, (csv_state_gb * 1e9) as u64)?,
-        Some(Source::Synthetic(n)) => Workload::synthetic(
-            &sim::workload::Synthetic {
-                sessions: n,
-                ..Default::default()
-            },
-            seed,
-        ),
-        None => bail!("no workload given\n{SIMULATE_USAGE}"),
+    if let Some(secs) = args.scale_out_delay {
+        costs.scale_out_delay = secs * 1000;
+    }
+    if let Some(r) = args.subscription_ratio {
+        policy.subscription_ratio = r;
+    }
+    if let Some(gpus) = args.headroom {
+        policy.headroom_gpus = gpus;
+    }
+    if let Some(after) = args.migrate_after {
+        policy.migrate_after = after;
+    }
+    let workload = if let Some(path) = &args.trace {
+        Workload::from_session_trace(path)?
+    } else if let Some(path) = &args.csv {
+        Workload::from_event_csv(path, (args.csv_state_gb * 1e9) as u64)?
+    } else {
+        let sessions = args.synthetic.context("no workload given")?;
+        let spec = sim::workload::Synthetic {
+            sessions,
+            ..Default::default()
+        };
+        Workload::synthetic(&spec, args.seed)
     };
-    let outcomes = sim::run(&workload, &modes, &policy, &costs, seed);
+    let outcomes = sim::run(&workload, &args.modes, &policy, &costs, args.seed);
     let rows = sim::report::summarize(&outcomes);
     print!("{}", sim::report::table(&workload, &rows));
-    if let Some(dir) = out {
+    if let Some(dir) = args.out {
         sim::report::write(&dir, &workload, &outcomes, &rows)
             .with_context(|| format!("writing results to {}", dir.display()))?;
     }
     Ok(())
 }
 
-struct Args {
-    connection_file: PathBuf,
-    /// Unknown options (`--HistoryManager.hist_file=:memory:` and the like)
-    /// are accepted and handed to IPython as traitlets configuration, as
-    /// ipykernel does.
-    passthrough: Vec<String>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
 
-impl Args {
-    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
-        let mut connection_file = None;
-        let mut passthrough = Vec::new();
-        let mut args = args.peekable();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "-f" | "--f" | "--connection-file" => {
-                    connection_file = args.next().map(PathBuf::from);
-                }
-                "-h" | "--help" => {
-                    println!(
-                        "usage: notebookos-kernel -f CONNECTION_FILE [--Class.trait=value ...]"
-                    );
-                    std::process::exit(0);
-                }
-                "--version" => {
-                    println!("notebookos-kernel {}", env!("CARGO_PKG_VERSION"));
-                    std::process::exit(0);
-                }
-                other => {
-                    if let Some(v) = other.strip_prefix("--f=").or(other.strip_prefix("-f=")) {
-                        connection_file = Some(PathBuf::from(v));
-                    } else {
-                        passthrough.push(other.to_owned());
-                    }
-                }
-            }
-        }
-        let Some(connection_file) = connection_file else {
-            bail!("missing -f CONNECTION_FILE (usage: notebookos-kernel -f CONNECTION_FILE)");
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ipython_options_pass_through_around_the_connection_file() {
+        let argv = |args: &[&str]| {
+            let args = std::iter::once("notebookos-kernel").chain(args.iter().copied());
+            connection_file_first(args.map(Into::into).collect())
         };
-        Ok(Self {
-            connection_file,
-            passthrough,
-        })
+        let cli = Cli::try_parse_from(argv(&[
+            "--HistoryManager.hist_file=:memory:",
+            "--f=/run/k.json",
+            "--some-unknown-flag",
+            "--profile=p",
+        ]))
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(
+            cli.launch.connection_file,
+            Some(PathBuf::from("/run/k.json"))
+        );
+        assert_eq!(
+            cli.launch.ipython,
+            [
+                "--HistoryManager.hist_file=:memory:",
+                "--some-unknown-flag",
+                "--profile=p"
+            ]
+        );
+        let cli = Cli::try_parse_from(argv(&["--matplotlib=inline", "-f", "k.json"])).unwrap();
+        assert_eq!(cli.launch.connection_file, Some(PathBuf::from("k.json")));
+        assert_eq!(cli.launch.ipython, ["--matplotlib=inline"]);
+        // A subcommand's arguments stay where they are.
+        let parsed = Cli::try_parse_from(argv(&["simulate", "--synthetic", "1", "-f", "x"]));
+        assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn subcommands_check_their_options() {
+        for bad in [
+            &["agent", "--cluster", "c.json"][..],
+            &["agent", "--no-such-flag"],
+            &["simulate"],
+            &[
+                "simulate",
+                "--synthetic",
+                "2",
+                "--modes",
+                "batch,notebookos-0",
+            ],
+            &["cluster", "autoscale", "c.json", "--add", "x"],
+        ] {
+            let argv = std::iter::once("notebookos-kernel").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
+        }
+        let cli = Cli::try_parse_from([
+            "notebookos-kernel",
+            "simulate",
+            "--synthetic",
+            "2",
+            "--modes",
+            "batch,notebookos-3",
+            "--migrate-after",
+            "1.5",
+        ])
+        .unwrap();
+        let Some(Command::Simulate(args)) = cli.command else {
+            panic!("not simulate")
+        };
+        assert_eq!(
+            args.modes,
+            [
+                notebookos_kernel::sim::Mode::Batch,
+                notebookos_kernel::sim::Mode::NotebookOs { replicas: 3 }
+            ]
+        );
+        assert_eq!(args.migrate_after, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn an_error_and_its_causes_print_on_one_line_each_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow::Error::new(io)
+            .context("reading x: gone")
+            .context("starting");
+        assert_eq!(one_line(&e), "starting: reading x: gone");
     }
 }

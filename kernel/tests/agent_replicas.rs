@@ -64,6 +64,8 @@ async fn agent_starts_and_stops_a_replica() {
         addr_file: PathBuf::from("/ignored: the agent picks it"),
         argv: vec![],
         listen: "0.0.0.0:0".into(),
+        cwd: None,
+        env: None,
     };
     let started = client
         .call(

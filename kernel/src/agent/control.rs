@@ -295,7 +295,7 @@ mod tests {
             argv: vec![],
             listen: String::new(),
             cwd: None,
-            env: vec![],
+            env: None,
         }
     }
 

@@ -109,7 +109,7 @@ pub struct Front {
     losses_told: Mutex<std::collections::BTreeSet<u64>>,
     argv: Vec<String>,
     /// Where and with which environment replicas start: see [`Bootstrap::cwd`].
-    launch: (Option<PathBuf>, Vec<(String, String)>),
+    launch: (Option<PathBuf>, Option<Vec<(String, String)>>),
     listen_ip: String,
     replicas: usize,
     stopping: AtomicBool,

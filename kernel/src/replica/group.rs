@@ -89,11 +89,12 @@ pub struct Bootstrap {
     pub listen: String,
     /// The front's working directory and environment when the kernel started
     /// (what a cell changes later travels with the namespace), so that a
-    /// replica on any server starts where replica 1 did.
+    /// replica on any server starts where replica 1 did. `None`: the
+    /// spawner's own.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
     #[serde(default)]
-    pub env: Vec<(String, String)>,
+    pub env: Option<Vec<(String, String)>>,
 }
 
 /// Variables that describe the server a process runs on, not the kernel:
@@ -102,12 +103,12 @@ pub const PER_HOST_ENV: &[&str] = &["NOTEBOOKOS_AGENT_SOCKET", "CUDA_VISIBLE_DEV
 
 /// This process's working directory and environment, less [`PER_HOST_ENV`]
 /// (and variables that are not UTF-8, which no Python code could have set).
-pub fn launch_context() -> (Option<PathBuf>, Vec<(String, String)>) {
+pub fn launch_context() -> (Option<PathBuf>, Option<Vec<(String, String)>>) {
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| !PER_HOST_ENV.contains(&k.as_str()))
         .collect();
-    (std::env::current_dir().ok(), env)
+    (std::env::current_dir().ok(), Some(env))
 }
 
 /// The directory for one connection file's replica group.

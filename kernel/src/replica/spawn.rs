@@ -94,11 +94,13 @@ impl Spawner for LocalSpawner {
         let data = serde_json::to_vec(bootstrap).unwrap_or_default();
         group::write_private(&file, &data)?;
         let mut cmd = std::process::Command::new(&self.program);
-        cmd.arg("replica").arg("--bootstrap").arg(&file).env_clear();
-        cmd.envs(bootstrap.env.iter().map(|(k, v)| (k, v)));
-        for name in group::PER_HOST_ENV {
-            if let Some(value) = std::env::var_os(name) {
-                cmd.env(name, value);
+        cmd.arg("replica").arg("--bootstrap").arg(&file);
+        if let Some(env) = &bootstrap.env {
+            cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+            for name in group::PER_HOST_ENV {
+                if let Some(value) = std::env::var_os(name) {
+                    cmd.env(name, value);
+                }
             }
         }
         cmd.env("PYTHONHASHSEED", self.hash_seed.to_string())
@@ -107,9 +109,7 @@ impl Spawner for LocalSpawner {
         if let Some(cwd) = bootstrap.cwd.as_ref().filter(|d| d.is_dir()) {
             cmd.current_dir(cwd);
         }
-        cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().map_err(|e| {
             GroupError::Start(format!(
