@@ -5,6 +5,8 @@
 #   PYTHON=/path/to/venv/bin/python ./install.sh
 #   ./install.sh --demo          # then run docs/demo.ipynb through the kernel
 #   ./install.sh --uninstall
+#   ./install.sh --name python3  # drop-in: notebookos under ipykernel's name
+#   ./install.sh --uninstall --name python3   # ipykernel's python3 back
 #
 # Installs into that environment: the python-shim package (with IPython,
 # comm, matplotlib-inline) and jupyter_client/jupyter_core for the
@@ -25,12 +27,25 @@ PY="$("$PYTHON" -c 'import sys; print(sys.executable)')"
 IN_VENV="$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in __import__("os").environ))')"
 if [ "$IN_VENV" = 1 ]; then SCOPE=(--sys-prefix); else SCOPE=(--user); fi
 
-DEMO=0
-if [ "${1:-}" = "--demo" ]; then DEMO=1; fi
-if [ "${1:-}" = "--uninstall" ]; then
-    "$PY" -m jupyter kernelspec remove -y "$NAME" 2>/dev/null || true
-    "$PY" -m pip uninstall -y -q notebookos-shim 2>/dev/null || true
-    echo "notebookos uninstalled from $PY"
+DEMO=0 UNINSTALL=0 SPEC_ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --demo) DEMO=1; shift ;;
+        --uninstall) UNINSTALL=1; shift ;;
+        --name) NAME="${2:?--name NAME}"; shift 2 ;;
+        --display-name) SPEC_ARGS+=(--display-name "${2:?--display-name TEXT}"); shift 2 ;;
+        -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+if [ "$UNINSTALL" = 1 ]; then
+    "$ROOT/kernelspec/install.sh" --uninstall --python "$PY" --name "$NAME" "${SCOPE[@]}"
+    # The shim goes with the last kernelspec that runs notebookos.
+    LEFT="$("$PY" -m jupyter kernelspec list --json 2>/dev/null | "$PY" -c 'import json, sys
+specs = json.load(sys.stdin)["kernelspecs"].values()
+print(sum(s["spec"]["argv"][0].endswith("notebookos-kernel") for s in specs))' 2>/dev/null || echo 0)"
+    if [ "$LEFT" = 0 ]; then "$PY" -m pip uninstall -y -q notebookos-shim 2>/dev/null || true; fi
+    echo "notebookos ($NAME) uninstalled from $PY"
     exit 0
 fi
 
@@ -48,32 +63,20 @@ TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | "$PY" 
 if [ "$PROFILE" = release ]; then BIN="$TARGET_DIR/release/notebookos-kernel"; else BIN="$TARGET_DIR/debug/notebookos-kernel"; fi
 
 echo "==> Installing the kernelspec '$NAME' (${SCOPE[*]})"
-STAGE="$(mktemp -d)"
-trap 'rm -rf "$STAGE"' EXIT
-cp "$ROOT"/kernelspec/logo-*.png "$STAGE/"
-cp "$BIN" "$STAGE/notebookos-kernel"
-echo '{}' > "$STAGE/kernel.json"
-DEST="$("$PY" -m jupyter kernelspec install --replace --name "$NAME" "${SCOPE[@]}" "$STAGE" 2>&1 | sed -n 's/.*Installed kernelspec [^ ]* in //p')"
-[ -n "$DEST" ] && [ -d "$DEST" ] || die "jupyter kernelspec install did not report where it installed"
-# The kernel runs from its own copy in the kernelspec, so the build tree
-# can go away; its path must be absolute for every front-end.
-sed -e "s|@KERNEL_BIN@|$DEST/notebookos-kernel|" -e "s|@PYTHON@|$PY|" \
-    "$ROOT/kernelspec/kernel.json.in" > "$DEST/kernel.json"
-chmod 0755 "$DEST/notebookos-kernel"
-echo "installed: $DEST"
+"$ROOT/kernelspec/install.sh" --bin "$BIN" --python "$PY" --name "$NAME" "${SPEC_ARGS[@]}" "${SCOPE[@]}"
 "$PY" -m jupyter kernelspec list | grep -E "^\s+$NAME\s" || die "kernelspec not listed"
 
 if [ "$DEMO" = 1 ]; then
     echo "==> Running docs/demo.ipynb through the notebookos kernel (nbclient)"
     "$PY" -m pip install -q --disable-pip-version-check "nbclient>=0.10" "nbformat>=5" numpy
-    "$PY" - "$ROOT/docs/demo.ipynb" <<'PY'
+    "$PY" - "$ROOT/docs/demo.ipynb" "$NAME" <<'PY'
 import sys
 
 import nbformat
 from nbclient import NotebookClient
 
 nb = nbformat.read(sys.argv[1], as_version=4)
-NotebookClient(nb, kernel_name="notebookos", timeout=300).execute()
+NotebookClient(nb, kernel_name=sys.argv[2], timeout=300).execute()
 for cell in nb.cells:
     if cell.cell_type != "code":
         continue

@@ -146,6 +146,49 @@ def test_kernelspec_as_installed_is_listed_for_vscode(tmp_path):
     assert {p.name for p in spec_dir.glob("logo-*.png")} == {"logo-32x32.png", "logo-64x64.png"}
 
 
+def test_installed_under_ipykernels_name_and_undone(tmp_path, monkeypatch):
+    """`install.sh --name python3` (kernelspec/install.sh underneath) makes
+    notebookos the kernel clients start for "python3"; uninstalling puts
+    ipykernel's spec back."""
+    script = ROOT / "kernelspec" / "install.sh"
+    prefix, later = tmp_path / "prefix", tmp_path / "later"
+    path = lambda p: str(p / "share" / "jupyter")  # noqa: E731
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
+        [path(prefix), os.environ["JUPYTER_PATH"], path(later)]))
+
+    def specs():
+        out = subprocess.run(JUPYTER + ["kernelspec", "list", "--json"], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out)["kernelspecs"]
+
+    def install(*args):
+        return subprocess.run(["bash", str(script), "--python", sys.executable, *args],
+                              capture_output=True, text=True)
+
+    out = install("--bin", str(KERNEL_BIN), "--name", "python3", "--prefix", str(prefix))
+    assert out.returncode == 0, out.stderr
+    spec = specs()["python3"]
+    assert Path(spec["resource_dir"]) == prefix / "share" / "jupyter" / "kernels" / "python3"
+    assert spec["spec"]["argv"][0].endswith("notebookos-kernel")
+    fe = Frontend(kernel_name="python3")
+    try:
+        reply = fe.shell_reply(fe.kc.kernel_info())["content"]
+        assert "notebookos" in reply["banner"]
+        reply, _ = fe.execute("x = 6 * 7")
+        assert reply["status"] == "ok"
+    finally:
+        fe.close()
+
+    # Installed where an earlier python3 wins: refused, and says which one.
+    out = install("--bin", str(KERNEL_BIN), "--name", "python3", "--prefix", str(later))
+    assert out.returncode != 0 and "Jupyter starts 'python3' from" in out.stderr, out.stderr
+
+    out = install("--uninstall", "--name", "python3", "--prefix", str(prefix))
+    assert out.returncode == 0 and "ipykernel's again" in out.stdout, out
+    spec = specs()["python3"]["spec"]
+    assert "ipykernel_launcher" in spec["argv"], spec
+
+
 def test_kernel_info_language_info_for_vscode():
     """VS Code takes the notebook's language, file extension and syntax
     highlighting from kernel_info's language_info."""
