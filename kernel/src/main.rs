@@ -78,10 +78,9 @@ struct AgentArgs {
     /// This server's name in the cluster file.
     #[arg(long, value_name = "SERVER", requires = "cluster")]
     name: Option<String>,
-    /// How long replicas started here outlive their kernel's replica 1.
-    #[arg(long, value_name = "SECONDS", value_parser = seconds,
-          default_value = "60")]
-    rejoin_grace: Duration,
+    /// How long replicas started here outlive their kernel's replica 1 [default: 60].
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    rejoin_grace: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -194,7 +193,7 @@ fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(connection_file_first(std::env::args_os().collect()));
     match run(cli) {
-        Ok(code) => ExitCode::from(code),
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("notebookos-kernel: {}", one_line(&e));
             ExitCode::FAILURE
@@ -206,14 +205,15 @@ fn main() -> ExitCode {
 /// takes every argument after the first IPython option as another one, and
 /// Jupyter allows `-f {connection_file}` anywhere in a kernelspec's argv.
 fn connection_file_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const FLAGS: [&str; 3] = ["-f", "--f", "--connection-file"];
-    let is_flag = |a: &std::ffi::OsString, with_value: bool| {
+    // How many arguments the option takes up: `-f FILE` two, `-f=FILE` one.
+    let taken = |a: &std::ffi::OsString| {
         let a = a.to_string_lossy();
-        FLAGS.iter().any(|f| {
-            if with_value {
-                a.strip_prefix(f).is_some_and(|rest| rest.starts_with('='))
-            } else {
-                a == *f
+        ["-f", "--f", "--connection-file"].iter().find_map(|f| {
+            let rest = a.strip_prefix(f)?;
+            match rest {
+                "" => Some(2),
+                _ if rest.starts_with('=') => Some(1),
+                _ => None,
             }
         })
     };
@@ -224,15 +224,15 @@ fn connection_file_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsS
     if subcommand {
         return args;
     }
-    let Some(at) = args
+    let Some((at, n)) = args
         .iter()
+        .enumerate()
         .skip(1)
-        .position(|a| is_flag(a, false) || is_flag(a, true))
+        .find_map(|(at, a)| Some((at, taken(a)?)))
     else {
         return args;
     };
-    let at = at + 1;
-    let n = if is_flag(&args[at], true) { 1 } else { 2 }.min(args.len() - at);
+    let n = n.min(args.len() - at);
     let moved: Vec<_> = args.drain(at..at + n).collect();
     args.splice(1..1, moved);
     args
@@ -254,7 +254,7 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn run(cli: Cli) -> anyhow::Result<()> {
     // Before any thread exists, so every later thread inherits the mask.
     signals::block_sigint_in_this_thread().context("blocking SIGINT")?;
     signals::ignore_sigint();
@@ -271,8 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .init();
 
     if let Some(Command::Simulate(args)) = cli.command {
-        simulate(args)?;
-        return Ok(0);
+        return simulate(args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -280,15 +279,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let code = match cli.command {
+    match cli.command {
         Some(Command::Agent(args)) => {
             runtime.block_on(notebookos_kernel::agent::run(agent_options(args)))?;
-            0
         }
-        Some(Command::Cluster(command)) => {
-            runtime.block_on(cluster(command))?;
-            0
-        }
+        Some(Command::Cluster(command)) => runtime.block_on(cluster(command))?,
         Some(Command::Replica { bootstrap }) => {
             let code = runtime.block_on(replica::peer::run(&bootstrap))?;
             std::process::exit(code)
@@ -316,8 +311,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             // the shell ran its own shutdown (history, atexit) on its thread.
             std::process::exit(code)
         }
-    };
-    Ok(code)
+    }
+    Ok(())
 }
 
 fn agent_options(args: AgentArgs) -> notebookos_kernel::agent::AgentOptions {
@@ -331,7 +326,9 @@ fn agent_options(args: AgentArgs) -> notebookos_kernel::agent::AgentOptions {
             .cluster
             .zip(args.name)
             .map(|(config, name)| ClusterMembership { config, name }),
-        rejoin_grace: args.rejoin_grace,
+        rejoin_grace: args
+            .rejoin_grace
+            .unwrap_or(notebookos_kernel::agent::reaper::REJOIN_GRACE),
     }
 }
 
