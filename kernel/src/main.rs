@@ -143,13 +143,20 @@ struct SimulateArgs {
     synthetic: Option<usize>,
     #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
-    /// Comma-separated: reservation, batch, notebookos-N (N replicas).
+    /// Comma-separated: oracle, reservation, batch, notebookos-N (N replicas).
     #[arg(long, value_name = "MODES", value_delimiter = ',', value_parser = mode,
-          default_value = "reservation,batch,notebookos-1,notebookos-3")]
+          default_value = "oracle,reservation,batch,notebookos-1,notebookos-3")]
     modes: Vec<notebookos_kernel::sim::Mode>,
     /// Also write the results (CSV, JSON) to this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// The costs measured by the live benchmarks (bench/calibrate.py writes it);
+    /// the options below override single numbers.
+    #[arg(long, value_name = "FILE.json")]
+    calibration: Option<PathBuf>,
+    /// Only the busiest window of this many hours (most cells submitted).
+    #[arg(long, value_name = "HOURS")]
+    window_hours: Option<f64>,
     /// One Raft commit, in microseconds.
     #[arg(long, value_name = "N")]
     commit_us: Option<u64>,
@@ -161,6 +168,12 @@ struct SimulateArgs {
     /// Idle GPUs the policy keeps.
     #[arg(long, value_name = "GPUS")]
     headroom: Option<u32>,
+    /// Scale in while demand stays under this share of what is left.
+    #[arg(long, value_name = "SHARE")]
+    scale_in_below: Option<f64>,
+    /// A server must have run nothing this long before it is removed.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    scale_in_after: Option<Duration>,
     /// Migrate a replica whose cell waited this long.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     migrate_after: Option<Duration>,
@@ -179,6 +192,7 @@ fn seconds(s: &str) -> Result<Duration, String> {
 fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
     use notebookos_kernel::sim::Mode;
     match s.trim() {
+        "oracle" => Ok(Mode::Oracle),
         "reservation" => Ok(Mode::Reservation),
         "batch" => Ok(Mode::Batch),
         other => other
@@ -186,7 +200,9 @@ fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
             .and_then(|n| n.parse().ok())
             .filter(|&n| n >= 1)
             .map(|replicas| Mode::NotebookOs { replicas })
-            .ok_or_else(|| format!("unknown mode {other:?} (reservation, batch or notebookos-N)")),
+            .ok_or_else(|| {
+                format!("unknown mode {other:?} (oracle, reservation, batch or notebookos-N)")
+            }),
     }
 }
 
@@ -363,10 +379,13 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     use notebookos_kernel::cluster::policy::Policy;
-    use notebookos_kernel::sim::{self, workload::Workload, Costs};
+    use notebookos_kernel::sim::{self, calibration::Calibration, workload::Workload, Costs};
 
     let mut policy = Policy::default();
-    let mut costs = Costs::default();
+    let mut costs = match &args.calibration {
+        Some(path) => Calibration::load(path)?.costs(),
+        None => Costs::default(),
+    };
     if let Some(us) = args.commit_us {
         costs.commit_us = us;
     }
@@ -378,6 +397,12 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     if let Some(gpus) = args.headroom {
         policy.headroom_gpus = gpus;
+    }
+    if let Some(share) = args.scale_in_below {
+        policy.scale_in_below = share;
+    }
+    if let Some(after) = args.scale_in_after {
+        policy.scale_in_after = after;
     }
     if let Some(after) = args.migrate_after {
         policy.migrate_after = after;
@@ -393,6 +418,15 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         Workload::synthetic(&spec, args.seed)
+    };
+    let workload = match args.window_hours {
+        Some(hours) if hours.is_finite() && hours > 0.0 => {
+            let len = (hours * 3_600_000.0) as u64;
+            let start = workload.busiest_window(len, 60_000);
+            workload.window(start, len)
+        }
+        Some(hours) => anyhow::bail!("--window-hours must be positive, not {hours}"),
+        None => workload,
     };
     let outcomes = sim::run(&workload, &args.modes, &policy, &costs, args.seed);
     let rows = sim::report::summarize(&outcomes);

@@ -20,6 +20,9 @@ use super::workload::{Ms, Store, Workload, SECOND};
 /// How sessions get GPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The bound: GPUs provisioned exactly while cells run, second by
+    /// second, and no cell waits.
+    Oracle,
     /// Each session holds its GPUs on one server from start to stop.
     Reservation,
     /// Each cell is a container queued first-come first-served; it loads
@@ -32,6 +35,7 @@ pub enum Mode {
 impl Mode {
     pub fn name(&self) -> String {
         match self {
+            Mode::Oracle => "oracle".into(),
             Mode::Reservation => "Reservation".into(),
             Mode::Batch => "Batch (FCFS)".into(),
             Mode::NotebookOs { replicas } => format!("notebookos-{replicas}"),
@@ -41,6 +45,10 @@ impl Mode {
     /// The policy this mode runs under, from the shared knobs.
     pub fn policy(&self, base: &Policy) -> Policy {
         match *self {
+            Mode::Oracle => Policy {
+                min_servers: 0,
+                ..base.clone()
+            },
             // Holding GPUs for a session's life leaves nothing to oversubscribe.
             Mode::Reservation => Policy {
                 replicas: 1,
@@ -64,7 +72,8 @@ impl Mode {
     }
 }
 
-/// Modelled costs; `docs/simulator.md` says where each number comes from.
+/// Modelled costs; `docs/simulator.md` says where each number comes from,
+/// and [`super::calibration`] fills them from the live benchmarks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Costs {
     /// From asking the provider for a server to its agent taking work.
@@ -77,6 +86,19 @@ pub struct Costs {
     pub container_start: Ms,
     /// How often the autoscaler looks.
     pub autoscale_every: Ms,
+    /// A cell's changes reach the peers this long after its reply (fixed
+    /// part, µs) ...
+    pub delta_fixed_us: u64,
+    /// ... plus their bytes at this rate (the replicas' bulk stream); a
+    /// migrated replica's checkpoint comes from a peer at it too.
+    pub delta_bytes_per_s: f64,
+    /// Moving GPU state to host memory (a revoked or expired cached grant).
+    pub offload_bytes_per_s: f64,
+    /// Moving it back before a cell that did not find it on its GPUs.
+    pub restore_bytes_per_s: f64,
+    /// A cached grant unused this long is released (the kernel's
+    /// `NOTEBOOKOS_GPU_CACHE_IDLE`); zero: GPU state leaves after every cell.
+    pub cache_idle: Ms,
 }
 
 impl Default for Costs {
@@ -87,7 +109,64 @@ impl Default for Costs {
             replica_start: 2 * SECOND,
             container_start: 5 * SECOND,
             autoscale_every: 30 * SECOND,
+            delta_fixed_us: 20_000,
+            delta_bytes_per_s: 0.2e9,
+            offload_bytes_per_s: 25e9,
+            restore_bytes_per_s: 25e9,
+            cache_idle: 600 * SECOND,
         }
+    }
+}
+
+impl Costs {
+    fn bytes_ms(bytes: u64, rate: f64) -> Ms {
+        if bytes == 0 || rate <= 0.0 {
+            return 0;
+        }
+        (bytes as f64 / rate * 1000.0).ceil() as Ms
+    }
+
+    /// Reply to every peer holding a cell's changes of `bytes`.
+    pub fn delta_ms(&self, bytes: u64) -> Ms {
+        self.delta_fixed_us.div_ceil(1000) + Self::bytes_ms(bytes, self.delta_bytes_per_s)
+    }
+
+    pub fn offload_ms(&self, bytes: u64) -> Ms {
+        Self::bytes_ms(bytes, self.offload_bytes_per_s)
+    }
+
+    pub fn restore_ms(&self, bytes: u64) -> Ms {
+        Self::bytes_ms(bytes, self.restore_bytes_per_s)
+    }
+}
+
+/// How often a cached grant hears of its revocation (the kernel's
+/// `CACHED_RENEW`): the asker waits this on top of the offload.
+const REVOKE_HEARD: Ms = 50;
+/// How long a replica waits for GPUs being reclaimed before it yields
+/// (the kernel's `RECLAIM_PATIENCE`).
+const RECLAIM_PATIENCE: Ms = 30 * SECOND;
+
+/// Where one cell's delay went (submission to start), in ms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delay {
+    /// Raft commits of the election.
+    pub election: Ms,
+    /// Waiting for the previous cell's changes to reach this replica.
+    pub sync: Ms,
+    /// Waiting for others' cached GPUs to be moved off.
+    pub reclaim: Ms,
+    /// Moving this session's GPU state onto the GPUs.
+    pub restore: Ms,
+    /// Every replica yielded: queued until GPUs freed or a migration.
+    pub queued: Ms,
+    /// A migrated replica's start and state load (or a batch container's).
+    pub migration: Ms,
+}
+
+impl Delay {
+    pub fn total(&self) -> Ms {
+        self.election + self.sync + self.reclaim + self.restore + self.queued + self.migration
     }
 }
 
@@ -98,12 +177,20 @@ pub struct Outcome {
     pub cells: usize,
     /// Server GPUs paid for (booting, serving or draining), GPU-ms.
     pub provisioned_gpu_ms: u128,
-    /// GPUs bound to a session or cell (reserved, loading or running).
+    /// GPUs bound to a session or cell (reserved, loading, running, cached).
     pub held_gpu_ms: u128,
     /// GPUs running cells.
     pub used_gpu_ms: u128,
+    /// GPUs kept between cells with a session's state on them.
+    pub cached_gpu_ms: u128,
+    /// GPUs whose state was moving on or off them.
+    pub moving_gpu_ms: u128,
     /// Submission to start of execution, per cell, in workload order.
-    pub delays: Vec<Ms>,
+    pub delays: Vec<Delay>,
+    /// Cells whose GPU state was still on their GPUs.
+    pub cache_hits: usize,
+    /// Cached grants revoked for another kernel's cell.
+    pub revocations: usize,
     pub migrations: usize,
     pub servers_added: usize,
     pub servers_removed: usize,
@@ -118,6 +205,7 @@ pub struct Outcome {
 enum Event {
     // Ordered so that, at one instant, capacity frees before work arrives.
     CellEnd { session: usize, cell: usize },
+    CacheIdle { session: usize, replica: usize, since: Ms },
     ServerReady,
     SessionStart { session: usize },
     CellSubmit { session: usize, cell: usize },
@@ -126,15 +214,50 @@ enum Event {
     Autoscale,
 }
 
+/// A grant kept after its cell with the session's GPU state on it.
+#[derive(Debug, Clone)]
+struct Cached {
+    session: usize,
+    replica: usize,
+    gpus: u32,
+    since: Ms,
+    bytes: u64,
+}
+
 #[derive(Debug)]
 struct Server {
     gpus: u32,
+    /// Free: neither running a cell nor cached.
     idle: u32,
+    cached: Vec<Cached>,
     subscribed: u32,
     replicas: u32,
     draining: bool,
     ready_at: Ms,
+    /// When a cell last ran on it.
     last_active: Ms,
+}
+
+impl Server {
+    fn cached_gpus(&self) -> u32 {
+        self.cached.iter().map(|c| c.gpus).sum()
+    }
+
+    fn running(&self) -> u32 {
+        self.gpus - self.idle - self.cached_gpus()
+    }
+}
+
+/// How a replica would get a cell's GPUs on its server, as its agent
+/// decides (`agent::grants::Grants::grant`).
+#[derive(Debug, Clone, PartialEq)]
+struct Acquire {
+    /// Its own cached grant of as many GPUs: the state is in place.
+    from_cache: bool,
+    /// Others' cached grants revoked for it, oldest first (indices).
+    revoke: Vec<usize>,
+    /// Until the revoked state is off their GPUs.
+    wait: Ms,
 }
 
 #[derive(Debug, Default)]
@@ -144,8 +267,12 @@ struct SessionState {
     placed: bool,
     /// When the current cell was submitted.
     submitted: Ms,
-    /// The server running the current cell.
-    running_on: Option<ServerId>,
+    /// The server running the current cell, and the replica (index).
+    running_on: Option<(ServerId, usize)>,
+    /// The replica that ran the last cell and when its changes reach the
+    /// others: until then only it may lead.
+    holder: Option<usize>,
+    synced_at: Ms,
     /// Cells that have ended.
     ended: usize,
     stopped: bool,
@@ -171,6 +298,8 @@ pub struct Engine<'w> {
     live_sessions: usize,
     /// Index of each session's first cell in `Outcome::delays`.
     first_cell: Vec<usize>,
+    /// The oracle's GPUs running cells.
+    running: u32,
     out: Outcome,
 }
 
@@ -204,10 +333,11 @@ impl<'w> Engine<'w> {
                     Some(first)
                 })
                 .collect(),
+            running: 0,
             out: Outcome {
                 mode: mode.name(),
                 cells: workload.cells(),
-                delays: vec![0; workload.cells()],
+                delays: vec![Delay::default(); workload.cells()],
                 ..Outcome::default()
             },
             policy,
@@ -217,7 +347,9 @@ impl<'w> Engine<'w> {
             engine.at(s.start, Event::SessionStart { session: i });
             engine.at(s.stop, Event::SessionStop { session: i });
         }
-        engine.at(0, Event::Autoscale);
+        if mode != Mode::Oracle {
+            engine.at(0, Event::Autoscale);
+        }
         engine
     }
 
@@ -243,11 +375,15 @@ impl<'w> Engine<'w> {
     /// Integrates GPU accounting up to `t`.
     fn advance(&mut self, t: Ms) {
         let dt = u128::from(t.saturating_sub(self.now));
+        if self.mode == Mode::Oracle {
+            self.out.provisioned_gpu_ms += dt * u128::from(self.running);
+            self.out.held_gpu_ms += dt * u128::from(self.running);
+        }
         for s in self.servers.values_mut() {
             self.out.provisioned_gpu_ms += dt * u128::from(s.gpus);
-            let held = s.gpus - s.idle;
-            self.out.held_gpu_ms += dt * u128::from(held);
-            if held > 0 && t >= s.ready_at {
+            self.out.held_gpu_ms += dt * u128::from(s.gpus - s.idle);
+            self.out.cached_gpu_ms += dt * u128::from(s.cached_gpus());
+            if s.running() > 0 && t >= s.ready_at {
                 s.last_active = t;
             }
         }
@@ -255,8 +391,14 @@ impl<'w> Engine<'w> {
     }
 
     fn record(&mut self) {
-        let provisioned: u32 = self.servers.values().map(|s| s.gpus).sum();
-        let held: u32 = self.servers.values().map(|s| s.gpus - s.idle).sum();
+        let (provisioned, held) = if self.mode == Mode::Oracle {
+            (self.running, self.running)
+        } else {
+            (
+                self.servers.values().map(|s| s.gpus).sum(),
+                self.servers.values().map(|s| s.gpus - s.idle).sum(),
+            )
+        };
         if self.out.timeline.last().map(|&(_, p, h)| (p, h)) != Some((provisioned, held)) {
             self.out.timeline.push((self.now, provisioned, held));
         }
@@ -272,6 +414,11 @@ impl<'w> Engine<'w> {
             }
             Event::CellSubmit { session, cell } => self.cell_submit(session, cell),
             Event::CellEnd { session, cell } => self.cell_end(session, cell),
+            Event::CacheIdle {
+                session,
+                replica,
+                since,
+            } => self.cache_idle(session, replica, since),
             Event::MigrateCheck { session, cell } => self.migrate_check(session, cell),
             Event::ServerReady => self.retry(),
             Event::Autoscale => {
@@ -292,11 +439,13 @@ impl<'w> Engine<'w> {
                 .map(|(id, s)| ServerView {
                     id: id.clone(),
                     gpus: s.gpus,
-                    idle_gpus: s.idle,
+                    // As the agents report it: cached grants are revocable,
+                    // so they count as free (`agent::Agent::gpu_counts`).
+                    idle_gpus: s.idle + s.cached_gpus(),
                     subscribed: s.subscribed,
                     replicas: s.replicas,
                     draining: s.draining,
-                    idle_for: if s.idle == s.gpus {
+                    idle_for: if s.running() == 0 {
                         std::time::Duration::from_millis(self.now.saturating_sub(s.last_active))
                     } else {
                         std::time::Duration::ZERO
@@ -319,6 +468,7 @@ impl<'w> Engine<'w> {
                 Server {
                     gpus: self.policy.gpus_per_server,
                     idle: self.policy.gpus_per_server,
+                    cached: Vec::new(),
                     subscribed: 0,
                     replicas: 0,
                     draining: false,
@@ -360,11 +510,121 @@ impl<'w> Engine<'w> {
         }
     }
 
+    // ---- cached grants (the agent's `Grants`, modelled)
+
+    /// How replica `replica` of `session` would get `gpus` on `host` now, if
+    /// it can: its own cached grant of as many, free GPUs, or others' cached
+    /// grants revoked oldest first, if they are off within the patience.
+    fn acquire(&self, host: &str, session: usize, replica: usize, gpus: u32) -> Option<Acquire> {
+        let s = self.servers.get(host)?;
+        if s.ready_at > self.now {
+            return None;
+        }
+        let own = |c: &Cached| c.session == session && c.replica == replica;
+        if s.cached.iter().any(|c| own(c) && c.gpus == gpus) {
+            return Some(Acquire {
+                from_cache: true,
+                revoke: Vec::new(),
+                wait: 0,
+            });
+        }
+        if s.idle >= gpus {
+            return Some(Acquire {
+                from_cache: false,
+                revoke: Vec::new(),
+                wait: 0,
+            });
+        }
+        let mut oldest: Vec<usize> = (0..s.cached.len()).collect();
+        oldest.sort_by_key(|&i| (s.cached[i].since, i));
+        let mut free = s.idle;
+        let mut revoke = Vec::new();
+        let mut wait = 0;
+        for i in oldest {
+            if free >= gpus {
+                break;
+            }
+            free += s.cached[i].gpus;
+            wait = wait.max(self.costs.offload_ms(s.cached[i].bytes) + REVOKE_HEARD);
+            revoke.push(i);
+        }
+        (free >= gpus && wait <= RECLAIM_PATIENCE).then_some(Acquire {
+            from_cache: false,
+            revoke,
+            wait,
+        })
+    }
+
+    /// Carries out an [`Acquire`]: the revoked grants' GPUs go to the asker
+    /// as their state leaves; returns the GPUs now held for the cell.
+    fn commit_acquire(&mut self, host: &str, session: usize, replica: usize, gpus: u32, a: &Acquire) {
+        let Some(s) = self.servers.get_mut(host) else {
+            return;
+        };
+        if a.from_cache {
+            if let Some(i) = s
+                .cached
+                .iter()
+                .position(|c| c.session == session && c.replica == replica && c.gpus == gpus)
+            {
+                s.cached.remove(i);
+            }
+            self.out.cache_hits += 1;
+            return;
+        }
+        let mut revoke = a.revoke.clone();
+        revoke.sort_unstable_by(|a, b| b.cmp(a));
+        for i in revoke {
+            let c = s.cached.remove(i);
+            s.idle += c.gpus;
+            self.out.moving_gpu_ms +=
+                u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+            self.out.revocations += 1;
+        }
+        s.idle -= gpus;
+    }
+
+    /// Drops a replica's cached grants (its state goes to host memory).
+    fn uncache(&mut self, session: usize, replica: Option<usize>, host: Option<&str>) {
+        for (id, s) in self.servers.iter_mut() {
+            if host.is_some_and(|h| h != id) {
+                continue;
+            }
+            let mut kept = Vec::with_capacity(s.cached.len());
+            for c in s.cached.drain(..) {
+                if c.session == session && replica.is_none_or(|r| r == c.replica) {
+                    s.idle += c.gpus;
+                    self.out.moving_gpu_ms +=
+                        u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+                } else {
+                    kept.push(c);
+                }
+            }
+            s.cached = kept;
+        }
+    }
+
+    fn cache_idle(&mut self, session: usize, replica: usize, since: Ms) {
+        for s in self.servers.values_mut() {
+            if let Some(i) = s
+                .cached
+                .iter()
+                .position(|c| c.session == session && c.replica == replica && c.since == since)
+            {
+                let c = s.cached.remove(i);
+                s.idle += c.gpus;
+                self.out.moving_gpu_ms +=
+                    u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+            }
+        }
+        self.retry();
+    }
+
     // ---- sessions
 
     fn session_start(&mut self, session: usize) {
         match self.mode {
-            Mode::Batch => self.sessions[session].placed = true,
+            Mode::Batch | Mode::Oracle => self.sessions[session].placed = true,
             _ => {
                 if !self.try_place(session) {
                     self.unplaced.insert(session);
@@ -406,6 +666,7 @@ impl<'w> Engine<'w> {
             return;
         }
         let gpus = self.workload.sessions[session].gpus();
+        self.uncache(session, None, None);
         let hosts = std::mem::take(&mut self.sessions[session].hosts);
         for h in &hosts {
             self.unsubscribe(h, gpus);
@@ -427,10 +688,17 @@ impl<'w> Engine<'w> {
         let placed = self.sessions[session].placed;
         let mode = self.mode;
         match mode {
+            Mode::Oracle => {
+                self.running += spec.gpus;
+                self.start(session, cell, None, Delay::default());
+            }
             Mode::Batch if spec.gpus == 0 => {
                 // CPU cells need a container, not a GPU: they never queue.
-                let at = self.now + self.costs.container_start + self.load_ms(spec.state_bytes);
-                self.start(session, cell, None, at);
+                let delay = Delay {
+                    migration: self.costs.container_start + self.load_ms(spec.state_bytes),
+                    ..Delay::default()
+                };
+                self.start(session, cell, None, delay);
             }
             Mode::Batch => {
                 self.waiting.push_back((session, cell));
@@ -438,7 +706,7 @@ impl<'w> Engine<'w> {
             }
             Mode::Reservation if placed => {
                 let host = self.sessions[session].hosts.first().cloned();
-                self.start(session, cell, host, self.now);
+                self.start(session, cell, host.map(|h| (h, 0)), Delay::default());
             }
             Mode::NotebookOs { .. } if placed && self.elect(session, cell) => {}
             _ => {
@@ -453,90 +721,175 @@ impl<'w> Engine<'w> {
         }
     }
 
+    /// Whether `replica` of `session` holds every change by `t`.
+    fn may_lead(&self, session: usize, replica: usize, t: Ms) -> bool {
+        let s = &self.sessions[session];
+        s.holder.is_none_or(|h| h == replica) || t >= s.synced_at
+    }
+
     /// Runs the cell's election among the session's replicas, as the live
-    /// replicas do: replica 1 puts its LEAD in the Request when it can take
-    /// the GPUs; otherwise every replica bids and the first LEAD wins.
+    /// replicas do: replica 1 puts its LEAD in the Request when it holds
+    /// every change and its agent grants the GPUs (waiting for cached ones
+    /// being reclaimed); otherwise every replica bids once it holds every
+    /// change, and the first LEAD applied wins.
     fn elect(&mut self, session: usize, cell: usize) -> bool {
-        let gpus = self.workload.sessions[session].cells[cell].gpus;
+        let spec = &self.workload.sessions[session].cells[cell];
+        let (gpus, gpu_bytes) = (spec.gpus, spec.gpu_bytes);
         let hosts = self.sessions[session].hosts.clone();
+        let grant = |engine: &Self, r: usize| {
+            if gpus == 0 {
+                return Some(Acquire {
+                    from_cache: false,
+                    revoke: Vec::new(),
+                    wait: 0,
+                });
+            }
+            engine.acquire(&hosts[r], session, r, gpus)
+        };
         let voters: BTreeSet<u64> = (1..=hosts.len() as u64).collect();
-        // Replica 1 bids first; the others' bids commit in a random order.
-        let mut order: Vec<u64> = voters.iter().copied().skip(1).collect();
-        self.rng.shuffle(&mut order);
-        order.insert(0, 1);
         // The live replicas' own state machine decides, from the same log.
         let mut log = Applier::new(1, 1, false);
         log.membership(voters);
-        let mut winner = None;
         let mut index = 0;
         let mut apply = |log: &mut Applier, entry| {
             index += 1;
             log.apply(index, entry);
         };
-        for id in order {
-            let host = &hosts[(id - 1) as usize];
-            let lead = self.servers.get(host).is_some_and(|s| s.idle >= gpus);
-            let entry = if id == 1 {
-                Entry::Request {
-                    cell: "cell".into(),
-                    request: Frames::default(),
-                    lead: lead.then_some(1),
-                }
-            } else {
-                Entry::Bid {
-                    cell: "cell".into(),
-                    replica: id,
-                    lead,
-                }
-            };
-            apply(&mut log, entry);
-            if id == 1 && !lead {
-                // Replica 1 answers its own Request with a YIELD, as the others do.
+        let first = self
+            .may_lead(session, 0, self.now)
+            .then(|| grant(self, 0))
+            .flatten();
+        apply(
+            &mut log,
+            Entry::Request {
+                cell: "cell".into(),
+                request: Frames::default(),
+                lead: first.is_some().then_some(1),
+            },
+        );
+        // (replica, when its bid commits, its grant): replica 1's rides in
+        // the Request; the others' (and replica 1's, if it could not lead
+        // then) follow once each holds every change, the order among equal
+        // times random.
+        let (winner, ready, acquire, commits) = if let Some(a) = first {
+            (0, self.now + a.wait, a, 1)
+        } else {
+            let mut rank: Vec<usize> = (0..hosts.len()).collect();
+            self.rng.shuffle(&mut rank);
+            let mut bids: Vec<(Ms, usize, usize, Option<Acquire>)> = (0..hosts.len())
+                .map(|r| {
+                    let synced = self.sessions[session].synced_at;
+                    let from = if self.may_lead(session, r, self.now) {
+                        self.now
+                    } else {
+                        synced
+                    };
+                    let a = grant(self, r);
+                    let at = from + a.as_ref().map_or(0, |a| a.wait);
+                    (at, rank[r], r, a)
+                })
+                .collect();
+            bids.sort_by_key(|b| (b.0, b.1));
+            let mut decided = None;
+            for (at, _, r, a) in bids {
                 apply(
                     &mut log,
                     Entry::Bid {
                         cell: "cell".into(),
-                        replica: 1,
-                        lead: false,
+                        replica: r as u64 + 1,
+                        lead: a.is_some(),
                     },
                 );
+                if log.state().last_winner == Some(r as u64 + 1) {
+                    decided = a.map(|a| (r, at, a, 2));
+                    break;
+                }
             }
-            winner = log.state().last_winner;
-            if winner.is_some() {
-                break;
-            }
-        }
-        let Some(winner) = winner else {
-            return false;
+            let Some(d) = decided else {
+                return false;
+            };
+            d
         };
-        let host = hosts[(winner - 1) as usize].clone();
-        self.take(&host, gpus);
-        // The Request carrying replica 1's LEAD is one commit; anyone else's
-        // LEAD is a second.
-        let commits = if winner == 1 { 1 } else { 2 };
-        let at = self.now + (commits * self.costs.commit_us).div_ceil(1000);
-        self.start(session, cell, Some(host), at);
+        let host = hosts[winner].clone();
+        self.commit_acquire(&host, session, winner, gpus, &acquire);
+        let sync = ready.saturating_sub(self.now + acquire.wait);
+        let restore = if gpus > 0 && !acquire.from_cache {
+            self.costs.restore_ms(gpu_bytes)
+        } else {
+            0
+        };
+        self.out.moving_gpu_ms += u128::from(gpus) * u128::from(restore);
+        let delay = Delay {
+            election: (commits * self.costs.commit_us).div_ceil(1000),
+            sync,
+            reclaim: acquire.wait,
+            restore,
+            ..Delay::default()
+        };
+        self.start(session, cell, Some((host, winner)), delay);
         true
     }
 
-    fn start(&mut self, session: usize, cell: usize, host: Option<ServerId>, at: Ms) {
+    /// Starts a cell `delay` after now, plus the time it already queued.
+    fn start(&mut self, session: usize, cell: usize, on: Option<(ServerId, usize)>, mut delay: Delay) {
         let spec = &self.workload.sessions[session].cells[cell];
         let state = &mut self.sessions[session];
-        self.out.delays[self.first_cell[session] + cell] = at - state.submitted;
+        delay.queued = self.now - state.submitted;
+        let at = self.now + delay.total() - delay.queued;
+        self.out.delays[self.first_cell[session] + cell] = delay;
         self.out.used_gpu_ms += u128::from(spec.gpus) * u128::from(spec.duration);
-        state.running_on = host;
+        state.running_on = on;
         self.at(at + spec.duration, Event::CellEnd { session, cell });
     }
 
     fn cell_end(&mut self, session: usize, cell: usize) {
         let cells = &self.workload.sessions[session].cells;
-        let gpus = cells[cell].gpus;
+        let spec = &cells[cell];
+        let (gpus, gpu_bytes) = (spec.gpus, spec.gpu_bytes);
         let next = cells.get(cell + 1).map(|c| c.submit);
+        let replicated = matches!(self.mode, Mode::NotebookOs { replicas } if replicas > 1);
+        let delta = self.costs.delta_ms(gpu_bytes);
         let state = &mut self.sessions[session];
         state.ended += 1;
-        if let Some(host) = state.running_on.take() {
-            if self.mode != Mode::Reservation {
-                self.give(&host, gpus);
+        if self.mode == Mode::Oracle {
+            self.running -= gpus;
+        }
+        if let Some((host, replica)) = state.running_on.take() {
+            if replicated {
+                // The reply does not wait: the changes stream in the background.
+                state.holder = Some(replica);
+                state.synced_at = self.now + delta;
+            }
+            match self.mode {
+                Mode::NotebookOs { .. } if gpus > 0 && self.costs.cache_idle > 0 => {
+                    // A replica keeps one cached grant: a new one drops the old.
+                    self.uncache(session, Some(replica), None);
+                    if let Some(s) = self.servers.get_mut(&host) {
+                        s.cached.push(Cached {
+                            session,
+                            replica,
+                            gpus,
+                            since: self.now,
+                            bytes: gpu_bytes,
+                        });
+                        s.last_active = self.now;
+                    }
+                    self.at(
+                        self.now + self.costs.cache_idle,
+                        Event::CacheIdle {
+                            session,
+                            replica,
+                            since: self.now,
+                        },
+                    );
+                }
+                Mode::NotebookOs { .. } => {
+                    self.out.moving_gpu_ms +=
+                        u128::from(gpus) * u128::from(self.costs.offload_ms(gpu_bytes));
+                    self.give(&host, gpus);
+                }
+                Mode::Batch => self.give(&host, gpus),
+                Mode::Reservation | Mode::Oracle => {}
             }
         }
         if let Some(submit) = next {
@@ -554,29 +907,41 @@ impl<'w> Engine<'w> {
 
     /// Moves one replica of a session whose cell every replica yielded on
     /// to a server with idle GPUs; the cell runs there once the new replica
-    /// has started and loaded the state.
+    /// has started and restored a checkpoint from a peer.
     fn migrate_check(&mut self, session: usize, cell: usize) {
         if !self.waiting.contains(&(session, cell)) {
             return;
         }
-        let gpus = self.workload.sessions[session].cells[cell].gpus;
+        let spec = &self.workload.sessions[session].cells[cell];
+        let (gpus, state_bytes) = (spec.gpus, spec.state_bytes);
         let hosts = self.sessions[session].hosts.clone();
         match self.policy.migrate(&self.view(false), gpus, &hosts) {
             Ok(m) => {
+                let Some(replica) = hosts.iter().position(|h| *h == m.from) else {
+                    return;
+                };
+                let Some(a) = self.acquire(&m.to, session, replica, gpus) else {
+                    self.at(
+                        self.now + ms(self.policy.migrate_after),
+                        Event::MigrateCheck { session, cell },
+                    );
+                    return;
+                };
                 self.waiting.retain(|&w| w != (session, cell));
                 let kernel_gpus = self.workload.sessions[session].gpus();
-                self.take(&m.to, gpus);
+                self.uncache(session, Some(replica), None);
+                self.commit_acquire(&m.to, session, replica, gpus, &a);
                 self.subscribe(&m.to, kernel_gpus);
                 self.unsubscribe(&m.from, kernel_gpus);
-                for h in &mut self.sessions[session].hosts {
-                    if *h == m.from {
-                        *h = m.to.clone();
-                    }
-                }
+                self.sessions[session].hosts[replica] = m.to.clone();
                 self.out.migrations += 1;
-                let state_bytes = self.workload.sessions[session].cells[cell].state_bytes;
-                let at = self.now + self.costs.replica_start + self.load_ms(state_bytes);
-                self.start(session, cell, Some(m.to), at);
+                let delay = Delay {
+                    reclaim: a.wait,
+                    migration: self.costs.replica_start
+                        + Costs::bytes_ms(state_bytes, self.costs.delta_bytes_per_s),
+                    ..Delay::default()
+                };
+                self.start(session, cell, Some((m.to, replica)), delay);
             }
             Err(_) => self.at(
                 self.now + ms(self.policy.migrate_after),
@@ -607,9 +972,12 @@ impl<'w> Engine<'w> {
                 };
                 self.waiting.pop_front();
                 let gpus = spec.gpus;
-                let at = self.now + self.costs.container_start + self.load_ms(spec.state_bytes);
+                let delay = Delay {
+                    migration: self.costs.container_start + self.load_ms(spec.state_bytes),
+                    ..Delay::default()
+                };
                 self.take(&host, gpus);
-                self.start(session, cell, Some(host), at);
+                self.start(session, cell, Some((host, 0)), delay);
             }
             return;
         }
@@ -642,7 +1010,7 @@ impl<'w> Engine<'w> {
             let started = match self.mode {
                 Mode::Reservation => {
                     let host = self.sessions[session].hosts.first().cloned();
-                    self.start(session, cell, host, self.now);
+                    self.start(session, cell, host.map(|h| (h, 0)), Delay::default());
                     true
                 }
                 _ => self.elect(session, cell),
@@ -694,9 +1062,9 @@ impl<'w> Engine<'w> {
             s.draining = true;
         }
         for session in 0..self.sessions.len() {
-            if !self.sessions[session].hosts.contains(id) {
+            let Some(replica) = self.sessions[session].hosts.iter().position(|h| h == id) else {
                 continue;
-            }
+            };
             let gpus = self.workload.sessions[session].gpus();
             let others: Vec<ServerId> = self.sessions[session]
                 .hosts
@@ -706,13 +1074,10 @@ impl<'w> Engine<'w> {
                 .collect();
             match self.policy.replace(&self.view(false), gpus, &others) {
                 Ok(to) => {
+                    self.uncache(session, Some(replica), Some(id));
                     self.subscribe(&to, gpus);
                     self.unsubscribe(id, gpus);
-                    for h in &mut self.sessions[session].hosts {
-                        if h == id {
-                            *h = to.clone();
-                        }
-                    }
+                    self.sessions[session].hosts[replica] = to;
                     self.out.drain_moves += 1;
                 }
                 Err(_) => {
@@ -765,6 +1130,7 @@ mod tests {
                     duration,
                     gpus,
                     state_bytes: 2 * GB,
+                    gpu_bytes: 0,
                 })
                 .collect(),
         }
@@ -781,8 +1147,22 @@ mod tests {
         }
     }
 
+    /// The original model's costs: checkpoints at the store's rate, no
+    /// caching between cells (the tests below that need them say so).
+    fn costs() -> Costs {
+        Costs {
+            delta_bytes_per_s: 200e6,
+            cache_idle: 0,
+            ..Costs::default()
+        }
+    }
+
     fn run(w: &Workload, mode: Mode, policy: &Policy) -> Outcome {
-        Engine::new(w, mode, policy, Costs::default(), 1).run()
+        Engine::new(w, mode, policy, costs(), 1).run()
+    }
+
+    fn totals(o: &Outcome) -> Vec<Ms> {
+        o.delays.iter().map(Delay::total).collect()
     }
 
     const H: u128 = 3_600_000;
@@ -799,7 +1179,7 @@ mod tests {
         assert_eq!(o.held_gpu_ms, 2 * H);
         assert_eq!(o.used_gpu_ms, 2 * H / 6);
         assert_eq!(o.provisioned_gpu_ms, 8 * H);
-        assert_eq!(o.delays, vec![0]);
+        assert_eq!(totals(&o), vec![0]);
     }
 
     #[test]
@@ -812,7 +1192,7 @@ mod tests {
         )]);
         let o = run(&w, Mode::NotebookOs { replicas: 3 }, &fixed(3, 8));
         // Replica 1 leads in the Request: one commit, 2.5 ms rounded up.
-        assert_eq!(o.delays, vec![3]);
+        assert_eq!(totals(&o), vec![3]);
         assert_eq!(o.used_gpu_ms, 2 * 10 * u128::from(MINUTE));
         assert_eq!(o.held_gpu_ms, 2 * (10 * u128::from(MINUTE) + 3));
         assert_eq!(o.provisioned_gpu_ms, 3 * 8 * H);
@@ -829,7 +1209,7 @@ mod tests {
         ]);
         let o = run(&w, Mode::Batch, &fixed(1, 8));
         let load = 5 * SECOND + 10 * SECOND;
-        assert_eq!(o.delays, vec![load, load + 10 * MINUTE + load]);
+        assert_eq!(totals(&o), vec![load, load + 10 * MINUTE + load]);
         assert_eq!(o.used_gpu_ms, 2 * 8 * 10 * u128::from(MINUTE));
         assert_eq!(o.held_gpu_ms, 2 * 8 * u128::from(10 * MINUTE + load));
     }
@@ -844,7 +1224,7 @@ mod tests {
             session("b", 0, 60 * MINUTE, &[(MINUTE, 10 * MINUTE, 8)]),
         ]);
         let o = run(&w, Mode::NotebookOs { replicas: 3 }, &fixed(3, 8));
-        assert_eq!(o.delays, vec![3, 5]);
+        assert_eq!(totals(&o), vec![3, 5]);
         assert_eq!(o.migrations, 0);
     }
 
@@ -861,7 +1241,7 @@ mod tests {
         let o = run(&w, Mode::NotebookOs { replicas: 1 }, &fixed(2, 1));
         assert_eq!(o.migrations, 1);
         let migrated = 2 * SECOND + 2 * SECOND + 10 * SECOND;
-        assert_eq!(o.delays, vec![3, 3, migrated]);
+        assert_eq!(totals(&o), vec![3, 3, migrated]);
     }
 
     #[test]
@@ -890,7 +1270,7 @@ mod tests {
         );
         assert!(o.servers_added >= 1, "{o:?}");
         assert!(o.servers_removed >= 1, "idle servers go after the cells");
-        let mut d = o.delays.clone();
+        let mut d = totals(&o);
         d.sort_unstable();
         assert!(d[3] >= Costs::default().scale_out_delay, "{d:?}");
         assert!(d[..3].iter().all(|&x| x < SECOND), "{d:?}");

@@ -5,7 +5,9 @@
 //! * [`workload`]: sessions and cells from the traces or a generator.
 //! * [`engine`]: the discrete-event engine, one run per [`Mode`].
 //! * [`report`]: the table, the CSVs the plots are drawn from, the JSON.
+//! * [`calibration`]: the costs, from the live benchmarks' results.
 
+pub mod calibration;
 pub mod engine;
 pub mod report;
 mod rng;

@@ -24,6 +24,10 @@ pub struct Cell {
     pub gpus: u32,
     /// Bytes of kernel state a new replica or container must load.
     pub state_bytes: u64,
+    /// Bytes of that state on the GPUs (the model a training cell changes):
+    /// what the winner replicates after a GPU cell, and what moves between
+    /// host and GPU when a grant is revoked or a cell runs elsewhere.
+    pub gpu_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +120,9 @@ struct TraceTraining {
     gpus: u32,
     /// GB of host memory the training used: the state a replica must load.
     memory: f64,
+    /// GB of GPU memory it used.
+    #[serde(default)]
+    vram: f64,
 }
 
 impl Workload {
@@ -146,6 +153,11 @@ impl Workload {
                         duration: t.duration_in_ticks * TRACE_TICK,
                         gpus: t.gpus,
                         state_bytes: (t.memory.max(0.0) * 1e9) as u64,
+                        gpu_bytes: if t.gpus > 0 {
+                            (t.vram.max(0.0) * 1e9) as u64
+                        } else {
+                            0
+                        },
                     })
                     .collect();
                 cells.sort_by_key(|c| c.submit);
@@ -226,6 +238,7 @@ impl Workload {
                     duration,
                     gpus,
                     state_bytes,
+                    gpu_bytes: 0,
                 }],
             });
         }
@@ -254,11 +267,14 @@ impl Workload {
                     .max(SECOND)
                     .min(stop - t);
                 let cpu_only = rng.uniform() < spec.cpu_cell_share;
+                let state_bytes = (rng.uniform() * 8e9) as u64;
+                let gpus = if cpu_only { 0 } else { gpus };
                 cells.push(Cell {
                     submit: t,
                     duration,
-                    gpus: if cpu_only { 0 } else { gpus },
-                    state_bytes: (rng.uniform() * 8e9) as u64,
+                    gpus,
+                    state_bytes,
+                    gpu_bytes: if gpus > 0 { state_bytes / 4 } else { 0 },
                 });
                 t += duration + (rng.exponential(spec.think_mean) * MINUTE as f64) as Ms;
             }
@@ -279,6 +295,69 @@ impl Workload {
 
     pub fn cells(&self) -> usize {
         self.sessions.iter().map(|s| s.cells.len()).sum()
+    }
+
+    /// The part of the workload inside `[start, start + len)`, shifted to
+    /// begin at 0: sessions are cut to the window, and a cell is kept when it
+    /// is submitted inside it (it may run past the end).
+    pub fn window(&self, start: Ms, len: Ms) -> Self {
+        let end = start + len;
+        let sessions = self
+            .sessions
+            .iter()
+            .filter(|s| s.start < end && s.stop > start)
+            .map(|s| {
+                let cells: Vec<Cell> = s
+                    .cells
+                    .iter()
+                    .filter(|c| c.submit >= start && c.submit < end)
+                    .map(|c| Cell {
+                        submit: c.submit - start,
+                        ..c.clone()
+                    })
+                    .collect();
+                let last_end = cells.iter().map(|c| c.submit + c.duration).max();
+                Session {
+                    id: s.id.clone(),
+                    start: s.start.max(start) - start,
+                    stop: (s.stop.min(end) - start).max(last_end.unwrap_or(0)),
+                    cells,
+                }
+            })
+            .collect();
+        Self {
+            name: format!(
+                "{}, hours {:.1}-{:.1}",
+                self.name,
+                start as f64 / 3_600_000.0,
+                end as f64 / 3_600_000.0
+            ),
+            sessions,
+            store: self.store.clone(),
+        }
+    }
+
+    /// Where the window of `len` holding the most cells starts (on a
+    /// `step` grid; the earliest such window).
+    pub fn busiest_window(&self, len: Ms, step: Ms) -> Ms {
+        let mut submits: Vec<Ms> = self
+            .sessions
+            .iter()
+            .flat_map(|s| s.cells.iter().map(|c| c.submit))
+            .collect();
+        submits.sort_unstable();
+        let last = submits.last().copied().unwrap_or(0);
+        let mut best = (0, 0);
+        let mut start = 0;
+        while start <= last {
+            let lo = submits.partition_point(|&t| t < start);
+            let hi = submits.partition_point(|&t| t < start + len);
+            if hi - lo > best.1 {
+                best = (start, hi - lo);
+            }
+            start += step.max(1);
+        }
+        best.0
     }
 }
 
@@ -366,6 +445,43 @@ mod tests {
         let err = Workload::from_event_csv(&path, 0).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_window_keeps_the_cells_submitted_inside_it() {
+        let cell = |submit| Cell {
+            submit,
+            duration: 10 * MINUTE,
+            gpus: 1,
+            state_bytes: 0,
+            gpu_bytes: 0,
+        };
+        let w = Workload {
+            name: "w".into(),
+            sessions: vec![
+                Session {
+                    id: "a".into(),
+                    start: 0,
+                    stop: 300 * MINUTE,
+                    cells: vec![cell(MINUTE), cell(100 * MINUTE), cell(115 * MINUTE)],
+                },
+                Session {
+                    id: "b".into(),
+                    start: 200 * MINUTE,
+                    stop: 300 * MINUTE,
+                    cells: vec![cell(210 * MINUTE)],
+                },
+            ],
+            store: Store::default(),
+        };
+        assert_eq!(w.busiest_window(30 * MINUTE, MINUTE), 86 * MINUTE);
+        let part = w.window(90 * MINUTE, 30 * MINUTE);
+        assert_eq!(part.sessions.len(), 1, "b starts after the window");
+        let a = &part.sessions[0];
+        assert_eq!((a.start, a.cells.len()), (0, 2));
+        assert_eq!(a.cells[0].submit, 10 * MINUTE);
+        // Cut at the window's end, but not before its last cell ends.
+        assert_eq!(a.stop, 35 * MINUTE);
     }
 
     #[test]
