@@ -44,6 +44,14 @@ CELLS = [
     ("delete a name", "del lst"),
 ]
 AFTER_BIG = "create an 800 MB array"
+# Bytes of the values a cell creates or changes: what its delta carries
+# (bench/calibrate.py fits the replication cost to them).
+CHANGED_BYTES = {
+    "create an 80 MB array": 80 * MB, "a += 1 on it": 80 * MB,
+    "create an 800 MB array": 800 * MB, "b += 1 on it": 800 * MB,
+    "pass": 0, "rebind a small int": 0, "a read-only cell naming it": 0,
+    "a read-only cell naming it (800 MB)": 0,
+}
 
 
 def memory(pids):
@@ -133,6 +141,8 @@ def main():
     for label, _ in CELLS:
         base = statistics.median(idle["ipykernel"][label])
         row = {"cell": label, "ipykernel_s": base}
+        if label in CHANGED_BYTES:
+            row["changed_bytes"] = CHANGED_BYTES[label]
         for name in ("notebookos-1", "notebookos-3"):
             row[f"{name}_s"] = statistics.median(idle[name][label])
             row[f"{name}_ratio"] = row[f"{name}_s"] / base

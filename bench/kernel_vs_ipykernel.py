@@ -127,7 +127,7 @@ def main():
                 rtt[label] = round_trips(km, args.cells)
             kc.stop_channels()
             km.shutdown_kernel(now=True)
-    res = {}
+    res = {"date": time.strftime("%Y-%m-%d")}
     for label in kernels:
         res[label] = {
             "startup_median_ms": statistics.median(startup[label]) * 1e3,

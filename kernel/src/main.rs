@@ -124,6 +124,9 @@ struct AutoscaleArgs {
     /// Remove a server idle this long (over the config's policy).
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     scale_in_after: Option<Duration>,
+    /// Remove nothing this soon after a scale-out (over the config's policy).
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    scale_in_cooldown: Option<Duration>,
     /// The address to call the agents from.
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
     from: IpAddr,
@@ -168,12 +171,24 @@ struct SimulateArgs {
     /// Idle GPUs the policy keeps.
     #[arg(long, value_name = "GPUS")]
     headroom: Option<u32>,
+    /// Subscription room, in servers, left after a removal.
+    #[arg(long, value_name = "SERVERS")]
+    scale_in_room: Option<f64>,
+    /// Scale out when demand passes this share of capacity.
+    #[arg(long, value_name = "SHARE")]
+    scale_out_at: Option<f64>,
     /// Scale in while demand stays under this share of what is left.
     #[arg(long, value_name = "SHARE")]
     scale_in_below: Option<f64>,
     /// A server must have run nothing this long before it is removed.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     scale_in_after: Option<Duration>,
+    /// Remove nothing this soon after a scale-out.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    scale_in_cooldown: Option<Duration>,
+    /// Replica moves per autoscaler round ahead of cells (0: none).
+    #[arg(long, value_name = "N")]
+    rebalance_moves: Option<usize>,
     /// Migrate a replica whose cell waited this long.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     migrate_after: Option<Duration>,
@@ -366,6 +381,7 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 cooldown: a.cooldown,
                 headroom_gpus: a.headroom,
                 scale_in_after: a.scale_in_after,
+                scale_in_cooldown: a.scale_in_cooldown,
             };
             let provider = ShellProvider {
                 add: a.add,
@@ -398,11 +414,23 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if let Some(gpus) = args.headroom {
         policy.headroom_gpus = gpus;
     }
+    if let Some(room) = args.scale_in_room {
+        policy.scale_in_room = room;
+    }
+    if let Some(share) = args.scale_out_at {
+        policy.scale_out_at = share;
+    }
     if let Some(share) = args.scale_in_below {
         policy.scale_in_below = share;
     }
     if let Some(after) = args.scale_in_after {
         policy.scale_in_after = after;
+    }
+    if let Some(cooldown) = args.scale_in_cooldown {
+        policy.scale_in_cooldown = cooldown;
+    }
+    if let Some(n) = args.rebalance_moves {
+        policy.rebalance_moves = n;
     }
     if let Some(after) = args.migrate_after {
         policy.migrate_after = after;

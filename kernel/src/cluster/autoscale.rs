@@ -26,6 +26,7 @@ pub struct AutoscaleOptions {
     /// Knobs over the config's policy.
     pub headroom_gpus: Option<u32>,
     pub scale_in_after: Option<Duration>,
+    pub scale_in_cooldown: Option<Duration>,
 }
 
 /// What the autoscaler remembers between rounds.
@@ -64,6 +65,9 @@ async fn round(
     if let Some(a) = opts.scale_in_after {
         policy.scale_in_after = a;
     }
+    if let Some(c) = opts.scale_in_cooldown {
+        policy.scale_in_cooldown = c;
+    }
     let client = ClusterClient::new(config, opts.from)?;
     let inventories = client.inventories().await;
     let now = Instant::now();
@@ -80,7 +84,8 @@ async fn round(
         s.idle_for = now.saturating_duration_since(since);
         s.draining |= state.draining.contains(&s.id);
     }
-    match policy.scale(&snapshot, 0, 0) {
+    let since_out = state.last_out.map(|t| now.saturating_duration_since(t));
+    match policy.scale(&snapshot, 0, 0, since_out) {
         Scale::Hold => {}
         Scale::Out(n) => {
             if state

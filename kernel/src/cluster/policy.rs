@@ -143,6 +143,15 @@ pub struct Policy {
     /// Best fit (fullest server that fits) instead of spreading; what a
     /// scheduler that holds GPUs for long (Reservation, batch) wants.
     pub pack: bool,
+    /// Move a replica of a kernel between cells when none of its servers
+    /// has its GPUs idle ([`Policy::rebalance`]), so that its next cell does
+    /// not wait for a migration; at most this many moves per round (0: off).
+    pub rebalance_moves: usize,
+    /// No server is removed this soon after servers were asked for: demand
+    /// that needed them is likely to come back (damps churn).
+    pub scale_in_cooldown: Duration,
+    /// Subscription room, in servers, that must stay after a removal.
+    pub scale_in_room: f64,
 }
 
 impl Default for Policy {
@@ -159,6 +168,9 @@ impl Default for Policy {
             max_servers: 1024,
             migrate_after: Duration::from_secs(2),
             pack: false,
+            rebalance_moves: 4,
+            scale_in_cooldown: Duration::from_secs(30 * 60),
+            scale_in_room: 1.0,
         }
     }
 }
@@ -173,6 +185,15 @@ pub enum PolicyError {
     },
     #[error("no server outside the kernel's has {gpus} idle GPU(s) and room for a replica")]
     NoServerFree { gpus: u32 },
+}
+
+/// A kernel as [`Policy::rebalance`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelView {
+    /// GPUs its cells ask for.
+    pub gpus: u32,
+    /// Servers of its replicas.
+    pub hosts: Vec<ServerId>,
 }
 
 /// Move one replica of a kernel from `from` to `to`.
@@ -283,6 +304,42 @@ impl Policy {
         Ok(Migration { from, to })
     }
 
+    /// Kernels between cells (`idle`) none of whose servers has their GPUs
+    /// idle: a cell now would wait for a migration (a replica start plus
+    /// the state's transfer). One replica of each moves ahead of that, to
+    /// the server [`Policy::migrate`] picks; a server chosen counts its GPUs
+    /// as spoken for, so two kernels are not both moved onto the same idle
+    /// GPUs. Largest kernels first (they are the hardest to place), at most
+    /// `rebalance_moves`. Returns (index into `idle`, move).
+    pub fn rebalance(&self, view: &ClusterView, idle: &[KernelView]) -> Vec<(usize, Migration)> {
+        let mut view = view.clone();
+        let mut order: Vec<usize> = (0..idle.len())
+            .filter(|&i| idle[i].gpus > 0 && !idle[i].hosts.is_empty())
+            .collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(idle[i].gpus), i));
+        let mut moves = Vec::new();
+        for i in order {
+            if moves.len() >= self.rebalance_moves {
+                break;
+            }
+            let k = &idle[i];
+            let can_run = k
+                .hosts
+                .iter()
+                .any(|h| view.get(h).is_some_and(|s| s.idle_gpus >= k.gpus));
+            if can_run {
+                continue;
+            }
+            if let Ok(m) = self.migrate(&view, k.gpus, &k.hosts) {
+                view.remove_replica(&m.from, k.gpus);
+                view.add_replica(&m.to, k.gpus);
+                view.take_gpus(&m.to, k.gpus);
+                moves.push((i, m));
+            }
+        }
+        moves
+    }
+
     /// The server outside `exclude` with the most idle GPUs, if one has
     /// `gpus` idle and room for a replica (ties: least subscribed, then id).
     pub fn pick_idle(
@@ -311,7 +368,15 @@ impl Policy {
     /// replicas found no server; remove long-idle servers while the rest
     /// stays under `scale_in_below`. `waiting_gpus` are asked for by cells
     /// that wait for a GPU.
-    pub fn scale(&self, view: &ClusterView, waiting_gpus: u32, unplaceable: usize) -> Scale {
+    /// `since_out` is how long ago servers were last asked for (None: never);
+    /// within `scale_in_cooldown` of that nothing is removed.
+    pub fn scale(
+        &self,
+        view: &ClusterView,
+        waiting_gpus: u32,
+        unplaceable: usize,
+        since_out: Option<Duration>,
+    ) -> Scale {
         let active = view.servers.iter().filter(|s| !s.draining).count();
         let capacity = f64::from(view.capacity());
         let demand = f64::from(view.busy() + waiting_gpus + self.headroom_gpus);
@@ -335,6 +400,9 @@ impl Policy {
             };
         }
 
+        if since_out.is_some_and(|t| t < self.scale_in_cooldown) {
+            return Scale::Hold;
+        }
         // Least-used first: nothing running and long idle, fewest replicas
         // (those must move before removal), then id.
         let mut idle: Vec<&ServerView> = view
@@ -354,9 +422,12 @@ impl Policy {
             .sum();
         for s in idle {
             let after = left - f64::from(s.gpus);
-            // Its replicas must fit on the servers that stay, and each kernel
-            // still needs `replicas` distinct servers.
-            let fits = subscribed_left <= self.subscription_ratio * after;
+            // Its replicas must fit on the servers that stay, with room left
+            // for the next kernels (else the next one to start asks for the
+            // server back), and each kernel still needs `replicas` distinct
+            // servers.
+            let room = self.scale_in_room * per_server;
+            let fits = subscribed_left <= self.subscription_ratio * (after - room);
             if servers_left <= self.min_servers.max(self.replicas)
                 || !fits
                 || demand >= self.scale_in_below * after
@@ -575,21 +646,21 @@ mod tests {
         for s in ["s0", "s1", "s2"] {
             v.take_gpus(s, 8);
         }
-        assert_eq!(p.scale(&v, 0, 0), Scale::Hold);
+        assert_eq!(p.scale(&v, 0, 0, None), Scale::Hold);
         // 24 busy + 8 waiting = 32 > 24: enough servers that 32 ≤ 0.75 × capacity.
-        assert_eq!(p.scale(&v, 8, 0), Scale::Out(2));
+        assert_eq!(p.scale(&v, 8, 0, None), Scale::Out(2));
         // Replicas that found no server count too.
-        assert_eq!(p.scale(&cluster(4, 8), 0, 3), Scale::Out(3));
+        assert_eq!(p.scale(&cluster(4, 8), 0, 3, None), Scale::Out(3));
         let capped = Policy {
             max_servers: 5,
             ..p.clone()
         };
-        assert_eq!(capped.scale(&v, 8, 0), Scale::Out(1));
+        assert_eq!(capped.scale(&v, 8, 0, None), Scale::Out(1));
         let full = Policy {
             max_servers: 4,
             ..p
         };
-        assert_eq!(full.scale(&v, 8, 0), Scale::Hold);
+        assert_eq!(full.scale(&v, 8, 0, None), Scale::Hold);
     }
 
     #[test]
@@ -607,12 +678,12 @@ mod tests {
         v.add_replica("s2", 1);
         // 2 busy: remove idle servers, fewest replicas first, down to 3.
         assert_eq!(
-            p.scale(&v, 0, 0),
+            p.scale(&v, 0, 0, None),
             Scale::In(vec!["s3".into(), "s4".into(), "s5".into()])
         );
         // With no demand it never goes below max(min_servers, replicas).
         let none = cluster(3, 8);
-        assert_eq!(p.scale(&none, 0, 0), Scale::Hold);
+        assert_eq!(p.scale(&none, 0, 0, None), Scale::Hold);
     }
 
     #[test]
@@ -630,6 +701,6 @@ mod tests {
             v.add_replica(s, 8);
         }
         // 32 subscribed at ratio 1 needs 32 GPUs: only the empty s4 may go.
-        assert_eq!(p.scale(&v, 0, 0), Scale::In(vec!["s4".into()]));
+        assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s4".into()]));
     }
 }

@@ -145,7 +145,8 @@ mod tests {
         assert_eq!(costs.cache_idle, 600_000);
         // 16 ms fixed plus 1.5 GB at 0.15 GB/s.
         assert_eq!(costs.delta_ms(1_500_000_000), 16 + 10_000);
-        assert_eq!(costs.offload_ms(67_000_000_000), 1000);
+        assert_eq!(costs.offload_ms(67_000_000_000, 1), 1000);
+        assert_eq!(costs.offload_ms(67_000_000_000, 4), 250, "one link per GPU");
         assert_eq!(costs.autoscale_every, Costs::default().autoscale_every);
     }
 

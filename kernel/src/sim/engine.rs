@@ -9,7 +9,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
-use crate::cluster::policy::{ClusterView, Policy, PolicyError, Scale, ServerId, ServerView};
+use crate::cluster::policy::{
+    ClusterView, KernelView, Policy, PolicyError, Scale, ServerId, ServerView,
+};
 use crate::cluster::provider::{InProcess, Provider};
 use crate::replica::applier::Applier;
 use crate::replica::entry::{Entry, Frames};
@@ -131,12 +133,14 @@ impl Costs {
         self.delta_fixed_us.div_ceil(1000) + Self::bytes_ms(bytes, self.delta_bytes_per_s)
     }
 
-    pub fn offload_ms(&self, bytes: u64) -> Ms {
-        Self::bytes_ms(bytes, self.offload_bytes_per_s)
+    /// GPU state of `bytes` spread over `gpus` GPUs, each with its own
+    /// link to host memory, moving off them.
+    pub fn offload_ms(&self, bytes: u64, gpus: u32) -> Ms {
+        Self::bytes_ms(bytes, self.offload_bytes_per_s * f64::from(gpus.max(1)))
     }
 
-    pub fn restore_ms(&self, bytes: u64) -> Ms {
-        Self::bytes_ms(bytes, self.restore_bytes_per_s)
+    pub fn restore_ms(&self, bytes: u64, gpus: u32) -> Ms {
+        Self::bytes_ms(bytes, self.restore_bytes_per_s * f64::from(gpus.max(1)))
     }
 }
 
@@ -152,7 +156,8 @@ const RECLAIM_PATIENCE: Ms = 30 * SECOND;
 pub struct Delay {
     /// Raft commits of the election.
     pub election: Ms,
-    /// Waiting for the previous cell's changes to reach this replica.
+    /// Waiting for the winner to hold the newest state: the previous
+    /// cell's changes, or a moved replica's checkpoint.
     pub sync: Ms,
     /// Waiting for others' cached GPUs to be moved off.
     pub reclaim: Ms,
@@ -192,6 +197,8 @@ pub struct Outcome {
     /// Cached grants revoked for another kernel's cell.
     pub revocations: usize,
     pub migrations: usize,
+    /// Replicas moved between cells, ahead of a migration.
+    pub rebalance_moves: usize,
     pub servers_added: usize,
     pub servers_removed: usize,
     /// Replicas moved off servers being removed.
@@ -273,6 +280,9 @@ struct SessionState {
     /// others: until then only it may lead.
     holder: Option<usize>,
     synced_at: Ms,
+    /// A replica moved ahead of its next cell, and when it has restored
+    /// the checkpoint (until then it yields).
+    moving: Option<(usize, Ms)>,
     /// Cells that have ended.
     ended: usize,
     stopped: bool,
@@ -300,6 +310,7 @@ pub struct Engine<'w> {
     first_cell: Vec<usize>,
     /// The oracle's GPUs running cells.
     running: u32,
+    last_scale_out: Option<Ms>,
     out: Outcome,
 }
 
@@ -334,6 +345,7 @@ impl<'w> Engine<'w> {
                 })
                 .collect(),
             running: 0,
+            last_scale_out: None,
             out: Outcome {
                 mode: mode.name(),
                 cells: workload.cells(),
@@ -423,6 +435,7 @@ impl<'w> Engine<'w> {
             Event::ServerReady => self.retry(),
             Event::Autoscale => {
                 self.autoscale();
+                self.rebalance();
                 self.at(self.now + self.costs.autoscale_every, Event::Autoscale);
             }
         }
@@ -545,7 +558,7 @@ impl<'w> Engine<'w> {
                 break;
             }
             free += s.cached[i].gpus;
-            wait = wait.max(self.costs.offload_ms(s.cached[i].bytes) + REVOKE_HEARD);
+            wait = wait.max(self.costs.offload_ms(s.cached[i].bytes, s.cached[i].gpus) + REVOKE_HEARD);
             revoke.push(i);
         }
         (free >= gpus && wait <= RECLAIM_PATIENCE).then_some(Acquire {
@@ -578,7 +591,7 @@ impl<'w> Engine<'w> {
             let c = s.cached.remove(i);
             s.idle += c.gpus;
             self.out.moving_gpu_ms +=
-                u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+                u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes, c.gpus));
             self.out.revocations += 1;
         }
         s.idle -= gpus;
@@ -595,7 +608,7 @@ impl<'w> Engine<'w> {
                 if c.session == session && replica.is_none_or(|r| r == c.replica) {
                     s.idle += c.gpus;
                     self.out.moving_gpu_ms +=
-                        u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+                        u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes, c.gpus));
                 } else {
                     kept.push(c);
                 }
@@ -614,7 +627,7 @@ impl<'w> Engine<'w> {
                 let c = s.cached.remove(i);
                 s.idle += c.gpus;
                 self.out.moving_gpu_ms +=
-                    u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes));
+                    u128::from(c.gpus) * u128::from(self.costs.offload_ms(c.bytes, c.gpus));
             }
         }
         self.retry();
@@ -724,7 +737,24 @@ impl<'w> Engine<'w> {
     /// Whether `replica` of `session` holds every change by `t`.
     fn may_lead(&self, session: usize, replica: usize, t: Ms) -> bool {
         let s = &self.sessions[session];
-        s.holder.is_none_or(|h| h == replica) || t >= s.synced_at
+        let restored = s.moving.is_none_or(|(r, at)| r != replica || t >= at);
+        restored && (s.holder.is_none_or(|h| h == replica) || t >= s.synced_at)
+    }
+
+    /// From when `replica` may lead: now, or once it has the last cell's
+    /// changes and (if it was moved) its checkpoint.
+    fn leads_from(&self, session: usize, replica: usize) -> Ms {
+        let s = &self.sessions[session];
+        let mut t = self.now;
+        if s.holder.is_some_and(|h| h != replica) {
+            t = t.max(s.synced_at);
+        }
+        if let Some((r, at)) = s.moving {
+            if r == replica {
+                t = t.max(at);
+            }
+        }
+        t
     }
 
     /// Runs the cell's election among the session's replicas, as the live
@@ -778,12 +808,7 @@ impl<'w> Engine<'w> {
             self.rng.shuffle(&mut rank);
             let mut bids: Vec<(Ms, usize, usize, Option<Acquire>)> = (0..hosts.len())
                 .map(|r| {
-                    let synced = self.sessions[session].synced_at;
-                    let from = if self.may_lead(session, r, self.now) {
-                        self.now
-                    } else {
-                        synced
-                    };
+                    let from = self.leads_from(session, r);
                     let a = grant(self, r);
                     let at = from + a.as_ref().map_or(0, |a| a.wait);
                     (at, rank[r], r, a)
@@ -814,7 +839,7 @@ impl<'w> Engine<'w> {
         self.commit_acquire(&host, session, winner, gpus, &acquire);
         let sync = ready.saturating_sub(self.now + acquire.wait);
         let restore = if gpus > 0 && !acquire.from_cache {
-            self.costs.restore_ms(gpu_bytes)
+            self.costs.restore_ms(gpu_bytes, gpus)
         } else {
             0
         };
@@ -885,7 +910,7 @@ impl<'w> Engine<'w> {
                 }
                 Mode::NotebookOs { .. } => {
                     self.out.moving_gpu_ms +=
-                        u128::from(gpus) * u128::from(self.costs.offload_ms(gpu_bytes));
+                        u128::from(gpus) * u128::from(self.costs.offload_ms(gpu_bytes, gpus));
                     self.give(&host, gpus);
                 }
                 Mode::Batch => self.give(&host, gpus),
@@ -1041,9 +1066,13 @@ impl<'w> Engine<'w> {
             )
             .max()
             .unwrap_or(0);
-        match self.policy.scale(&view, waiting_gpus, short) {
+        let since_out = self
+            .last_scale_out
+            .map(|t| std::time::Duration::from_millis(self.now - t));
+        match self.policy.scale(&view, waiting_gpus, short, since_out) {
             Scale::Hold => {}
             Scale::Out(n) => {
+                self.last_scale_out = Some(self.now);
                 self.out.servers_added +=
                     self.add_servers(n, self.now + self.costs.scale_out_delay);
             }
@@ -1052,6 +1081,54 @@ impl<'w> Engine<'w> {
                     self.drain(&id);
                 }
             }
+        }
+    }
+
+    /// Moves a replica of each kernel between cells whose servers could not
+    /// run its next cell now (`Policy::rebalance`); the moved replica starts
+    /// and restores a checkpoint from a peer while the user thinks.
+    fn rebalance(&mut self) {
+        if !matches!(self.mode, Mode::NotebookOs { .. }) || self.policy.rebalance_moves == 0 {
+            return;
+        }
+        let mut idle = Vec::new();
+        let mut kernels = Vec::new();
+        for (i, st) in self.sessions.iter().enumerate() {
+            let Some(next) = self.workload.sessions[i].cells.get(st.ended) else {
+                continue;
+            };
+            let between_cells = st.placed
+                && !st.done
+                && st.running_on.is_none()
+                && st.moving.is_none_or(|(_, at)| at <= self.now)
+                && !self.waiting.iter().any(|&(s, _)| s == i);
+            if between_cells && next.gpus > 0 {
+                idle.push(i);
+                kernels.push(KernelView {
+                    gpus: next.gpus,
+                    hosts: st.hosts.clone(),
+                });
+            }
+        }
+        for (k, m) in self.policy.rebalance(&self.view(false), &kernels) {
+            let session = idle[k];
+            let Some(replica) = self.sessions[session].hosts.iter().position(|h| *h == m.from)
+            else {
+                continue;
+            };
+            let kernel_gpus = self.workload.sessions[session].gpus();
+            let state_bytes = self.workload.sessions[session].cells[self.sessions[session].ended]
+                .state_bytes;
+            self.uncache(session, Some(replica), None);
+            self.subscribe(&m.to, kernel_gpus);
+            self.unsubscribe(&m.from, kernel_gpus);
+            let ready = self.now
+                + self.costs.replica_start
+                + Costs::bytes_ms(state_bytes, self.costs.delta_bytes_per_s);
+            let st = &mut self.sessions[session];
+            st.hosts[replica] = m.to;
+            st.moving = Some((replica, ready));
+            self.out.rebalance_moves += 1;
         }
     }
 

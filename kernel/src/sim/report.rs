@@ -45,6 +45,7 @@ pub struct Summary {
     pub cache_hits: usize,
     pub revocations: usize,
     pub migrations: usize,
+    pub rebalance_moves: usize,
     pub servers_added: usize,
     pub servers_removed: usize,
     pub drain_moves: usize,
@@ -79,7 +80,7 @@ impl TailCauses {
         let parts = [
             ("queued (every replica yielded)", self.queued_s),
             ("a migrated replica's (or a container's) start and state load", self.migration_s),
-            ("waiting for the last cell's changes", self.sync_s),
+            ("waiting for the newest state (last cell's changes, a moved replica's checkpoint)", self.sync_s),
             ("reclaiming cached GPUs", self.reclaim_s),
             ("restoring GPU state", self.restore_s),
             ("election", self.election_s),
@@ -160,6 +161,7 @@ pub fn summarize(outcomes: &[Outcome]) -> Vec<Summary> {
                 cache_hits: o.cache_hits,
                 revocations: o.revocations,
                 migrations: o.migrations,
+                rebalance_moves: o.rebalance_moves,
                 servers_added: o.servers_added,
                 servers_removed: o.servers_removed,
                 drain_moves: o.drain_moves,
@@ -182,7 +184,7 @@ pub fn table(workload: &Workload, rows: &[Summary]) -> String {
     t.push_str(
         "| mode | GPU-h provisioned | GPU-h held (cached, moving) | GPU-h used | saved vs Reservation | \
          share of the oracle's saving | cells started < 1 s | delay p50 | p95 | p99 | max | \
-         migrations | servers added / removed | peak servers |\n\
+         migrations (ahead of cells) | servers added / removed | peak servers |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
@@ -195,7 +197,7 @@ pub fn table(workload: &Workload, rows: &[Summary]) -> String {
             .map_or("n/a".into(), |p| format!("{p:.1}%"));
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {:.1} ({:.1}, {:.1}) | {:.1} | {} | {} | {:.2}% | {} | {} | {} | {} | {} | {} / {} | {} |",
+            "| {} | {:.1} | {:.1} ({:.1}, {:.1}) | {:.1} | {} | {} | {:.2}% | {} | {} | {} | {} | {} ({}) | {} / {} | {} |",
             r.mode,
             r.gpu_hours_provisioned,
             r.gpu_hours_held,
@@ -210,6 +212,7 @@ pub fn table(workload: &Workload, rows: &[Summary]) -> String {
             seconds(r.delay_p99_s),
             seconds(r.delay_max_s),
             r.migrations,
+            r.rebalance_moves,
             r.servers_added,
             r.servers_removed,
             r.peak_servers,
