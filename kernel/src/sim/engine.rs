@@ -211,13 +211,30 @@ pub struct Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     // Ordered so that, at one instant, capacity frees before work arrives.
-    CellEnd { session: usize, cell: usize },
-    CacheIdle { session: usize, replica: usize, since: Ms },
+    CellEnd {
+        session: usize,
+        cell: usize,
+    },
+    CacheIdle {
+        session: usize,
+        replica: usize,
+        since: Ms,
+    },
     ServerReady,
-    SessionStart { session: usize },
-    CellSubmit { session: usize, cell: usize },
-    MigrateCheck { session: usize, cell: usize },
-    SessionStop { session: usize },
+    SessionStart {
+        session: usize,
+    },
+    CellSubmit {
+        session: usize,
+        cell: usize,
+    },
+    MigrateCheck {
+        session: usize,
+        cell: usize,
+    },
+    SessionStop {
+        session: usize,
+    },
     Autoscale,
 }
 
@@ -558,7 +575,8 @@ impl<'w> Engine<'w> {
                 break;
             }
             free += s.cached[i].gpus;
-            wait = wait.max(self.costs.offload_ms(s.cached[i].bytes, s.cached[i].gpus) + REVOKE_HEARD);
+            wait =
+                wait.max(self.costs.offload_ms(s.cached[i].bytes, s.cached[i].gpus) + REVOKE_HEARD);
             revoke.push(i);
         }
         (free >= gpus && wait <= RECLAIM_PATIENCE).then_some(Acquire {
@@ -570,7 +588,14 @@ impl<'w> Engine<'w> {
 
     /// Carries out an [`Acquire`]: the revoked grants' GPUs go to the asker
     /// as their state leaves; returns the GPUs now held for the cell.
-    fn commit_acquire(&mut self, host: &str, session: usize, replica: usize, gpus: u32, a: &Acquire) {
+    fn commit_acquire(
+        &mut self,
+        host: &str,
+        session: usize,
+        replica: usize,
+        gpus: u32,
+        a: &Acquire,
+    ) {
         let Some(s) = self.servers.get_mut(host) else {
             return;
         };
@@ -856,7 +881,13 @@ impl<'w> Engine<'w> {
     }
 
     /// Starts a cell `delay` after now, plus the time it already queued.
-    fn start(&mut self, session: usize, cell: usize, on: Option<(ServerId, usize)>, mut delay: Delay) {
+    fn start(
+        &mut self,
+        session: usize,
+        cell: usize,
+        on: Option<(ServerId, usize)>,
+        mut delay: Delay,
+    ) {
         let spec = &self.workload.sessions[session].cells[cell];
         let state = &mut self.sessions[session];
         delay.queued = self.now - state.submitted;
@@ -1112,13 +1143,16 @@ impl<'w> Engine<'w> {
         }
         for (k, m) in self.policy.rebalance(&self.view(false), &kernels) {
             let session = idle[k];
-            let Some(replica) = self.sessions[session].hosts.iter().position(|h| *h == m.from)
+            let Some(replica) = self.sessions[session]
+                .hosts
+                .iter()
+                .position(|h| *h == m.from)
             else {
                 continue;
             };
             let kernel_gpus = self.workload.sessions[session].gpus();
-            let state_bytes = self.workload.sessions[session].cells[self.sessions[session].ended]
-                .state_bytes;
+            let state_bytes =
+                self.workload.sessions[session].cells[self.sessions[session].ended].state_bytes;
             self.uncache(session, Some(replica), None);
             self.subscribe(&m.to, kernel_gpus);
             self.unsubscribe(&m.from, kernel_gpus);

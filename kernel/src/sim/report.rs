@@ -79,8 +79,14 @@ impl TailCauses {
     fn line(&self) -> String {
         let parts = [
             ("queued (every replica yielded)", self.queued_s),
-            ("a migrated replica's (or a container's) start and state load", self.migration_s),
-            ("waiting for the newest state (last cell's changes, a moved replica's checkpoint)", self.sync_s),
+            (
+                "a migrated replica's (or a container's) start and state load",
+                self.migration_s,
+            ),
+            (
+                "waiting for the newest state (last cell's changes, a moved replica's checkpoint)",
+                self.sync_s,
+            ),
             ("reclaiming cached GPUs", self.reclaim_s),
             ("restoring GPU state", self.restore_s),
             ("election", self.election_s),
@@ -220,13 +226,7 @@ pub fn table(workload: &Workload, rows: &[Summary]) -> String {
     }
     t.push_str("\nCells that waited 1 s or more, and what their waiting was:\n\n");
     for r in rows.iter().filter(|r| r.tail_cells > 0) {
-        let _ = writeln!(
-            t,
-            "- {}: {} cells; {}",
-            r.mode,
-            r.tail_cells,
-            r.tail.line()
-        );
+        let _ = writeln!(t, "- {}: {} cells; {}", r.mode, r.tail_cells, r.tail.line());
     }
     t
 }
@@ -277,7 +277,12 @@ pub fn write(
     let cells: Vec<(&str, usize, u32)> = workload
         .sessions
         .iter()
-        .flat_map(|s| s.cells.iter().enumerate().map(|(i, c)| (s.id.as_str(), i, c.gpus)))
+        .flat_map(|s| {
+            s.cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (s.id.as_str(), i, c.gpus))
+        })
         .collect();
     for o in outcomes {
         for (d, (session, cell, gpus)) in o.delays.iter().zip(&cells) {
