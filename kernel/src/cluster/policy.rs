@@ -691,6 +691,7 @@ mod tests {
         let p = Policy {
             headroom_gpus: 0,
             subscription_ratio: 1.0,
+            scale_in_room: 0.0,
             ..Policy::default()
         };
         let mut v = cluster(5, 8);
@@ -702,5 +703,77 @@ mod tests {
         }
         // 32 subscribed at ratio 1 needs 32 GPUs: only the empty s4 may go.
         assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s4".into()]));
+    }
+
+    #[test]
+    fn scale_in_leaves_a_server_of_subscription_room() {
+        let p = Policy {
+            headroom_gpus: 0,
+            subscription_ratio: 1.0,
+            ..Policy::default()
+        };
+        let mut v = cluster(6, 8);
+        for s in &mut v.servers {
+            s.idle_for = Duration::from_secs(600);
+        }
+        for s in ["s0", "s1", "s2", "s3"] {
+            v.add_replica(s, 8);
+        }
+        // 32 subscribed at ratio 1 on 48 GPUs: removing s4 leaves 40, room
+        // for one more server's worth; removing s5 too would leave none.
+        assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s4".into()]));
+    }
+
+    #[test]
+    fn no_scale_in_within_the_cooldown_after_a_scale_out() {
+        let p = Policy {
+            headroom_gpus: 0,
+            scale_in_cooldown: Duration::from_secs(1800),
+            ..Policy::default()
+        };
+        let mut v = cluster(5, 8);
+        for s in &mut v.servers {
+            s.idle_for = Duration::from_secs(600);
+        }
+        let soon = Some(Duration::from_secs(600));
+        assert_eq!(p.scale(&v, 0, 0, soon), Scale::Hold);
+        let later = Some(Duration::from_secs(1801));
+        assert!(matches!(p.scale(&v, 0, 0, later), Scale::In(_)));
+        assert!(matches!(p.scale(&v, 0, 0, None), Scale::In(_)));
+        // A scale-out is never held back by the cooldown.
+        assert_eq!(p.scale(&v, 40, 0, soon), Scale::Out(2));
+    }
+
+    #[test]
+    fn rebalance_moves_a_replica_of_an_idle_kernel_whose_servers_are_busy() {
+        let p = Policy::default();
+        let mut v = cluster(4, 8);
+        for s in ["s0", "s1", "s2"] {
+            v.add_replica(s, 8);
+            v.take_gpus(s, 4);
+        }
+        let blocked = KernelView {
+            gpus: 8,
+            hosts: vec!["s0".into(), "s1".into(), "s2".into()],
+        };
+        let fine = KernelView {
+            gpus: 2,
+            hosts: vec!["s0".into(), "s1".into(), "s2".into()],
+        };
+        let moves = p.rebalance(&v, &[fine.clone(), blocked.clone()]);
+        assert_eq!(moves.len(), 1);
+        let (i, m) = &moves[0];
+        assert_eq!(*i, 1);
+        assert_eq!(m.to, "s3");
+        assert!(blocked.hosts.contains(&m.from));
+
+        // Off, or with nowhere to go, nothing moves.
+        let off = Policy {
+            rebalance_moves: 0,
+            ..Policy::default()
+        };
+        assert!(off.rebalance(&v, &[blocked.clone()]).is_empty());
+        v.take_gpus("s3", 1);
+        assert!(p.rebalance(&v, &[blocked]).is_empty());
     }
 }

@@ -1349,10 +1349,129 @@ mod tests {
             session("b", 0, 200 * MINUTE, &[(150 * MINUTE, MINUTE, 1)]),
             session("c", 0, 200 * MINUTE, &[(2 * MINUTE, MINUTE, 1)]),
         ]);
-        let o = run(&w, Mode::NotebookOs { replicas: 1 }, &fixed(2, 1));
+        let policy = Policy {
+            rebalance_moves: 0,
+            ..fixed(2, 1)
+        };
+        let o = run(&w, Mode::NotebookOs { replicas: 1 }, &policy);
         assert_eq!(o.migrations, 1);
         let migrated = 2 * SECOND + 2 * SECOND + 10 * SECOND;
         assert_eq!(totals(&o), vec![3, 3, migrated]);
+    }
+
+    #[test]
+    fn rebalancing_moves_a_blocked_replica_before_its_next_cell() {
+        // As above, but c's replica moves to s1 while a's cell runs, before
+        // c submits: c's cell starts there like any other.
+        let w = workload(vec![
+            session("a", 0, 200 * MINUTE, &[(MINUTE, 100 * MINUTE, 1)]),
+            session("b", 0, 200 * MINUTE, &[(150 * MINUTE, MINUTE, 1)]),
+            session("c", 0, 200 * MINUTE, &[(2 * MINUTE, MINUTE, 1)]),
+        ]);
+        let o = run(&w, Mode::NotebookOs { replicas: 1 }, &fixed(2, 1));
+        assert_eq!(o.migrations, 0);
+        assert_eq!(o.rebalance_moves, 1);
+        assert_eq!(totals(&o), vec![3, 3, 3]);
+    }
+
+    #[test]
+    fn the_oracle_provisions_exactly_the_running_gpus() {
+        let w = workload(vec![session(
+            "a",
+            0,
+            60 * MINUTE,
+            &[(MINUTE, 10 * MINUTE, 2), (20 * MINUTE, 5 * MINUTE, 4)],
+        )]);
+        let o = run(&w, Mode::Oracle, &fixed(3, 8));
+        let gpu_minutes = u128::from(MINUTE) * (2 * 10 + 4 * 5);
+        assert_eq!(o.provisioned_gpu_ms, gpu_minutes);
+        assert_eq!(o.held_gpu_ms, gpu_minutes);
+        assert_eq!(o.used_gpu_ms, gpu_minutes);
+        assert_eq!(totals(&o), vec![0, 0]);
+    }
+
+    fn with_gpu_state(mut w: Workload, bytes: u64) -> Workload {
+        for c in w.sessions.iter_mut().flat_map(|s| s.cells.iter_mut()) {
+            c.gpu_bytes = bytes;
+        }
+        w
+    }
+
+    #[test]
+    fn a_cached_grant_serves_the_next_cell_without_a_restore() {
+        let w = with_gpu_state(
+            workload(vec![session(
+                "a",
+                0,
+                60 * MINUTE,
+                &[(MINUTE, 10 * MINUTE, 2), (12 * MINUTE, 5 * MINUTE, 2)],
+            )]),
+            50 * GB,
+        );
+        let costs = Costs {
+            cache_idle: 10 * MINUTE,
+            ..costs()
+        };
+        let o = Engine::new(&w, Mode::NotebookOs { replicas: 3 }, &fixed(3, 8), costs, 1).run();
+        // 50 GB over two GPUs at 25 GB/s each: 1 s in, then none.
+        assert_eq!(totals(&o), vec![3 + SECOND, 3]);
+        assert_eq!(o.cache_hits, 1);
+        // Cached between the cells, then for `cache_idle` after the last.
+        let first_end = MINUTE + 3 + SECOND + 10 * MINUTE;
+        let gap = 12 * MINUTE - first_end;
+        assert_eq!(o.cached_gpu_ms, 2 * u128::from(gap + 10 * MINUTE));
+    }
+
+    #[test]
+    fn another_kernels_cell_revokes_a_cached_grant_and_waits_for_its_offload() {
+        let mut w = workload(vec![
+            session("a", 0, 60 * MINUTE, &[(MINUTE, MINUTE, 8)]),
+            session("b", 0, 60 * MINUTE, &[(5 * MINUTE, MINUTE, 8)]),
+        ]);
+        w.sessions[0].cells[0].gpu_bytes = 50 * GB;
+        let costs = Costs {
+            cache_idle: 10 * MINUTE,
+            ..costs()
+        };
+        let o = Engine::new(&w, Mode::NotebookOs { replicas: 1 }, &fixed(1, 8), costs, 1).run();
+        // a restores 50 GB over 8 GPUs (250 ms); b waits for that offload
+        // plus the revocation's notice.
+        assert_eq!(totals(&o), vec![3 + 250, 3 + 250 + REVOKE_HEARD]);
+        assert_eq!(o.delays[1].reclaim, 250 + REVOKE_HEARD);
+        assert_eq!(o.revocations, 1);
+        assert_eq!(o.cache_hits, 0);
+    }
+
+    #[test]
+    fn only_the_replica_that_ran_the_last_cell_leads_before_its_changes_arrive() {
+        // Three 1-GPU servers hold both kernels' replicas. a's first cell
+        // changes 20 GB (100 s to stream); b then takes s0, where a's
+        // holder is. a's next cell must wait for a peer to be in sync.
+        let mut w = workload(vec![
+            session(
+                "a",
+                0,
+                60 * MINUTE,
+                &[(MINUTE, MINUTE, 1), (2 * MINUTE + 2 * SECOND, MINUTE, 1)],
+            ),
+            session(
+                "b",
+                0,
+                60 * MINUTE,
+                &[(2 * MINUTE + SECOND, 10 * MINUTE, 1)],
+            ),
+        ]);
+        for c in &mut w.sessions[0].cells {
+            c.gpu_bytes = 20 * GB;
+        }
+        let o = run(&w, Mode::NotebookOs { replicas: 3 }, &fixed(3, 1));
+        let restore = 800;
+        let first_end = MINUTE + 3 + restore + MINUTE;
+        let synced_at = first_end + 20 + 100 * SECOND;
+        let sync = synced_at - (2 * MINUTE + 2 * SECOND);
+        assert_eq!(o.delays[1].sync, sync);
+        assert_eq!(o.delays[1].total(), 5 + sync + restore);
+        assert_eq!(o.migrations, 0);
     }
 
     #[test]
