@@ -772,7 +772,7 @@ mod tests {
             rebalance_moves: 0,
             ..Policy::default()
         };
-        assert!(off.rebalance(&v, &[blocked.clone()]).is_empty());
+        assert!(off.rebalance(&v, std::slice::from_ref(&blocked)).is_empty());
         v.take_gpus("s3", 1);
         assert!(p.rebalance(&v, &[blocked]).is_empty());
     }

@@ -1125,18 +1125,21 @@ impl<'w> Engine<'w> {
         let mut idle = Vec::new();
         let mut kernels = Vec::new();
         for (i, st) in self.sessions.iter().enumerate() {
-            let Some(next) = self.workload.sessions[i].cells.get(st.ended) else {
+            if st.ended >= self.workload.sessions[i].cells.len() {
                 continue;
-            };
+            }
             let between_cells = st.placed
                 && !st.done
                 && st.running_on.is_none()
                 && st.moving.is_none_or(|(_, at)| at <= self.now)
                 && !self.waiting.iter().any(|&(s, _)| s == i);
-            if between_cells && next.gpus > 0 {
+            // What the kernel asks for, not what its next cell will: the
+            // live policy cannot see the future.
+            let gpus = self.workload.sessions[i].gpus();
+            if between_cells && gpus > 0 {
                 idle.push(i);
                 kernels.push(KernelView {
-                    gpus: next.gpus,
+                    gpus,
                     hosts: st.hosts.clone(),
                 });
             }
