@@ -145,9 +145,14 @@ def cluster(tmp):
                 a.kill()
         teardown(tag)
         for log in sorted(tmp.glob("agent-*.log")):
-            text = log.read_text()
-            if "ERROR" in text or "WARN" in text:
-                print(f"--- {log.name}\n{text[-2000:]}", file=sys.stderr)
+            # A cut-off server makes every agent warn every few seconds: the
+            # distinct lines, not their repetitions, say what happened.
+            seen = {}
+            for line in log.read_text().splitlines():
+                if "ERROR" in line or "WARN" in line:
+                    seen.setdefault(line.split(" ", 1)[-1], line)
+            if seen:
+                print(f"--- {log.name}\n" + "\n".join(list(seen.values())[-8:]), file=sys.stderr)
 
 
 def orphaned_replicas_are_stopped(kernel):
@@ -169,8 +174,11 @@ def outer(args):
     with cluster(tmp) as (tag, _):
         inner = subprocess.run(
             ["ip", "netns", "exec", ns(tag, 1), sys.executable, __file__, "--inside",
-             "--tag", tag, "--tmp", str(tmp), "--json", args.json])
-        return inner.returncode
+             "--tag", tag, "--tmp", str(tmp), "--json", args.json],
+            stderr=subprocess.PIPE, text=True)
+    # Last, after the agents' logs: where a failure is read first.
+    sys.stderr.write(inner.stderr)
+    return inner.returncode
 
 
 def inside(args):
