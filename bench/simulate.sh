@@ -20,25 +20,18 @@ PYO3_PYTHON="$ROOT/.venv/bin/python" cargo build -q --release -p notebookos-kern
 cargo build -q --release -p raft-transport --example bench
 BIN=target/release/notebookos-kernel
 
-# The election's cost is a Raft commit among 3 replicas: measure it here.
+# The election's cost is a Raft commit among 3 replicas: measured here, in
+# this run. Every other cost comes from the newest live bench results
+# (bench/calibrate.py says which, and their dates).
 target/release/examples/bench --samples 1000 --entries 1000 --blob-mib 1 > "$OUT/raft_bench.txt"
-COMMIT_US="$(.venv/bin/python - "$OUT/raft_bench.txt" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-m = re.search(r"commit latency, 100-byte entry, 3 voters .*?median ([0-9.]+)(µs|us|ms|s)\b", text)
-if not m:
-    sys.exit("no 3-voter commit median in the raft-transport bench output")
-value, unit = float(m.group(1)), m.group(2)
-print(round(value * {"µs": 1, "us": 1, "ms": 1e3, "s": 1e6}[unit]))
-PY
-)"
-echo "measured Raft commit (3 voters, median): ${COMMIT_US} µs"
+.venv/bin/python bench/calibrate.py --raft "$OUT/raft_bench.txt" --out "$OUT/calibration.json"
+echo
 
 run() { # name, then simulate's arguments
     local name="$1"; shift
     local start end
     start=$(date +%s.%N)
-    "$BIN" simulate "$@" --seed "$SEED" --commit-us "$COMMIT_US" --out "$OUT/$name" | tee "$OUT/$name.md"
+    "$BIN" simulate "$@" --seed "$SEED" --calibration "$OUT/calibration.json" --out "$OUT/$name" | tee "$OUT/$name.md"
     end=$(date +%s.%N)
     python3 -c "print(f'$name: simulated in {$end - $start:.2f} s wall')" | tee -a "$OUT/$name.md"
     echo
@@ -46,6 +39,8 @@ run() { # name, then simulate's arguments
 
 if [ -f "$TRACES/adobe_sensei_june_1-2_2021_sessions.json" ]; then
     run session-trace --trace "$TRACES/adobe_sensei_june_1-2_2021_sessions.json"
+    # The NotebookOS paper's headline window: the busiest 17.5 hours.
+    run window-17.5h --trace "$TRACES/adobe_sensei_june_1-2_2021_sessions.json" --window-hours 17.5
 else
     echo "SKIPPED: $TRACES/adobe_sensei_june_1-2_2021_sessions.json is absent"
 fi

@@ -102,6 +102,7 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     kernels each get 3 distinct servers; cutting one server off gets its
     replicas replaced on a server the kernel did not use, state intact; a
     kernel whose servers are all full migrates a replica and runs its cell;
+    between cells, the same kernel moves a replica ahead of its next cell;
     the autoscaler drains and removes an idle server and asks for one when
     every GPU is taken."""
     if os.geteuid() != 0 or not shutil.which("ip"):
@@ -127,6 +128,14 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     assert m["stdout"].strip().endswith(f"/{free}/agent.sock"), m
     assert free in m["hosts_after"] and len(m["hosts_after"]) == 3, m
     assert m["value"] == "84" and m["verify"].startswith("all 3 replicas"), m
+    # Between cells, with every GPU of its servers taken, a replica moved to
+    # the free server ahead of the next cell, which ran there at once.
+    r = report["rebalance"]
+    [free] = set(r["hosts_after"]) - set(r["hosts_before"])
+    assert free != cut and len(r["hosts_after"]) == 3 and "h1" in r["hosts_after"], r
+    assert r["status"] == "ok" and "queued" not in r["stderr"] and "migrating" not in r["stderr"], r
+    assert r["stdout"].strip().endswith(f"/{free}/agent.sock"), r
+    assert r["value"] == "85" and r["verify"].startswith("all 3 replicas"), r
     # The autoscaler drained one idle server (never h1, where the kernels'
     # replica 1 runs) and gave it back; the kernels moved off it, nothing
     # lost; with every GPU taken it asked the provider for one server.

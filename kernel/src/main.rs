@@ -174,6 +174,9 @@ struct SimulateArgs {
     /// Subscription room, in servers, left after a removal.
     #[arg(long, value_name = "SERVERS")]
     scale_in_room: Option<f64>,
+    /// Servers kept with every GPU idle (for kernels that take a whole server).
+    #[arg(long, value_name = "SERVERS")]
+    idle_servers: Option<usize>,
     /// Scale out when demand passes this share of capacity.
     #[arg(long, value_name = "SHARE")]
     scale_out_at: Option<f64>,
@@ -416,6 +419,9 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     if let Some(room) = args.scale_in_room {
         policy.scale_in_room = room;
+    }
+    if let Some(n) = args.idle_servers {
+        policy.idle_servers = n;
     }
     if let Some(share) = args.scale_out_at {
         policy.scale_out_at = share;

@@ -152,6 +152,11 @@ pub struct Policy {
     pub scale_in_cooldown: Duration,
     /// Subscription room, in servers, that must stay after a removal.
     pub scale_in_room: f64,
+    /// Servers to keep with every GPU idle. Idle GPUs scattered over busy
+    /// servers do not serve a kernel that asks for a whole server's GPUs;
+    /// without one idle server its cell waits for a replica to move, state
+    /// and all (the session trace's delay tail, `docs/simulator.md`).
+    pub idle_servers: usize,
 }
 
 impl Default for Policy {
@@ -174,6 +179,7 @@ impl Default for Policy {
             // GPU-hours (docs/simulator.md, "Churn").
             scale_in_cooldown: Duration::from_secs(60 * 60),
             scale_in_room: 2.0,
+            idle_servers: 1,
         }
     }
 }
@@ -391,9 +397,15 @@ impl Policy {
                 .ceil()
                 .max(1.0) as usize;
         }
+        let whole_idle = view
+            .servers
+            .iter()
+            .filter(|s| !s.draining && s.idle_gpus == s.gpus)
+            .count();
         out = out
             .max(unplaceable)
-            .max(self.min_servers.saturating_sub(active));
+            .max(self.min_servers.saturating_sub(active))
+            .max(self.idle_servers.saturating_sub(whole_idle));
         let room = self.max_servers.saturating_sub(view.servers.len());
         if out > 0 {
             return if room > 0 {
@@ -432,7 +444,10 @@ impl Policy {
             // live cluster's servers need not match `gpus_per_server`.
             let room = self.scale_in_room * f64::from(s.gpus);
             let fits = subscribed_left <= self.subscription_ratio * (after - room);
+            // Every candidate is a whole idle server.
+            let idle_left = whole_idle - remove.len() - 1;
             if servers_left <= self.min_servers.max(self.replicas)
+                || idle_left < self.idle_servers
                 || !fits
                 || demand >= self.scale_in_below * after
             {

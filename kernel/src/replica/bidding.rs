@@ -31,6 +31,11 @@ impl Core {
         crate::gpu::wanted(&request_code(request), self.gpu.default_gpus())
     }
 
+    /// No cell is open in the group: between cells.
+    pub(crate) fn between_cells(&self) -> bool {
+        lock(&self.applier).state().elections.none_open()
+    }
+
     /// Whether `cell` is open and nobody has won it yet.
     pub(crate) fn is_undecided(&self, cell: &str) -> bool {
         lock(&self.applier)

@@ -111,6 +111,11 @@ impl Elections {
         });
     }
 
+    /// No cell is open: the kernel is between cells.
+    pub fn none_open(&self) -> bool {
+        self.open.is_empty()
+    }
+
     pub fn get(&self, cell: &str) -> Option<&Cell> {
         self.open.get(cell)
     }

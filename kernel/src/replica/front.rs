@@ -25,6 +25,9 @@ use crate::wire::Outgoing;
 /// How long a starting replica may take to listen (Python and IPython load first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a kernel between cells checks that one of its servers could
+/// run its next cell now (`Front::rebalance`).
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontError {
@@ -203,6 +206,9 @@ impl Front {
             cluster.register(&gstate.kernel_id, core.id).await?;
         }
         tokio::spawn(front.clone().supervise(ca));
+        if front.cluster.is_some() {
+            tokio::spawn(front.clone().rebalance());
+        }
         Ok(front)
     }
 
@@ -582,20 +588,7 @@ impl Front {
         if !core.is_undecided(&cell) || self.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let hosts: Vec<(NodeId, String)> = {
-            let processes = lock(&self.processes);
-            lock(&self.group)
-                .members
-                .iter()
-                .filter(|m| m.id == core.id || processes.get(&m.id).is_some_and(|p| p.alive()))
-                .filter_map(|m| Some((m.id, m.host.clone()?)))
-                .collect()
-        };
-        let movable: Vec<String> = hosts
-            .iter()
-            .filter(|(id, _)| *id != core.id)
-            .map(|(_, h)| h.clone())
-            .collect();
+        let (hosts, movable) = self.live_hosts();
         let plan = match cluster.plan_migration(gpus, &hosts, &movable).await {
             Ok(p) => p,
             Err(e) => {
@@ -620,6 +613,80 @@ impl Front {
         if let Err(e) = self.move_replica(cluster, from_id, &plan.to).await {
             tracing::warn!(cell, "migration failed: {e}");
         }
+    }
+
+    /// Between cells, moves a replica off servers none of which could run
+    /// the kernel's next cell now (every GPU taken by other kernels) to one
+    /// that can, so that cell does not wait for a migration with the user
+    /// watching ([`crate::cluster::policy::Policy::rebalance`]; the
+    /// simulator models the same). The condition must hold at two checks in
+    /// a row: GPUs freed a moment later are not worth moving a replica's
+    /// state for.
+    async fn rebalance(self: Arc<Self>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let mut blocked_before = false;
+        loop {
+            tokio::time::sleep(REBALANCE_EVERY).await;
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if !self.core.between_cells() {
+                blocked_before = false;
+                continue;
+            }
+            let (hosts, movable) = self.live_hosts();
+            if hosts.len() < self.replicas {
+                // A replacement is on its way: the group is not settled.
+                blocked_before = false;
+                continue;
+            }
+            let Some(plan) = cluster.plan_rebalance(&hosts, &movable).await else {
+                blocked_before = false;
+                continue;
+            };
+            if !blocked_before {
+                blocked_before = true;
+                continue;
+            }
+            blocked_before = false;
+            let Some(&(from_id, _)) = hosts
+                .iter()
+                .find(|(id, h)| *id != self.core.id && *h == plan.from)
+            else {
+                continue;
+            };
+            tracing::info!(
+                replica = from_id,
+                from = %plan.from,
+                to = %plan.to,
+                "moving a replica ahead of the next cell: no server of this kernel has its GPUs idle"
+            );
+            if let Err(e) = self.move_replica(cluster, from_id, &plan.to).await {
+                tracing::warn!("rebalancing move failed: {e}");
+            }
+        }
+    }
+
+    /// The members whose process runs (with their servers), and the servers
+    /// of those that may move (all but this one, where Jupyter runs it).
+    fn live_hosts(&self) -> (Vec<(NodeId, String)>, Vec<String>) {
+        let hosts: Vec<(NodeId, String)> = {
+            let processes = lock(&self.processes);
+            lock(&self.group)
+                .members
+                .iter()
+                .filter(|m| m.id == self.core.id || processes.get(&m.id).is_some_and(|p| p.alive()))
+                .filter_map(|m| Some((m.id, m.host.clone()?)))
+                .collect()
+        };
+        let movable = hosts
+            .iter()
+            .filter(|(id, _)| *id != self.core.id)
+            .map(|(_, h)| h.clone())
+            .collect();
+        (hosts, movable)
     }
 
     async fn move_replica(

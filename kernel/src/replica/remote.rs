@@ -18,7 +18,7 @@ use super::spawn::ReplicaProcess;
 use crate::agent::control::{ControlRequest, ControlResponse};
 use crate::cluster::client::{self, ClusterClient, ClusterError};
 use crate::cluster::config::ClusterConfig;
-use crate::cluster::policy::{Migration, Policy, ServerId};
+use crate::cluster::policy::{ClusterView, KernelView, Migration, Policy, ServerId};
 
 /// How often a remote replica's agent is asked whether it still runs it.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
@@ -105,19 +105,28 @@ impl ClusterPlacement {
     ) -> Result<Migration, GroupError> {
         let view = client::view(&self.client.inventories().await);
         let all: Vec<ServerId> = hosts.iter().map(|(_, h)| h.clone()).collect();
-        let mut plan = self
+        let plan = self
             .policy
             .migrate(&view, gpus, &all)
             .map_err(|e| GroupError::Start(e.to_string()))?;
-        if !movable.contains(&plan.from) {
-            // The policy's pick is pinned (replica 1): move the busiest movable one.
-            plan.from = movable
-                .iter()
-                .max_by_key(|h| view.get(h).map_or(u32::MAX, |s| s.subscribed))
-                .cloned()
-                .ok_or_else(|| GroupError::Start("no replica can move".into()))?;
-        }
-        Ok(plan)
+        unpinned(plan, &view, movable)
+            .ok_or_else(|| GroupError::Start("no replica can move".into()))
+    }
+
+    /// A move ahead of the next cell ([`Policy::rebalance`]): none of
+    /// `hosts` has this kernel's GPUs idle now, and another server has.
+    pub async fn plan_rebalance(
+        &self,
+        hosts: &[(NodeId, ServerId)],
+        movable: &[ServerId],
+    ) -> Option<Migration> {
+        let view = client::view(&self.client.inventories().await);
+        let kernel = KernelView {
+            gpus: self.gpus,
+            hosts: hosts.iter().map(|(_, h)| h.clone()).collect(),
+        };
+        let (_, plan) = self.policy.rebalance(&view, &[kernel]).into_iter().next()?;
+        unpinned(plan, &view, movable)
     }
 
     /// Starts a replica on `server`; returns the process handle and its address.
@@ -281,4 +290,16 @@ impl ReplicaProcess for RemoteProcess {
             tracing::debug!(replica = self.replica, "stopping a remote replica: {e}");
         }
     }
+}
+
+/// `plan` with a movable replica: when the policy picked a pinned one
+/// (replica 1, where Jupyter runs it), the busiest movable one goes instead.
+fn unpinned(mut plan: Migration, view: &ClusterView, movable: &[ServerId]) -> Option<Migration> {
+    if !movable.contains(&plan.from) {
+        plan.from = movable
+            .iter()
+            .max_by_key(|h| view.get(h).map_or(u32::MAX, |s| s.subscribed))
+            .cloned()?;
+    }
+    Some(plan)
 }
