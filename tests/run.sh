@@ -39,4 +39,4 @@ cargo nextest run --workspace --no-fail-fast
 bash raft-transport/scripts/netns-test.sh
 
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/
-PY="$ROOT/.venv/bin/python" bash tests/ipykernel_message_spec.sh
+PY="$ROOT/.venv/bin/python" bash tests/ipykernel_suite.sh

@@ -10,6 +10,7 @@ from traitlets import Any, Bool, Type
 
 import _notebookos
 
+from .compiler import CellCompiler
 from .jsonutil import dumps
 
 
@@ -56,6 +57,7 @@ class RustDisplayHook(DisplayHook):
 class NotebookosShell(InteractiveShell):
     displayhook_class = Type(RustDisplayHook)
     display_pub_class = Type(RustDisplayPublisher)
+    compiler_class = Type(CellCompiler)
 
     # The kernel object libraries find as get_ipython().kernel.
     kernel = Any()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs ipykernel's own tests/test_message_spec.py, unmodified, against
-# notebookos: the sdist's tests start the kernel named "python3", so that
-# name is registered, in a private JUPYTER_PATH, as notebookos.
+# Runs ipykernel's own tests, unmodified, against notebookos: the sdist's
+# tests start the kernel named "python3", so that name is registered, in a
+# private JUPYTER_PATH, as notebookos.
+#
+#   bash tests/ipykernel_suite.sh [PYTEST ARGS...]   (default: the message-spec tests)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
@@ -23,4 +25,4 @@ cat > "$WORK/jupyter/kernels/python3/kernel.json" <<JSON
 JSON
 cd "$SRC"
 JUPYTER_PATH="$WORK/jupyter" IPYTHONDIR="$WORK/ipython" \
-    "$PY" -m pytest -c /dev/null --rootdir "$SRC" -p no:cacheprovider -q tests/test_message_spec.py
+    "$PY" -m pytest -c /dev/null --rootdir "$SRC" -p no:cacheprovider -q "${@:-tests/test_message_spec.py}"
