@@ -6,6 +6,7 @@ other output.
 """
 
 import io
+import os
 
 import _notebookos
 
@@ -15,6 +16,11 @@ class OutStream(io.TextIOBase):
         super().__init__()
         self.name = name
         self._fd = fd
+        self._master_pid = os.getpid()
+
+    def _is_master_process(self):
+        # ipykernel's: False in a child forked from the kernel (multiprocessing).
+        return os.getpid() == self._master_pid
 
     @property
     def encoding(self):

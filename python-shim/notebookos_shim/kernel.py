@@ -151,6 +151,7 @@ class Kernel:
                 "execute_input", dumps({"code": code, "execution_count": shell.execution_count})
             )
         shell._last_traceback = None
+        shell._last_traceback_during_displayhook = False
         err = None
         # Only the main thread receives SIGINT, so only its cells are
         # interruptible. During one, SIGINT gets Python's own handler, as in
@@ -175,7 +176,9 @@ class Kernel:
             if on_main:
                 signal.signal(signal.SIGINT, between_cells)
         reply = {"execution_count": shell.execution_count - 1}
-        if success:
+        # A result whose repr raised shows a traceback and fails the cell, as
+        # in ipykernel (whose reply then names no exception either).
+        if success and not shell._last_traceback_during_displayhook:
             reply["status"] = "ok"
             reply["user_expressions"] = shell.user_expressions(user_expressions)
         else:
@@ -419,6 +422,10 @@ def start(options):
 
     sys.stdout = OutStream("stdout", 1)
     sys.stderr = OutStream("stderr", 2)
+    # As under ipykernel: modules next to the notebook import (the kernel
+    # runs in the notebook's directory).
+    if "" not in sys.path:
+        sys.path.insert(0, "")
 
     from . import comm as rust_comm
     from .shell import NotebookosShell

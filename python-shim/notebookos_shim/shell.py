@@ -65,6 +65,7 @@ class NotebookosShell(InteractiveShell):
     exit_now = Bool(False)
     keepkernel_on_exit = Bool(False)
     _last_traceback = None
+    _last_traceback_during_displayhook = False
 
     # ipykernel's shell exposes the request being handled; libraries that
     # publish their own messages parent them with it.
@@ -113,6 +114,8 @@ class NotebookosShell(InteractiveShell):
         )
 
     def _showtraceback(self, etype, evalue, stb):
+        if getattr(self.displayhook, "_content", None) is not None:
+            self._last_traceback_during_displayhook = True
         _flush_std()
         content = {"traceback": stb, "ename": str(etype.__name__), "evalue": str(evalue)}
         _notebookos.publish("error", dumps(content))
