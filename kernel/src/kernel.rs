@@ -65,6 +65,8 @@ pub struct Kernel {
     connection: ConnectionInfo,
     shutdown: watch::Sender<bool>,
     subshells: Mutex<HashMap<String, mpsc::Sender<Message>>>,
+    /// Main-shell execute requests received and not yet answered.
+    shell_cells: std::sync::atomic::AtomicUsize,
 }
 
 /// How the kernel was started: the connection file and the options meant
@@ -133,6 +135,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         connection: info,
         shutdown: shutdown_tx,
         subshells: Mutex::new(HashMap::new()),
+        shell_cells: std::sync::atomic::AtomicUsize::new(0),
     });
     iopub.status(None, ExecutionState::Starting).await;
     if let Some((read, write)) = wakeup {
@@ -161,7 +164,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                     iopub: kernel.iopub.clone(),
                     stdin,
                     session,
-                    interrupt: Box::new(move || interrupter.interrupt()),
+                    interrupt: Box::new(move |cell_given| interrupter.interrupt(cell_given)),
                     argv,
                     listen_ip: replica::front::default_listen_ip(),
                 };
@@ -260,11 +263,36 @@ impl Kernel {
         )
     }
 
-    pub fn interrupt(&self) {
+    pub fn interrupt(self: &Arc<Self>) {
         match self.group.get() {
             Some(Some(front)) => front.core().interrupt_cell(),
-            _ => self.python.interrupt(),
+            Some(None) => self.python.interrupt(self.cells_in_flight()),
+            // The group is still forming: a cell sent meanwhile waits for it,
+            // and so does the interrupt, which would reach no cell now.
+            None => {
+                let kernel = self.clone();
+                tokio::spawn(async move {
+                    let Some(front) = kernel.group().await else {
+                        kernel.python.interrupt(kernel.cells_in_flight());
+                        return;
+                    };
+                    // The cell's submission may trail the group by a moment.
+                    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while kernel.cells_in_flight()
+                        && !front.core().has_submissions()
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    front.core().interrupt_cell();
+                });
+            }
         }
+    }
+
+    /// A main-shell cell has been received and not answered.
+    fn cells_in_flight(&self) -> bool {
+        self.shell_cells.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
     fn set_group(&self, group: Option<Arc<Front>>) {
@@ -330,6 +358,11 @@ impl Kernel {
         // Subshell cells run where they are sent, outside the log (as ipykernel
         // runs them beside the main shell); main-shell cells go through the group.
         tracing::debug!("execute: waiting for the group");
+        let _counted = request
+            .header
+            .subshell_id
+            .is_none()
+            .then(|| crate::replica::InFlight::new(&self.shell_cells));
         let group = match request.header.subshell_id {
             None => self.group().await,
             Some(_) => None,

@@ -159,6 +159,13 @@ class Kernel:
         if on_main:
             between_cells = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            # Interrupted before it started (its SIGINT met the between-cells
+            # handler): stopped as if at its first line.
+            if on_main and _notebookos.take_interrupt():
+                # Its SIGINT may still be on its way: it must meet the
+                # between-cells handler, not this cell's traceback.
+                signal.signal(signal.SIGINT, between_cells)
+                raise KeyboardInterrupt
             result = shell.run_cell(code, store_history=store_history, silent=silent)
             if on_main:
                 signal.signal(signal.SIGINT, between_cells)
@@ -175,6 +182,8 @@ class Kernel:
         finally:
             if on_main:
                 signal.signal(signal.SIGINT, between_cells)
+                # One that arrived while the cell ran did its work there.
+                _notebookos.take_interrupt()
         reply = {"execution_count": shell.execution_count - 1}
         # A result whose repr raised shows a traceback and fails the cell, as
         # in ipykernel (whose reply then names no exception either).

@@ -45,6 +45,10 @@ pub struct Bridge {
     group: OnceLock<Arc<dyn Group>>,
     current: Mutex<HashMap<ThreadId, Current>>,
     main_thread: OnceLock<ThreadId>,
+    /// An interrupt for a cell given to the main thread that may not have
+    /// started yet: SIGINT then meets the shim's between-cells handler, so
+    /// the cell checks this flag as it starts.
+    pub(super) interrupt_pending: std::sync::atomic::AtomicBool,
 }
 
 /// The request a Python thread is serving: its outputs are parented to it
@@ -67,6 +71,7 @@ impl Bridge {
             group: OnceLock::new(),
             current: Mutex::new(HashMap::new()),
             main_thread: OnceLock::new(),
+            interrupt_pending: std::sync::atomic::AtomicBool::new(false),
         });
         // A second install (tests) keeps the first: one interpreter per process.
         BRIDGE.get_or_init(|| bridge.clone()).clone()
@@ -248,6 +253,15 @@ fn input_request(py: Python<'_>, prompt: String, password: bool) -> PyResult<Str
 
 /// The other replicas' namespace digests, for checking that they agree; an
 /// empty list with a single replica.
+/// Whether an interrupt for the cell now starting (or just ended) came
+/// before it could take SIGINT; clears it.
+#[pyfunction]
+fn take_interrupt() -> PyResult<bool> {
+    Ok(bridge()?
+        .interrupt_pending
+        .swap(false, std::sync::atomic::Ordering::SeqCst))
+}
+
 #[pyfunction]
 fn peer_digests(py: Python<'_>) -> PyResult<Vec<(u64, String)>> {
     let bridge = bridge()?;
@@ -268,6 +282,7 @@ fn placement(py: Python<'_>) -> PyResult<Option<String>> {
 
 #[pymodule]
 pub fn _notebookos(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(take_interrupt, m)?)?;
     m.add_function(wrap_pyfunction!(peer_digests, m)?)?;
     m.add_function(wrap_pyfunction!(placement, m)?)?;
     m.add_function(wrap_pyfunction!(publish, m)?)?;

@@ -253,8 +253,15 @@ impl PythonRuntime {
     }
 
     /// Raises KeyboardInterrupt in the main shell's running cell (a no-op
-    /// between cells: the shim's handler ignores it then).
-    pub fn interrupt(&self) {
+    /// between cells: the shim's handler ignores it then). `cell_given`: a
+    /// cell has been handed to the main thread and has not ended, so one
+    /// that has not started yet is interrupted as it starts.
+    pub fn interrupt(&self, cell_given: bool) {
+        if cell_given {
+            self.bridge
+                .interrupt_pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Err(e) = self.interrupter.interrupt() {
             tracing::error!("cannot signal the Python thread: {e}");
         }

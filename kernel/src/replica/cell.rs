@@ -2,7 +2,9 @@
 //! the winner runs it, captures what changed, ships it and reports `Done`.
 //! Interrupts go to whichever replica runs the cell.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -17,6 +19,7 @@ impl Core {
         self: &Arc<Self>,
         request: &Message,
     ) -> Result<CellResult, raft_transport::Error> {
+        let _submitted = super::InFlight::new(&self.submitting);
         self.wait_ready().await;
         let cell = uuid::Uuid::new_v4().to_string();
         tracing::debug!(cell, "proposing request");
@@ -37,15 +40,62 @@ impl Core {
         rx.await.map_err(|_| raft_transport::Error::Shutdown)
     }
 
-    /// Routes an interrupt to the replica running the cell.
+    /// Routes an interrupt to the replica running the cell. A cell the user
+    /// sees running may not have started anywhere yet (the group still
+    /// forming after start-up, its election open): the interrupt then waits
+    /// for it to start, instead of reaching a replica between cells, which
+    /// ignores it.
     pub fn interrupt_cell(self: &Arc<Self>) {
+        if self.submitting.load(Ordering::SeqCst) == 0 {
+            self.route_interrupt();
+            return;
+        }
+        let core = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + INTERRUPT_WAITS_AT_MOST;
+            while core.submitting.load(Ordering::SeqCst) > 0
+                && !core.submitted_cell_started()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            core.route_interrupt();
+        });
+    }
+
+    /// Whether cells submitted here are still waiting for their result.
+    pub(crate) fn has_submissions(&self) -> bool {
+        self.submitting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether a cell submitted here has a winner.
+    fn submitted_cell_started(&self) -> bool {
+        let waiting: Vec<CellId> = lock(&self.waiters).keys().cloned().collect();
+        let applier = lock(&self.applier);
+        waiting
+            .iter()
+            .any(|cell| applier.state().elections.winner(cell).is_some())
+    }
+
+    fn route_interrupt(self: &Arc<Self>) {
         match self.running_on() {
             Some(w) if w != self.id => {
                 let core = self.clone();
                 tokio::spawn(async move { core.mail(w, &Mail::Interrupt).await });
             }
-            _ => (self.interrupt)(),
+            _ => self.interrupt_here(),
         }
+    }
+
+    /// Interrupts this replica's Python; a cell won here and not finished
+    /// may not have started yet, and then is interrupted as it starts.
+    pub(super) fn interrupt_here(&self) {
+        let won_here = !lock(&self.applier)
+            .state()
+            .elections
+            .won_by(self.id)
+            .is_empty();
+        (self.interrupt)(won_here);
     }
 
     /// A SIGINT reached this process: if the cell runs elsewhere, pass it on
@@ -172,3 +222,6 @@ pub(super) fn request_code(request: &Frames) -> String {
         .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_owned))
         .unwrap_or_default()
 }
+
+/// How long an interrupt waits for a submitted cell to start.
+const INTERRUPT_WAITS_AT_MOST: Duration = Duration::from_secs(120);

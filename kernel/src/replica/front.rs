@@ -88,7 +88,7 @@ pub struct FrontOptions {
     pub iopub: Iopub,
     pub stdin: Arc<dyn InputChannel>,
     pub session: Arc<Session>,
-    pub interrupt: Box<dyn Fn() + Send + Sync>,
+    pub interrupt: Box<dyn Fn(bool) + Send + Sync>,
     pub argv: Vec<String>,
     pub listen_ip: String,
 }

@@ -143,7 +143,7 @@ pub struct Core {
     pub node: ReplicaNode,
     exec: Executor,
     iopub: Iopub,
-    interrupt: Box<dyn Fn() + Send + Sync>,
+    interrupt: Box<dyn Fn(bool) + Send + Sync>,
     runtime: tokio::runtime::Handle,
     /// The group state as of the last committed entry (ahead of the effects
     /// carried out so far).
@@ -153,6 +153,9 @@ pub struct Core {
     ready: watch::Sender<bool>,
     /// Cells the front is waiting for.
     waiters: Mutex<HashMap<CellId, oneshot::Sender<CellResult>>>,
+    /// Cells submitted here whose result has not come back yet (including
+    /// those still waiting for the group to form, which have no id yet).
+    submitting: std::sync::atomic::AtomicUsize,
     /// Digest requests of `%notebookos verify` running here.
     digests: Mutex<HashMap<String, mpsc::UnboundedSender<(NodeId, String)>>>,
     /// The last delta blob we made or applied, kept so a replica that joins
@@ -192,7 +195,7 @@ pub struct CoreConfig {
     pub node: ReplicaNode,
     pub exec: Executor,
     pub iopub: Iopub,
-    pub interrupt: Box<dyn Fn() + Send + Sync>,
+    pub interrupt: Box<dyn Fn(bool) + Send + Sync>,
     pub joining: bool,
     pub app: AppHandle,
     /// Set on the replica facing Jupyter.
@@ -222,6 +225,7 @@ impl Core {
             effects: Mutex::new(Some(cfg.app.effects)),
             ready,
             waiters: Mutex::new(HashMap::new()),
+            submitting: std::sync::atomic::AtomicUsize::new(0),
             digests: Mutex::new(HashMap::new()),
             recent_blobs: Mutex::new(std::collections::VecDeque::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
@@ -360,5 +364,22 @@ impl Core {
     /// The running cell's winner, if any (for interrupts).
     pub fn running_on(&self) -> Option<NodeId> {
         lock(&self.applier).state().last_winner
+    }
+}
+
+/// Counts something in flight (a submitted cell, a request) for as long as
+/// it lives.
+pub(crate) struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    pub(crate) fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
