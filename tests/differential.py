@@ -82,7 +82,9 @@ def corpus():
             with tarfile.open(sdist) as tar:
                 tar.extractall(CACHE, filter="data")
         for nb in sorted((root / inside).rglob("*.ipynb")):
-            found.setdefault(nb.name, nb)
+            if nb.name in found:
+                raise RuntimeError(f"two notebooks named {nb.name}: {found[nb.name]} and {nb}")
+            found[nb.name] = nb
     return found
 
 

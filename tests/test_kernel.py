@@ -578,6 +578,9 @@ def test_an_interrupt_before_the_cell_starts_stops_it():
         fe = Frontend(kernel_name)
         try:
             msg_id = fe.kc.execute("import time; time.sleep(600)")
+            # Busy says the kernel has the request (as a user sees it run);
+            # the cell itself has not started yet.
+            fe.wait_for(msg_id, "status")
             fe.km.interrupt_kernel()
             reply = fe.shell_reply(msg_id, timeout=120)["content"]
             assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply

@@ -17,6 +17,7 @@ use crate::channels::stdin::Stdin;
 use crate::channels::{control, heartbeat, iopub, router, shell, Backends, Session};
 use crate::connection::{Channel, ConnectionInfo};
 use crate::python::{Bridge, Executor, PythonError, PythonRuntime};
+use crate::replica::lock;
 use crate::replica::{self, CellResult, Front};
 use crate::wire::{
     self, comm, complete, execute, history, inspect, is_complete, kernel_info, shutdown, subshell,
@@ -65,8 +66,8 @@ pub struct Kernel {
     connection: ConnectionInfo,
     shutdown: watch::Sender<bool>,
     subshells: Mutex<HashMap<String, mpsc::Sender<Message>>>,
-    /// Main-shell execute requests received and not yet answered.
-    shell_cells: std::sync::atomic::AtomicUsize,
+    /// The main-shell execute request being served (its msg_id).
+    shell_cell: Mutex<Option<String>>,
 }
 
 /// How the kernel was started: the connection file and the options meant
@@ -135,7 +136,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         connection: info,
         shutdown: shutdown_tx,
         subshells: Mutex::new(HashMap::new()),
-        shell_cells: std::sync::atomic::AtomicUsize::new(0),
+        shell_cell: Mutex::new(None),
     });
     iopub.status(None, ExecutionState::Starting).await;
     if let Some((read, write)) = wakeup {
@@ -164,7 +165,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                     iopub: kernel.iopub.clone(),
                     stdin,
                     session,
-                    interrupt: Box::new(move |cell_given| interrupter.interrupt(cell_given)),
+                    interrupt: Box::new(move |cell| interrupter.interrupt(cell)),
                     argv,
                     listen_ip: replica::front::default_listen_ip(),
                 };
@@ -266,19 +267,19 @@ impl Kernel {
     pub fn interrupt(self: &Arc<Self>) {
         match self.group.get() {
             Some(Some(front)) => front.core().interrupt_cell(),
-            Some(None) => self.python.interrupt(self.cells_in_flight()),
+            Some(None) => self.python.interrupt(self.shell_cell()),
             // The group is still forming: a cell sent meanwhile waits for it,
             // and so does the interrupt, which would reach no cell now.
             None => {
                 let kernel = self.clone();
                 tokio::spawn(async move {
                     let Some(front) = kernel.group().await else {
-                        kernel.python.interrupt(kernel.cells_in_flight());
+                        kernel.python.interrupt(kernel.shell_cell());
                         return;
                     };
                     // The cell's submission may trail the group by a moment.
                     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-                    while kernel.cells_in_flight()
+                    while kernel.shell_cell().is_some()
                         && !front.core().has_submissions()
                         && tokio::time::Instant::now() < deadline
                     {
@@ -290,9 +291,19 @@ impl Kernel {
         }
     }
 
-    /// A main-shell cell has been received and not answered.
-    fn cells_in_flight(&self) -> bool {
-        self.shell_cells.load(std::sync::atomic::Ordering::SeqCst) > 0
+    /// The main-shell cell being served, if any.
+    fn shell_cell(&self) -> Option<String> {
+        lock(&self.shell_cell).clone()
+    }
+
+    /// Marks `request` as the main-shell cell being served until the guard
+    /// drops (interrupts look for it).
+    pub fn serving(&self, request: &Message) -> Option<Serving<'_>> {
+        if request.header.msg_type != "execute_request" || request.header.subshell_id.is_some() {
+            return None;
+        }
+        *lock(&self.shell_cell) = Some(request.header.msg_id.clone());
+        Some(Serving(&self.shell_cell))
     }
 
     fn set_group(&self, group: Option<Arc<Front>>) {
@@ -358,11 +369,6 @@ impl Kernel {
         // Subshell cells run where they are sent, outside the log (as ipykernel
         // runs them beside the main shell); main-shell cells go through the group.
         tracing::debug!("execute: waiting for the group");
-        let _counted = request
-            .header
-            .subshell_id
-            .is_none()
-            .then(|| crate::replica::InFlight::new(&self.shell_cells));
         let group = match request.header.subshell_id {
             None => self.group().await,
             Some(_) => None,
@@ -626,6 +632,15 @@ pub fn reply_type(request_type: &str) -> String {
     match request_type.strip_suffix("_request") {
         Some(stem) => format!("{stem}_reply"),
         None => format!("{request_type}_reply"),
+    }
+}
+
+/// Clears the main-shell cell being served when dropped.
+pub struct Serving<'a>(&'a Mutex<Option<String>>);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = None;
     }
 }
 

@@ -152,6 +152,7 @@ class Kernel:
             )
         shell._last_traceback = None
         shell._last_traceback_during_displayhook = False
+        shell.displayhook._content = None
         err = None
         # Only the main thread receives SIGINT, so only its cells are
         # interruptible. During one, SIGINT gets Python's own handler, as in
@@ -161,7 +162,7 @@ class Kernel:
         try:
             # Interrupted before it started (its SIGINT met the between-cells
             # handler): stopped as if at its first line.
-            if on_main and _notebookos.take_interrupt():
+            if on_main and _notebookos.take_interrupt(parent["header"]["msg_id"]):
                 # Its SIGINT may still be on its way: it must meet the
                 # between-cells handler, not this cell's traceback.
                 signal.signal(signal.SIGINT, between_cells)
@@ -183,7 +184,7 @@ class Kernel:
             if on_main:
                 signal.signal(signal.SIGINT, between_cells)
                 # One that arrived while the cell ran did its work there.
-                _notebookos.take_interrupt()
+                _notebookos.take_interrupt("")
         reply = {"execution_count": shell.execution_count - 1}
         # A result whose repr raised shows a traceback and fails the cell, as
         # in ipykernel (whose reply then names no exception either).

@@ -275,9 +275,9 @@ def rebalance(tmp, k):
                 break
             assert time.monotonic() < deadline, f"no replica moved off {before}"
             time.sleep(0.5)
+        moved_s = round(90 - (deadline - time.monotonic()), 1)
         # The user thinks meanwhile: the newcomer catches up before the cell.
         k.wait_members(3, timeout=120)
-        moved_s = round(90 - (deadline - time.monotonic()), 1)
         reply, msgs = k.fe.execute(
             "%%gpus 1\nimport os\nahead = migrated + 1\nprint(os.environ['NOTEBOOKOS_AGENT_SOCKET'])",
             timeout=120)

@@ -52,6 +52,9 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             aborting_before = None;
         }
         let parent = request.header.clone();
+        // From before busy: an interrupt the client sends once it sees busy
+        // finds the cell, started or not.
+        let _serving = kernel.serving(&request);
         kernel
             .iopub
             .status(Some(&parent), ExecutionState::Busy)

@@ -45,10 +45,11 @@ pub struct Bridge {
     group: OnceLock<Arc<dyn Group>>,
     current: Mutex<HashMap<ThreadId, Current>>,
     main_thread: OnceLock<ThreadId>,
-    /// An interrupt for a cell given to the main thread that may not have
-    /// started yet: SIGINT then meets the shim's between-cells handler, so
-    /// the cell checks this flag as it starts.
-    pub(super) interrupt_pending: std::sync::atomic::AtomicBool,
+    /// An interrupt for a cell (by its request's msg_id) given to the main
+    /// thread that may not have started yet: SIGINT then meets the shim's
+    /// between-cells handler, so that cell checks this as it starts. Named,
+    /// so that one arriving after its cell ended stops no later cell.
+    pub(super) interrupt_pending: Mutex<Option<String>>,
 }
 
 /// The request a Python thread is serving: its outputs are parented to it
@@ -71,7 +72,7 @@ impl Bridge {
             group: OnceLock::new(),
             current: Mutex::new(HashMap::new()),
             main_thread: OnceLock::new(),
-            interrupt_pending: std::sync::atomic::AtomicBool::new(false),
+            interrupt_pending: Mutex::new(None),
         });
         // A second install (tests) keeps the first: one interpreter per process.
         BRIDGE.get_or_init(|| bridge.clone()).clone()
@@ -253,13 +254,16 @@ fn input_request(py: Python<'_>, prompt: String, password: bool) -> PyResult<Str
 
 /// The other replicas' namespace digests, for checking that they agree; an
 /// empty list with a single replica.
-/// Whether an interrupt for the cell now starting (or just ended) came
-/// before it could take SIGINT; clears it.
+/// Whether an interrupt came for the cell of `msg_id` before it could take
+/// SIGINT; clears any pending interrupt.
 #[pyfunction]
-fn take_interrupt() -> PyResult<bool> {
-    Ok(bridge()?
+fn take_interrupt(msg_id: &str) -> PyResult<bool> {
+    let pending = bridge()?
         .interrupt_pending
-        .swap(false, std::sync::atomic::Ordering::SeqCst))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    Ok(pending.as_deref() == Some(msg_id))
 }
 
 #[pyfunction]

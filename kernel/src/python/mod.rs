@@ -253,14 +253,16 @@ impl PythonRuntime {
     }
 
     /// Raises KeyboardInterrupt in the main shell's running cell (a no-op
-    /// between cells: the shim's handler ignores it then). `cell_given`: a
-    /// cell has been handed to the main thread and has not ended, so one
-    /// that has not started yet is interrupted as it starts.
-    pub fn interrupt(&self, cell_given: bool) {
-        if cell_given {
-            self.bridge
+    /// between cells: the shim's handler ignores it then). `cell`: the
+    /// msg_id of a cell handed to the main thread and not ended, which is
+    /// interrupted as it starts if it has not started yet.
+    pub fn interrupt(&self, cell: Option<String>) {
+        if let Some(cell) = cell {
+            *self
+                .bridge
                 .interrupt_pending
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(cell);
         }
         if let Err(e) = self.interrupter.interrupt() {
             tracing::error!("cannot signal the Python thread: {e}");

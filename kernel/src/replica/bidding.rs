@@ -31,6 +31,11 @@ impl Core {
         crate::gpu::wanted(&request_code(request), self.gpu.default_gpus())
     }
 
+    /// Every replica holds every committed cell's changes.
+    pub(crate) fn changes_synced(&self) -> bool {
+        lock(&self.applier).state().holder().is_none()
+    }
+
     /// No cell is open in the group: between cells.
     pub(crate) fn between_cells(&self) -> bool {
         lock(&self.applier).state().elections.none_open()

@@ -52,12 +52,10 @@ impl Core {
         }
         let core = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + INTERRUPT_WAITS_AT_MOST;
-            while core.submitting.load(Ordering::SeqCst) > 0
-                && !core.submitted_cell_started()
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            // However long the cell queues (for GPUs, say): it is what the
+            // user asked to stop.
+            while core.has_submissions() && !core.submitted_cell_started() {
+                tokio::time::sleep(POLL).await;
             }
             core.route_interrupt();
         });
@@ -90,12 +88,30 @@ impl Core {
     /// Interrupts this replica's Python; a cell won here and not finished
     /// may not have started yet, and then is interrupted as it starts.
     pub(super) fn interrupt_here(&self) {
-        let won_here = !lock(&self.applier)
-            .state()
-            .elections
-            .won_by(self.id)
-            .is_empty();
-        (self.interrupt)(won_here);
+        (self.interrupt)(self.won_here());
+    }
+
+    /// An interrupt mailed by the front, which saw this replica win: this
+    /// replica may apply that commit a moment later.
+    pub(super) fn interrupt_mailed(self: &Arc<Self>) {
+        let core = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + COMMIT_LAG;
+            let mut cell = core.won_here();
+            while cell.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(POLL).await;
+                cell = core.won_here();
+            }
+            (core.interrupt)(cell);
+        });
+    }
+
+    /// The msg_id of a cell this replica won and has not finished.
+    fn won_here(&self) -> Option<String> {
+        let won = lock(&self.applier).state().elections.won_by(self.id);
+        won.first()
+            .and_then(|(_, request)| request.to_message().ok())
+            .map(|m| m.header.msg_id)
     }
 
     /// A SIGINT reached this process: if the cell runs elsewhere, pass it on
@@ -223,5 +239,7 @@ pub(super) fn request_code(request: &Frames) -> String {
         .unwrap_or_default()
 }
 
-/// How long an interrupt waits for a submitted cell to start.
-const INTERRUPT_WAITS_AT_MOST: Duration = Duration::from_secs(120);
+/// How often a waiting interrupt looks again.
+const POLL: Duration = Duration::from_millis(20);
+/// How long a mailed interrupt waits for this replica to apply its win.
+const COMMIT_LAG: Duration = Duration::from_secs(2);

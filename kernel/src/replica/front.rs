@@ -88,7 +88,7 @@ pub struct FrontOptions {
     pub iopub: Iopub,
     pub stdin: Arc<dyn InputChannel>,
     pub session: Arc<Session>,
-    pub interrupt: Box<dyn Fn(bool) + Send + Sync>,
+    pub interrupt: Box<dyn Fn(Option<String>) + Send + Sync>,
     pub argv: Vec<String>,
     pub listen_ip: String,
 }
@@ -116,6 +116,9 @@ pub struct Front {
     listen_ip: String,
     replicas: usize,
     stopping: AtomicBool,
+    /// Held while a replica moves (a migration or a rebalancing move), so
+    /// that two moves never pick the same replica or overlap.
+    moves: tokio::sync::Mutex<()>,
 }
 
 impl Front {
@@ -193,6 +196,7 @@ impl Front {
             listen_ip,
             replicas: plan.replicas,
             stopping: AtomicBool::new(false),
+            moves: tokio::sync::Mutex::new(()),
         });
         core.start().await;
         tokio::spawn(front.clone().serve_events(events_rx));
@@ -585,6 +589,8 @@ impl Front {
         };
         let core = &self.core;
         tokio::time::sleep(cluster.migrate_after()).await;
+        let _moving = self.moves.lock().await;
+        // A rebalancing move that held the lock may have let the cell run.
         if !core.is_undecided(&cell) || self.stopping.load(Ordering::Relaxed) {
             return;
         }
@@ -632,7 +638,7 @@ impl Front {
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            if !self.core.between_cells() {
+            if !self.settled() {
                 blocked_before = false;
                 continue;
             }
@@ -651,12 +657,18 @@ impl Front {
                 continue;
             }
             blocked_before = false;
+            let Ok(_moving) = self.moves.try_lock() else {
+                continue; // a migration is under way
+            };
             let Some(&(from_id, _)) = hosts
                 .iter()
                 .find(|(id, h)| *id != self.core.id && *h == plan.from)
             else {
                 continue;
             };
+            if !self.settled() || self.live_hosts().0 != hosts {
+                continue; // a cell came, or the group changed, meanwhile
+            }
             tracing::info!(
                 replica = from_id,
                 from = %plan.from,
@@ -667,6 +679,13 @@ impl Front {
                 tracing::warn!("rebalancing move failed: {e}");
             }
         }
+    }
+
+    /// Between cells with nothing in flight: no cell open or submitted, and
+    /// every replica holding every change (a move must not take away the
+    /// only copy of a cell's changes).
+    fn settled(&self) -> bool {
+        self.core.between_cells() && !self.core.has_submissions() && self.core.changes_synced()
     }
 
     /// The members whose process runs (with their servers), and the servers

@@ -42,7 +42,7 @@ impl Core {
                 Some(stdin) => stdin.answer(value),
                 None => tracing::warn!(from, "input reply with no input pending"),
             },
-            Mail::Interrupt => self.interrupt_here(),
+            Mail::Interrupt => self.interrupt_mailed(),
             Mail::Comm { request } => match request.to_message() {
                 Ok(msg) => {
                     if let Err(e) = self.exec.call(&msg).await {

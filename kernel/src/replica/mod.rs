@@ -143,7 +143,7 @@ pub struct Core {
     pub node: ReplicaNode,
     exec: Executor,
     iopub: Iopub,
-    interrupt: Box<dyn Fn(bool) + Send + Sync>,
+    interrupt: Box<dyn Fn(Option<String>) + Send + Sync>,
     runtime: tokio::runtime::Handle,
     /// The group state as of the last committed entry (ahead of the effects
     /// carried out so far).
@@ -184,7 +184,7 @@ pub struct Core {
     stop: watch::Sender<bool>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic elsewhere cannot leave these maps half-updated in a way that matters.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -195,7 +195,7 @@ pub struct CoreConfig {
     pub node: ReplicaNode,
     pub exec: Executor,
     pub iopub: Iopub,
-    pub interrupt: Box<dyn Fn(bool) + Send + Sync>,
+    pub interrupt: Box<dyn Fn(Option<String>) + Send + Sync>,
     pub joining: bool,
     pub app: AppHandle,
     /// Set on the replica facing Jupyter.

@@ -69,7 +69,7 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
         node,
         exec: python.main().clone(),
         iopub,
-        interrupt: Box::new(move |cell_given| interrupter.interrupt(cell_given)),
+        interrupt: Box::new(move |cell| interrupter.interrupt(cell)),
         joining: b.joining,
         app: handle,
         events: None,
