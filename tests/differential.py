@@ -44,8 +44,9 @@ NOT_COMPARED = {
 
 # Kernel-specific text that may differ with no difference to the user:
 # object addresses, temporary paths, process ids, dates and durations.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _NORMALISE = [
-    (re.compile(r"\x1b\[[0-9;]*[A-Za-z]"), ""),
+    (_ANSI, ""),
     (re.compile(r"0x[0-9a-fA-F]{6,}"), "0xADDR"),
     # Widget model ids, message and session ids (uuid4, with or without dashes).
     (re.compile(r"\b[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\b"), "UUID"),
@@ -133,8 +134,9 @@ def output(o):
         return {"type": kind, "name": o["name"], "text": normalise_text(o["text"])}
     if kind == "error":
         return {"type": kind, "ename": o["ename"], "evalue": normalise_text(o["evalue"]),
-                "traceback": [line for line in map(normalise_text, o["traceback"])
-                              if not _KERNEL_FRAME.match(line)]}
+                # Frames are told apart before paths are normalised away.
+                "traceback": [normalise_text(line) for line in o["traceback"]
+                              if not _KERNEL_FRAME.match(_ANSI.sub("", line))]}
     data = {k: _normalise_value(v) for k, v in o.get("data", {}).items()}
     out = {"type": kind, "data": data, "metadata": o.get("metadata", {})}
     if kind == "execute_result":
