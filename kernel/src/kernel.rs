@@ -265,30 +265,28 @@ impl Kernel {
     }
 
     pub fn interrupt(self: &Arc<Self>) {
-        match self.group.get() {
-            Some(Some(front)) => front.core().interrupt_cell(),
-            Some(None) => self.python.interrupt(self.shell_cell()),
-            // The group is still forming: a cell sent meanwhile waits for it,
-            // and so does the interrupt, which would reach no cell now.
-            None => {
-                let kernel = self.clone();
-                tokio::spawn(async move {
-                    let Some(front) = kernel.group().await else {
-                        kernel.python.interrupt(kernel.shell_cell());
-                        return;
-                    };
-                    // The cell's submission may trail the group by a moment.
-                    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-                    while kernel.shell_cell().is_some()
-                        && !front.core().has_submissions()
-                        && tokio::time::Instant::now() < deadline
-                    {
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
-                    front.core().interrupt_cell();
-                });
-            }
+        if let Some(None) = self.group.get() {
+            self.python.interrupt(self.shell_cell());
+            return;
         }
+        // With replicas the cell's submission may trail its request: the
+        // group may still be forming, or the request not yet proposed. The
+        // interrupt waits for it, as it would otherwise reach no cell.
+        let kernel = self.clone();
+        tokio::spawn(async move {
+            let Some(front) = kernel.group().await else {
+                kernel.python.interrupt(kernel.shell_cell());
+                return;
+            };
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while kernel.shell_cell().is_some()
+                && !front.core().has_submissions()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            front.core().interrupt_cell();
+        });
     }
 
     /// The main-shell cell being served, if any.
