@@ -568,24 +568,3 @@ def test_environment_without_ipython_gets_a_clear_error(tmp_path):
     finally:
         fe.close()
 
-
-def test_an_interrupt_before_the_cell_starts_stops_it():
-    """A cell sent right after start-up waits for the replicas to form; an
-    interrupt sent meanwhile stops it when it starts (it used to reach no
-    cell, and the cell then ran to its end). The same holds in one process,
-    where the cell waits for IPython to load."""
-    for kernel_name in ["notebookos", "notebookos-single"]:
-        fe = Frontend(kernel_name)
-        try:
-            msg_id = fe.kc.execute("import time; time.sleep(600)")
-            # Busy says the kernel has the request (as a user sees it run);
-            # the cell itself has not started yet.
-            fe.wait_for(msg_id, "status")
-            fe.km.interrupt_kernel()
-            reply = fe.shell_reply(msg_id, timeout=120)["content"]
-            assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
-            fe.iopub_until_idle(msg_id)
-            # Nothing is left pending for the next cell.
-            assert fe.eval("1+1") == "2"
-        finally:
-            fe.close()
