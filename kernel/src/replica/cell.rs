@@ -46,7 +46,7 @@ impl Core {
     /// for it to start, instead of reaching a replica between cells, which
     /// ignores it.
     pub fn interrupt_cell(self: &Arc<Self>) {
-        if self.submitting.load(Ordering::SeqCst) == 0 {
+        if !self.has_submissions() {
             self.route_interrupt();
             return;
         }
