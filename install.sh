@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds notebookos against a Python environment and installs its kernelspec.
+# Builds the notebookos wheel from source for a Python environment, installs
+# it there with pip and installs its kernelspec (`python -m notebookos
+# install`, the same installer a wheel from PyPI uses).
 #
 #   ./install.sh                 # python3 on PATH
 #   PYTHON=/path/to/venv/bin/python ./install.sh
@@ -8,17 +10,15 @@
 #   ./install.sh --name python3  # drop-in: notebookos under ipykernel's name
 #   ./install.sh --uninstall --name python3   # ipykernel's python3 back
 #
-# Installs into that environment: the python-shim package (with IPython,
-# comm, matplotlib-inline) and jupyter_client/jupyter_core for the
-# kernelspec tooling. The kernelspec goes to the environment
-# (--sys-prefix) when it is a virtual environment, else to the user's
-# Jupyter data directory.
+# The kernelspec goes to the environment (--sys-prefix) when it is a virtual
+# or conda environment, else to the user's Jupyter data directory (--user).
+# Building needs cargo; the wheel it leaves in target/wheels installs on
+# machines without one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 NAME="notebookos"
-PROFILE="${NOTEBOOKOS_PROFILE:-release}"
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 
@@ -39,31 +39,30 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ "$UNINSTALL" = 1 ]; then
-    "$ROOT/kernelspec/install.sh" --uninstall --python "$PY" --name "$NAME" "${SCOPE[@]}"
-    # The shim goes with the last kernelspec that runs notebookos.
+    "$PY" -m notebookos uninstall --name "$NAME" "${SCOPE[@]}"
+    # The package goes with the last kernelspec that runs notebookos.
     LEFT="$("$PY" -m jupyter kernelspec list --json 2>/dev/null | "$PY" -c 'import json, sys
 specs = json.load(sys.stdin)["kernelspecs"].values()
-print(sum(s["spec"]["argv"][0].endswith("notebookos-kernel") for s in specs))' 2>/dev/null || echo 0)"
-    if [ "$LEFT" = 0 ]; then "$PY" -m pip uninstall -y -q notebookos-shim 2>/dev/null || true; fi
+print(sum("notebookos" in s["spec"]["argv"] for s in specs))' 2>/dev/null || echo 0)"
+    if [ "$LEFT" = 0 ]; then "$PY" -m pip uninstall -y -q notebookos 2>/dev/null || true; fi
     echo "notebookos ($NAME) uninstalled from $PY"
     exit 0
 fi
 
-command -v cargo >/dev/null 2>&1 || die "cargo is needed to build the kernel (https://rustup.rs)"
-[ "$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" = 1 ] ||
-    echo "install.sh: note: $PY has no shared libpython; linking it statically" >&2
+command -v cargo >/dev/null 2>&1 || die "cargo is needed to build the kernel (https://rustup.rs); without it, pip install a notebookos wheel"
 
-echo "==> Python packages into $PY"
-"$PY" -m pip install -q --disable-pip-version-check "$ROOT/python-shim" "jupyter_client>=8" "jupyter_core>=5"
+echo "==> Building the notebookos wheel for $PY"
+"$ROOT/build-wheels.sh" --out "$ROOT/target/wheels" "$PY"
+TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
+WHEEL="$(ls -t "$ROOT"/target/wheels/notebookos-*-"$TAG-$TAG"-*.whl | head -1)"
 
-echo "==> Building notebookos-kernel ($PROFILE) against $PY"
-if [ "$PROFILE" = release ]; then CARGO_PROFILE=(--release); else CARGO_PROFILE=(); fi
-(cd "$ROOT" && PYO3_PYTHON="$PY" cargo build -q "${CARGO_PROFILE[@]}" -p notebookos-kernel)
-TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-if [ "$PROFILE" = release ]; then BIN="$TARGET_DIR/release/notebookos-kernel"; else BIN="$TARGET_DIR/debug/notebookos-kernel"; fi
+echo "==> pip install $(basename "$WHEEL")"
+# Reinstalled even at the same version: a source build changes without one.
+"$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
+"$PY" -m pip install -q --disable-pip-version-check "$WHEEL"
 
 echo "==> Installing the kernelspec '$NAME' (${SCOPE[*]})"
-"$ROOT/kernelspec/install.sh" --bin "$BIN" --python "$PY" --name "$NAME" "${SPEC_ARGS[@]}" "${SCOPE[@]}"
+"$PY" -m notebookos install --name "$NAME" "${SPEC_ARGS[@]}" "${SCOPE[@]}"
 "$PY" -m jupyter kernelspec list | grep -E "^\s+$NAME\s" || die "kernelspec not listed"
 
 if [ "$DEMO" = 1 ]; then

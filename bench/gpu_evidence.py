@@ -10,7 +10,7 @@ Through the replicated kernel (3 replicas, a real agent):
    GPU cell: back to the granted GPU) times for ~1 GiB and ~10 GiB models,
    from the kernel's log.
 
-Usage: python gpu_evidence.py --kernel BIN --out DIR
+Usage: python gpu_evidence.py --out DIR (with the notebookos wheel installed)
 """
 
 import argparse
@@ -60,6 +60,9 @@ print('eval_acc', repr(acc))
 print('param_sum', repr(sum(p.double().sum().item() for p in model.parameters())))
 """
 
+# The installed wheel, started as its kernelspec starts it.
+KERNEL = [sys.executable, "-m", "notebookos"]
+
 
 def smi():
     q = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader"],
@@ -75,7 +78,6 @@ def numbers(text):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--big-gib", type=int, nargs="+", default=[1, 10])
     args = ap.parse_args()
@@ -92,16 +94,16 @@ def main():
     results["single_process"] = numbers(ref.stdout)
 
     sock = tmp / "agent.sock"
-    agent = subprocess.Popen([args.kernel, "agent", "--socket", str(sock), "--metrics", "127.0.0.1:9464"],
+    agent = subprocess.Popen([*KERNEL, "agent", "--socket", str(sock), "--metrics", "127.0.0.1:9464"],
                              stderr=open(out / "agent.log", "w"))
     while not sock.exists():
         time.sleep(0.05)
     specs = tmp / "specs" / "kernels" / "notebookos"
     specs.mkdir(parents=True)
     (specs / "kernel.json").write_text(json.dumps({
-        "argv": [args.kernel, "-f", "{connection_file}"],
+        "argv": [*KERNEL, "-f", "{connection_file}"],
         "display_name": "notebookos", "language": "python", "interrupt_mode": "message",
-        "env": {"NOTEBOOKOS_PYTHON": sys.executable, "NOTEBOOKOS_AGENT_SOCKET": str(sock),
+        "env": {"NOTEBOOKOS_AGENT_SOCKET": str(sock),
                 "NOTEBOOKOS_STATE_DIR": str(tmp / "state"),
                 "NOTEBOOKOS_LOG": "info,openraft=off,notebookos_kernel::replica=debug", **env_common},
     }))

@@ -11,7 +11,7 @@ the time until the second kernel's cell starts and until the first kernel's
 GPU memory is gone (nvidia-smi, polled) is reported. Then the first kernel
 trains again (its state comes back) and must match ipykernel's numbers.
 
-Usage: python gpu_interactive.py --kernel BIN --out DIR
+Usage: python gpu_interactive.py --out DIR (with the notebookos wheel installed)
 """
 
 import argparse
@@ -59,6 +59,9 @@ IPY_GPUS = ("from IPython.core.magic import register_cell_magic\n"
             "def gpus(line, cell):\n"
             "    exec(compile(cell, '<cell>', 'exec'), get_ipython().user_ns)\n")
 
+# The installed wheel, started as its kernelspec starts it.
+KERNEL = [sys.executable, "-m", "notebookos"]
+
 
 def smi():
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -76,7 +79,6 @@ def printed(msgs, stream_text):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -85,14 +87,14 @@ def main():
     common = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     os.environ.update(common)
     sock = tmp / "agent.sock"
-    agent = subprocess.Popen([args.kernel, "agent", "--socket", str(sock)],
+    agent = subprocess.Popen([*KERNEL, "agent", "--socket", str(sock)],
                              stderr=open(out / "agent.log", "w"))
     while not sock.exists():
         time.sleep(0.05)
     specs = tmp / "specs" / "kernels"
     for name, argv, env in [
-        ("notebookos", [args.kernel, "-f", "{connection_file}"],
-         {"NOTEBOOKOS_PYTHON": sys.executable, "NOTEBOOKOS_AGENT_SOCKET": str(sock),
+        ("notebookos", [*KERNEL, "-f", "{connection_file}"],
+         {"NOTEBOOKOS_AGENT_SOCKET": str(sock),
           "NOTEBOOKOS_LOG": "info,openraft=off,notebookos_kernel::replica=debug"}),
         ("python3", [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], {}),
     ]:

@@ -1,10 +1,16 @@
-//! Links the kernel against the Python it was built for and records where
-//! that libpython lives (rpath), so the binary runs without LD_LIBRARY_PATH.
+//! Links the kernel against the Python it was built for. A source build
+//! records where that libpython lives (rpath), so the binary runs without
+//! LD_LIBRARY_PATH; a wheel's binary records nothing, and its launcher
+//! (`python -m notebookos`) names the installing environment's libpython.
 
 fn main() {
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+    println!("cargo:rerun-if-env-changed=NOTEBOOKOS_RELOCATABLE");
+    if std::env::var_os("NOTEBOOKOS_RELOCATABLE").is_some() {
+        return;
+    }
     let config = pyo3_build_config::get();
     if let Some(dir) = &config.lib_dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     }
-    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
 }

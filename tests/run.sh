@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone:
 #   cargo fmt --check and clippy -D warnings, Rust unit and integration
-#   tests (cargo nextest), the Python integration
+#   tests (cargo nextest), the wheel built and installed as users install
+#   it (tests/wheel.sh), the Python integration
 #   tests through jupyter_client and jupyter_kernel_test (pytest), and
 #   ipykernel's own message-spec tests run against notebookos.
 # Installs what it needs into ./.venv (PYTHON=... picks the base Python).
@@ -37,6 +38,8 @@ export NOTEBOOKOS_KERNEL_BIN="${NOTEBOOKOS_KERNEL_BIN:-$TARGET_DIR/debug/noteboo
 cargo nextest run --workspace --no-fail-fast
 # raft-transport across network namespaces (three "hosts", one cut off).
 bash raft-transport/scripts/netns-test.sh
+# The wheel as users get it: built, pip-installed with no cargo, run.
+PYTHON="$PYTHON" bash tests/wheel.sh
 
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/
 PY="$ROOT/.venv/bin/python" bash tests/ipykernel_suite.sh

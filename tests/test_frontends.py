@@ -7,7 +7,6 @@ All of them run tests/e2e/frontends.ipynb, the browser by typing its cells.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -114,62 +113,85 @@ def test_jupyterlab_and_notebook7_in_chromium():
 
 # -- what VS Code's Jupyter extension relies on -------------------------------
 
+def notebookos_cli(*args, **env):
+    """`python -m notebookos ...` with this checkout's debug binary in place
+    of a wheel's."""
+    env = dict(os.environ, NOTEBOOKOS_KERNEL_BIN=str(KERNEL_BIN), **env)
+    return subprocess.run([sys.executable, "-m", "notebookos", *args], env=env,
+                          capture_output=True, text=True)
+
+
 def test_kernelspec_as_installed_is_listed_for_vscode(tmp_path):
-    """VS Code finds kernels in Jupyter's kernelspec directories; install
-    the spec from kernelspec/ as install.sh does and read it back."""
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    for logo in (ROOT / "kernelspec").glob("logo-*.png"):
-        shutil.copy(logo, stage)
-    (stage / "kernel.json").write_text("{}")
+    """VS Code finds kernels in Jupyter's kernelspec directories: install
+    the spec as users do and read it back."""
     prefix = tmp_path / "prefix"
-    subprocess.run(JUPYTER + ["kernelspec", "install", "--name", "notebookos", "--prefix",
-                              str(prefix), str(stage)], check=True, capture_output=True)
-    spec_dir = prefix / "share" / "jupyter" / "kernels" / "notebookos"
-    template = (ROOT / "kernelspec" / "kernel.json.in").read_text()
-    (spec_dir / "kernel.json").write_text(
-        template.replace("@KERNEL_BIN@", str(KERNEL_BIN)).replace("@PYTHON@", sys.executable)
-    )
+    # Only this prefix on Jupyter's path: the suite's own notebookos spec
+    # would shadow it (and the installer says so).
     env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"))
+    out = notebookos_cli("install", "--prefix", str(prefix), "--display-name", "NB OS",
+                         "--env", "OMP_NUM_THREADS=2", "--env", "EMPTY=",
+                         JUPYTER_PATH=env["JUPYTER_PATH"])
+    assert out.returncode == 0, out.stderr
+    spec_dir = prefix / "share" / "jupyter" / "kernels" / "notebookos"
+    assert str(spec_dir) in out.stdout
     out = subprocess.run(JUPYTER + ["kernelspec", "list", "--json"], env=env, check=True,
                          capture_output=True, text=True).stdout
     listed = json.loads(out)["kernelspecs"]["notebookos"]
     assert Path(listed["resource_dir"]) == spec_dir
     spec = listed["spec"]
-    assert spec["display_name"] == "Python 3 (notebookos)"
+    assert spec["display_name"] == "NB OS"
     assert spec["language"] == "python"
     # VS Code sends interrupt_request for "message", SIGINT otherwise.
     assert spec["interrupt_mode"] == "message"
-    assert spec["argv"][0] == str(KERNEL_BIN) and "{connection_file}" in spec["argv"]
-    assert spec["env"]["NOTEBOOKOS_PYTHON"] == sys.executable
+    # This environment's Python starts the binary, as ipykernel's spec does.
+    assert spec["argv"] == [sys.executable, "-m", "notebookos", "-f", "{connection_file}"]
+    assert spec["env"] == {"OMP_NUM_THREADS": "2", "EMPTY": ""}
     assert spec["metadata"]["debugger"] is False
     assert {p.name for p in spec_dir.glob("logo-*.png")} == {"logo-32x32.png", "logo-64x64.png"}
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--env", "NOEQUALS"], "--env takes KEY=VALUE"),
+    (["--name", "a b"], "kernel names are letters"),
+])
+def test_install_refuses_bad_options(tmp_path, args, message):
+    out = notebookos_cli("install", "--prefix", str(tmp_path), *args)
+    assert out.returncode != 0 and message in out.stderr, out
+    assert not (tmp_path / "share" / "jupyter" / "kernels").exists()
+
+
+def test_uninstall_leaves_other_kernels_alone(tmp_path):
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "other"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": ["/usr/bin/other", "-f"]}))
+    out = notebookos_cli("uninstall", "--prefix", str(tmp_path), "--name", "other")
+    assert out.returncode != 0 and "not a notebookos kernelspec" in out.stderr, out
+    assert (spec_dir / "kernel.json").exists()
+    out = notebookos_cli("uninstall", "--prefix", str(tmp_path), "--name", "missing")
+    assert out.returncode != 0 and "no kernelspec 'missing'" in out.stderr, out
+
+
 def test_installed_under_ipykernels_name_and_undone(tmp_path, monkeypatch):
-    """`install.sh --name python3` (kernelspec/install.sh underneath) makes
-    notebookos the kernel clients start for "python3"; uninstalling puts
-    ipykernel's spec back."""
-    script = ROOT / "kernelspec" / "install.sh"
+    """`python -m notebookos install --name python3` makes notebookos the
+    kernel clients start for "python3"; uninstalling puts ipykernel's spec
+    back."""
     prefix, later = tmp_path / "prefix", tmp_path / "later"
     path = lambda p: str(p / "share" / "jupyter")  # noqa: E731
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
         [path(prefix), os.environ["JUPYTER_PATH"], path(later)]))
+    # The kernel that the spec starts finds the binary the same way.
+    monkeypatch.setenv("NOTEBOOKOS_KERNEL_BIN", str(KERNEL_BIN))
 
     def specs():
         out = subprocess.run(JUPYTER + ["kernelspec", "list", "--json"], check=True,
                              capture_output=True, text=True).stdout
         return json.loads(out)["kernelspecs"]
 
-    def install(*args):
-        return subprocess.run(["bash", str(script), "--python", sys.executable, *args],
-                              capture_output=True, text=True)
-
-    out = install("--bin", str(KERNEL_BIN), "--name", "python3", "--prefix", str(prefix))
+    out = notebookos_cli("install", "--name", "python3", "--prefix", str(prefix))
     assert out.returncode == 0, out.stderr
     spec = specs()["python3"]
     assert Path(spec["resource_dir"]) == prefix / "share" / "jupyter" / "kernels" / "python3"
-    assert spec["spec"]["argv"][0].endswith("notebookos-kernel")
+    assert spec["spec"]["argv"][1:3] == ["-m", "notebookos"]
     fe = Frontend(kernel_name="python3")
     try:
         reply = fe.shell_reply(fe.kc.kernel_info())["content"]
@@ -180,10 +202,10 @@ def test_installed_under_ipykernels_name_and_undone(tmp_path, monkeypatch):
         fe.close()
 
     # Installed where an earlier python3 wins: refused, and says which one.
-    out = install("--bin", str(KERNEL_BIN), "--name", "python3", "--prefix", str(later))
+    out = notebookos_cli("install", "--name", "python3", "--prefix", str(later))
     assert out.returncode != 0 and "Jupyter starts 'python3' from" in out.stderr, out.stderr
 
-    out = install("--uninstall", "--name", "python3", "--prefix", str(prefix))
+    out = notebookos_cli("uninstall", "--name", "python3", "--prefix", str(prefix))
     assert out.returncode == 0 and "ipykernel's again" in out.stdout, out
     spec = specs()["python3"]["spec"]
     assert "ipykernel_launcher" in spec["argv"], spec

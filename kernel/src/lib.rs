@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connection;
 pub mod gpu;
 pub mod kernel;
+pub mod libpython;
 pub mod python;
 pub mod replica;
 pub mod signals;

@@ -289,6 +289,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    notebookos_kernel::libpython::hide_from_cells();
     // Before any thread exists, so every later thread inherits the mask.
     signals::block_sigint_in_this_thread().context("blocking SIGINT")?;
     signals::ignore_sigint();

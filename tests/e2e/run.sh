@@ -4,8 +4,8 @@
 #   tests/e2e/run.sh        # tests/test_frontends.py runs it; it also runs alone
 #
 # Starts JupyterLab on 127.0.0.1 with a random token and a private Jupyter
-# configuration whose only extra kernelspec is notebookos (made from
-# kernelspec/kernel.json.in, as install.sh makes it), drives Debian's
+# configuration whose only extra kernelspec is notebookos (installed by
+# `python -m notebookos install`, as users do), drives Debian's
 # Chromium through playwright-core (jupyterlab.mjs), and leaves screenshots,
 # results.json and the server's log in test-output/e2e/. Exits non-zero if
 # a step failed. Everything it starts is stopped on exit, failed or not.
@@ -47,11 +47,11 @@ trap cleanup EXIT
 
 export JUPYTER_CONFIG_DIR="$WORK/config" JUPYTER_DATA_DIR="$WORK/data"
 export JUPYTER_RUNTIME_DIR="$WORK/runtime" IPYTHONDIR="$WORK/ipython"
-export JUPYTER_PATH="$WORK/share"
-SPEC="$JUPYTER_PATH/kernels/notebookos"
-mkdir -p "$SPEC" "$JUPYTER_CONFIG_DIR/labconfig" "$WORK/notebooks"
-cp "$ROOT"/kernelspec/logo-*.png "$SPEC/"
-sed -e "s|@KERNEL_BIN@|$KERNEL_BIN|" -e "s|@PYTHON@|$PY|" "$ROOT/kernelspec/kernel.json.in" > "$SPEC/kernel.json"
+export JUPYTER_PATH="$WORK/share/jupyter"
+# The spec's launcher runs this binary in place of a wheel's.
+export NOTEBOOKOS_KERNEL_BIN="$KERNEL_BIN"
+mkdir -p "$JUPYTER_CONFIG_DIR/labconfig" "$WORK/notebooks"
+"$PY" -m notebookos install --prefix "$WORK" >/dev/null
 # Only loopback traffic: no news feed (its prompt would also cover the
 # page) and, above, an extension manager that does not search PyPI.
 echo '{"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": true}}' \

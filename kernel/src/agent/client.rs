@@ -192,6 +192,7 @@ impl AgentClient {
             .arg(&path)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
+        crate::libpython::for_own_binary(&mut cmd, std::env::var_os("LD_LIBRARY_PATH").as_deref());
         // Its own session: it serves every kernel on the host and outlives this one.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.spawn().map_err(|source| ClientError::Io {

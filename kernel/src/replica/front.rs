@@ -515,10 +515,14 @@ impl Front {
         Ok(())
     }
 
-    /// Clean shutdown: the replicas exit, their state goes.
+    /// Clean shutdown: the replicas exit, their state goes. A
+    /// shutdown_request stops the group before the kernel's own exit does;
+    /// the second call has nothing left to do.
     pub async fn stop(&self) {
         let core = &self.core;
-        self.stopping.store(true, Ordering::Relaxed);
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
         match tokio::time::timeout(Duration::from_secs(1), core.propose(&Entry::Shutdown)).await {
             Ok(Ok(())) => {}
             // The replicas are killed below either way.

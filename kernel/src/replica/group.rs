@@ -99,7 +99,11 @@ pub struct Bootstrap {
 
 /// Variables that describe the server a process runs on, not the kernel:
 /// each replica keeps its own.
-pub const PER_HOST_ENV: &[&str] = &["NOTEBOOKOS_AGENT_SOCKET", "CUDA_VISIBLE_DEVICES"];
+pub const PER_HOST_ENV: &[&str] = &[
+    "NOTEBOOKOS_AGENT_SOCKET",
+    "CUDA_VISIBLE_DEVICES",
+    crate::libpython::DIR_VAR,
+];
 
 /// This process's working directory and environment, less [`PER_HOST_ENV`]
 /// (and variables that are not UTF-8, which no Python code could have set).

@@ -105,6 +105,14 @@ impl Spawner for LocalSpawner {
         }
         cmd.env("PYTHONHASHSEED", self.hash_seed.to_string())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        let library_path = match &bootstrap.env {
+            Some(env) => env
+                .iter()
+                .find(|(k, _)| k == "LD_LIBRARY_PATH")
+                .map(|(_, v)| v.into()),
+            None => std::env::var_os("LD_LIBRARY_PATH"),
+        };
+        crate::libpython::for_own_binary(&mut cmd, library_path.as_deref());
         // A server without the directory starts the replica in its own.
         if let Some(cwd) = bootstrap.cwd.as_ref().filter(|d| d.is_dir()) {
             cmd.current_dir(cwd);

@@ -1,0 +1,25 @@
+"""``python -m notebookos``: the kernelspec installer, or the kernel itself."""
+
+import sys
+
+from . import kernelspec, launch
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args[:1] in (["install"], ["uninstall"]):
+        return kernelspec.main(args)
+    if args[:1] in (["-h"], ["--help"]):
+        # The binary's own help follows; it knows nothing of these two.
+        print("python -m notebookos install|uninstall [--help]   the kernelspec\n")
+        sys.stdout.flush()
+    try:
+        launch.exec_kernel(args)
+    except (launch.LaunchError, OSError) as e:
+        print(f"notebookos: {e}", file=sys.stderr)
+        return 1
+    return 0  # not reached: exec_kernel replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Starting the kernel binary with this environment's Python.
+
+The binary embeds CPython but carries no path to a libpython: one wheel is
+installed into venvs, conda environments, pyenv and system Pythons alike, so
+the library is found here, at start, from the Python that runs this module
+(``sysconfig``), and handed to the loader through ``LD_LIBRARY_PATH``. The
+kernel takes that entry off again before any cell runs (``libpython.rs``),
+so cells and their subprocesses see the user's own ``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+BINARY = "notebookos-kernel"
+# Set by the launcher, read by the kernel: which LD_LIBRARY_PATH entry is ours.
+LIBPYTHON_DIR_VAR = "NOTEBOOKOS_LIBPYTHON_DIR"
+# A binary to run in place of the wheel's: a source build, or the test suite's.
+BINARY_OVERRIDE_VAR = "NOTEBOOKOS_KERNEL_BIN"
+
+
+class LaunchError(Exception):
+    """What stops the kernel from starting, said so that a user can act on it."""
+
+
+def libpython_name() -> str:
+    """The shared library's file name as the binary's loader asks for it."""
+    return sysconfig.get_config_var("INSTSONAME") or (
+        f"libpython{sysconfig.get_python_version()}{sys.abiflags}.so.1.0"
+    )
+
+
+def libpython_dir() -> str:
+    """The directory holding this Python's shared libpython.
+
+    Debian's and Ubuntu's system Pythons are linked statically yet ship the
+    shared library in a separate package, so the file itself is looked for
+    rather than trusting ``Py_ENABLE_SHARED``.
+    """
+    name = libpython_name()
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    candidates = [libdir, os.path.join(libdir, multiarch) if multiarch else "",
+                  sysconfig.get_config_var("LIBPL") or "",
+                  os.path.join(sys.base_prefix, "lib")]
+    for directory in filter(None, candidates):
+        if os.path.exists(os.path.join(directory, name)):
+            return directory
+    raise LaunchError(
+        f"notebookos needs CPython's shared library {name}, which {sys.executable} "
+        f"(Python {sysconfig.get_python_version()}) does not have (looked in "
+        f"{', '.join(dict.fromkeys(filter(None, candidates)))}). "
+        "Debian/Ubuntu: apt-get install lib"
+        f"python{sysconfig.get_python_version()}; pyenv: reinstall with "
+        "PYTHON_CONFIGURE_OPTS=--enable-shared; conda and python.org builds ship it."
+    )
+
+
+def kernel_binary() -> str:
+    """The kernel binary: the override if set, else the one this wheel installed."""
+    override = os.environ.get(BINARY_OVERRIDE_VAR)
+    if override:
+        if not os.access(override, os.X_OK):
+            raise LaunchError(f"{BINARY_OVERRIDE_VAR}={override} is not an executable")
+        return override
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("notebookos").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == BINARY:
+            path = Path(entry.locate()).resolve()
+            if os.access(path, os.X_OK):
+                return str(path)
+    raise LaunchError(
+        f"no {BINARY} binary is installed for {sys.executable}: install the notebookos "
+        f"wheel for this Python (pip install notebookos), or set {BINARY_OVERRIDE_VAR} "
+        "to a binary built from source"
+    )
+
+
+def kernel_environment(libdir: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the kernel binary starts in."""
+    env = dict(os.environ if environ is None else environ)
+    # The embedded interpreter takes this as its sys.executable, so sys.prefix,
+    # site-packages, `!pip` and subprocesses are this environment's.
+    env["NOTEBOOKOS_PYTHON"] = sys.executable
+    env[LIBPYTHON_DIR_VAR] = libdir
+    previous = env.get("LD_LIBRARY_PATH")
+    env["LD_LIBRARY_PATH"] = f"{libdir}:{previous}" if previous else libdir
+    return env
+
+
+def exec_kernel(args: list[str]) -> None:
+    """Replaces this process with the kernel binary; returns only on failure."""
+    binary = kernel_binary()
+    env = kernel_environment(libpython_dir())
+    os.execve(binary, [binary, *args], env)
