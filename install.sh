@@ -57,6 +57,8 @@ TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info
 WHEEL="$(ls -t "$ROOT"/target/wheels/notebookos-*-"$TAG-$TAG"-*.whl | head -1)"
 
 echo "==> pip install $(basename "$WHEEL")"
+# Source installs before the wheel put the Python side in as notebookos-shim.
+"$PY" -m pip uninstall -q -y notebookos-shim >/dev/null 2>&1 || true
 # Reinstalled even at the same version: a source build changes without one.
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
 "$PY" -m pip install -q --disable-pip-version-check "$WHEEL"

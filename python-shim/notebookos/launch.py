@@ -66,17 +66,17 @@ def kernel_binary() -> str:
         if not os.access(override, os.X_OK):
             raise LaunchError(f"{BINARY_OVERRIDE_VAR}={override} is not an executable")
         return override
-    from importlib import metadata
-
-    try:
-        files = metadata.distribution("notebookos").files or []
-    except metadata.PackageNotFoundError:
-        files = []
-    for entry in files:
-        if entry.name == BINARY:
-            path = Path(entry.locate()).resolve()
-            if os.access(path, os.X_OK):
-                return str(path)
+    # The wheel's RECORD names where pip put the binary (the environment's
+    # scripts directory, whichever scheme it used); read directly, as
+    # importlib.metadata would take longer than the rest of the launch.
+    site = Path(__file__).resolve().parent.parent
+    for record in site.glob("notebookos-*.dist-info/RECORD"):
+        for line in record.read_text().splitlines():
+            path = line.split(",", 1)[0]
+            if path.rsplit("/", 1)[-1] == BINARY:
+                binary = (site / path).resolve()
+                if os.access(binary, os.X_OK):
+                    return str(binary)
     raise LaunchError(
         f"no {BINARY} binary is installed for {sys.executable}: install the notebookos "
         f"wheel for this Python (pip install notebookos), or set {BINARY_OVERRIDE_VAR} "
