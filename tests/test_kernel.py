@@ -117,6 +117,31 @@ def test_multiprocessing_spawn_works(fe):
     assert "[1, 2, 3]" in stream_text(msgs)
 
 
+def test_output_of_forked_children_reaches_the_cell(fe):
+    """Children forked by multiprocessing (and DataLoader workers) print
+    into the cell that started them, as under ipykernel, however much they
+    print (a child with no way out for its output once hung its cell)."""
+    reply, msgs = fe.execute(
+        "import multiprocessing as mp, sys\n"
+        "def work(i):\n"
+        "    print('child', i)\n"
+        "    print('child err', i, file=sys.stderr)\n"
+        "    if i == 0:\n"
+        "        print('é' * 300000)\n"
+        "ps = [mp.get_context('fork').Process(target=work, args=(i,)) for i in range(3)]\n"
+        "for p in ps: p.start()\n"
+        "for p in ps: p.join()\n"
+        "print('exit codes', [p.exitcode for p in ps])\n"
+        "del ps, p\n",
+        timeout=60,
+    )
+    assert reply["status"] == "ok", reply
+    out, err = stream_text(msgs), stream_text(msgs, "stderr")
+    assert {"child 0", "child 1", "child 2", "exit codes [0, 0, 0]"} <= set(out.splitlines())
+    assert "é" * 300000 in out.splitlines()
+    assert {"child err 0", "child err 1", "child err 2"} <= set(err.splitlines())
+
+
 def test_sys_exit_is_reported_and_the_kernel_lives(fe):
     reply, msgs = fe.execute("import sys; sys.exit(3)")
     assert reply["status"] == "error" and reply["ename"] == "SystemExit"

@@ -3,12 +3,89 @@
 Batching into stream messages (one per print, flushed at least every
 0.2 s) happens in Rust, so writes here are cheap and ordered with every
 other output.
+
+A child forked from the kernel (multiprocessing, DataLoader workers) has
+no Rust threads to hand its output to: it writes into a pipe instead, and
+a thread of the kernel streams what arrives to the cell running then, as
+ipykernel forwards its children's output.
 """
 
 import io
 import os
+import select
+import struct
+import threading
 
 import _notebookos
+
+
+class _ChildPipe:
+    """One stream's pipe from forked children to the kernel.
+
+    A write to a pipe is atomic only up to PIPE_BUF bytes, so children send
+    frames no larger (pid, length, last) and the kernel puts each write back
+    together before streaming it: two children's prints never interleave
+    mid-write, however long.
+    """
+
+    _HEADER = struct.Struct("=iIB")
+    _PAYLOAD = select.PIPE_BUF - _HEADER.size
+
+    def __init__(self, name):
+        self.name = name
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._buffer = b""
+        self._partial = {}
+        # Held while reading and streaming, so that what drain() takes and
+        # what the thread takes go out in the order the children wrote it.
+        self._lock = threading.Lock()
+        threading.Thread(target=self._forward, name=f"notebookos-child-{name}",
+                         daemon=True).start()
+
+    def _forward(self):
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        while True:
+            poller.poll()
+            self.drain()
+
+    def drain(self):
+        """Streams every write the children have completed so far."""
+        with self._lock:
+            while True:
+                try:
+                    data = os.read(self.read_fd, 65536)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                self._buffer += data
+            done = []
+            header, buffer, at = self._HEADER, self._buffer, 0
+            while len(buffer) - at >= header.size:
+                pid, length, last = header.unpack_from(buffer, at)
+                end = at + header.size + length
+                if len(buffer) < end:
+                    break
+                self._partial.setdefault(pid, []).append(buffer[at + header.size:end])
+                at = end
+                if last:
+                    done.append(b"".join(self._partial.pop(pid)))
+            self._buffer = buffer[at:]
+            text = b"".join(done).decode("utf-8", "replace")
+            if text:
+                _notebookos.stream(self.name, text)
+
+    def write(self, text):
+        data = text.encode("utf-8", "replace")
+        pid = os.getpid()
+        for start in range(0, len(data), self._PAYLOAD):
+            chunk = data[start:start + self._PAYLOAD]
+            last = start + self._PAYLOAD >= len(data)
+            frame = self._HEADER.pack(pid, len(chunk), last) + chunk
+            while frame:
+                frame = frame[os.write(self.write_fd, frame):]
 
 
 class OutStream(io.TextIOBase):
@@ -17,6 +94,7 @@ class OutStream(io.TextIOBase):
         self.name = name
         self._fd = fd
         self._master_pid = os.getpid()
+        self._children = _ChildPipe(name)
 
     def _is_master_process(self):
         # ipykernel's: False in a child forked from the kernel (multiprocessing).
@@ -37,15 +115,18 @@ class OutStream(io.TextIOBase):
         return False
 
     def fileno(self):
-        # Child processes and C code writing to the fd reach the kernel's
-        # own stdout/stderr, as with ipykernel without fd capture.
+        # Processes started with exec and C code writing to the fd reach the
+        # kernel's own stdout/stderr, as with ipykernel without fd capture.
         return self._fd
 
     def write(self, s):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if s:
-            _notebookos.stream(self.name, s)
+            if os.getpid() == self._master_pid:
+                _notebookos.stream(self.name, s)
+            else:
+                self._children.write(s)
         return len(s)
 
     def writelines(self, lines):
@@ -53,4 +134,7 @@ class OutStream(io.TextIOBase):
             self.write(line)
 
     def flush(self):
-        _notebookos.flush()
+        if os.getpid() == self._master_pid:
+            # What children wrote before the cell ends belongs to the cell.
+            self._children.drain()
+            _notebookos.flush()
