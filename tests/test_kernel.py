@@ -142,6 +142,37 @@ def test_output_of_forked_children_reaches_the_cell(fe):
     assert {"child err 0", "child err 1", "child err 2"} <= set(err.splitlines())
 
 
+def test_a_thread_prints_into_the_cell_it_was_given(fe):
+    """ipykernel's set_thread_parent: a thread that a cell starts with the
+    cell's parent prints into that cell while a later cell runs; after
+    reset_thread_parent, into whichever cell runs then."""
+    first = fe.kc.execute(
+        "import threading\n"
+        "go = threading.Event()\n"
+        "def later(parent):\n"
+        "    token = get_ipython().set_thread_parent(parent)\n"
+        "    go.wait(30)\n"
+        "    print('from the thread', flush=True)\n"
+        "    get_ipython().reset_thread_parent(token)\n"
+        "    print('after the reset', flush=True)\n"
+        "t = threading.Thread(target=later, args=(get_ipython().get_parent(),))\n"
+        "t.start()\n"
+    )
+    assert fe.shell_reply(first)["content"]["status"] == "ok"
+    fe.iopub_until_idle(first)
+    second = fe.kc.execute("go.set()\nt.join()\ndel t, go, later")
+    assert fe.shell_reply(second)["content"]["status"] == "ok"
+    streams = []
+    while True:
+        m = fe.kc.get_iopub_msg(timeout=30)
+        if m["msg_type"] == "stream":
+            streams.append((m["parent_header"].get("msg_id"), m["content"]["text"]))
+        if (m["parent_header"].get("msg_id") == second and m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle"):
+            break
+    assert streams == [(first, "from the thread\n"), (second, "after the reset\n")], streams
+
+
 def test_sys_exit_is_reported_and_the_kernel_lives(fe):
     reply, msgs = fe.execute("import sys; sys.exit(3)")
     assert reply["status"] == "error" and reply["ename"] == "SystemExit"

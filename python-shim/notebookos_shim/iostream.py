@@ -18,6 +18,8 @@ import threading
 
 import _notebookos
 
+from . import parent
+
 
 class _ChildPipe:
     """One stream's pipe from forked children to the kernel.
@@ -124,7 +126,7 @@ class OutStream(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if s:
             if os.getpid() == self._master_pid:
-                _notebookos.stream(self.name, s)
+                _notebookos.stream(self.name, s, parent.explicit())
             else:
                 self._children.write(s)
         return len(s)

@@ -29,6 +29,7 @@ if not _log.handlers:
     _log.addHandler(_handler)
     _log.setLevel(logging.INFO)
 
+from . import parent as parent_of_output
 from . import placement
 from .jsonutil import dumps
 
@@ -131,6 +132,8 @@ class Kernel:
         parent = json.loads(msg)
         parent["buffers"] = buffers
         self.set_parent(parent)
+        # Whatever an earlier request's code chose for this thread ends here.
+        parent_of_output.follow_requests()
         handler = self._handlers[msg_type]
         reply = handler(parent["content"], parent)
         return None if reply is None else dumps(reply)

@@ -10,6 +10,7 @@ from traitlets import Any, Bool, Type
 
 import _notebookos
 
+from . import parent
 from .compiler import CellCompiler
 from .jsonutil import dumps
 
@@ -28,10 +29,12 @@ class RustDisplayPublisher(DisplayPublisher):
     def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
         _flush_std()
         content = {"data": data, "metadata": metadata or {}, "transient": transient or {}}
-        _notebookos.publish("update_display_data" if update else "display_data", dumps(content))
+        _notebookos.publish("update_display_data" if update else "display_data", dumps(content),
+                            None, None, parent.explicit())
 
     def clear_output(self, wait=False):
-        _notebookos.publish("clear_output", dumps({"wait": bool(wait)}))
+        _notebookos.publish("clear_output", dumps({"wait": bool(wait)}), None, None,
+                            parent.explicit())
 
 
 class RustDisplayHook(DisplayHook):
@@ -51,7 +54,7 @@ class RustDisplayHook(DisplayHook):
         _flush_std()
         content, self._content = self._content, None
         if content and content["data"]:
-            _notebookos.publish("execute_result", dumps(content))
+            _notebookos.publish("execute_result", dumps(content), None, None, parent.explicit())
 
 
 class NotebookosShell(InteractiveShell):
@@ -76,9 +79,20 @@ class NotebookosShell(InteractiveShell):
     def get_parent(self):
         return self.kernel.get_parent() if self.kernel is not None else {}
 
-    def set_parent(self, parent):
+    def set_parent(self, message):
+        """ipykernel's: this thread's output (and, on the main thread, the
+        kernel's notion of the request) answers ``message`` from now on."""
         if self.kernel is not None:
-            self.kernel.set_parent(parent)
+            self.kernel.set_parent(message)
+        parent.set_explicit(message)
+
+    def set_thread_parent(self, message):
+        """This thread's output answers ``message`` until
+        ``reset_thread_parent`` is given what this returns."""
+        return parent.set_explicit(message)
+
+    def reset_thread_parent(self, token):
+        parent.reset(token)
 
     def init_environment(self):
         env = os.environ

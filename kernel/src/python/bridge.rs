@@ -180,16 +180,7 @@ fn publish(
         .iter()
         .map(to_bytes)
         .collect::<PyResult<Vec<_>>>()?;
-    let parent: Option<Header> = match parent {
-        Some(p) => match parse_json(p, "parent")? {
-            Value::Object(m) if m.is_empty() => None,
-            v => Some(
-                serde_json::from_value(v)
-                    .map_err(|e| PyValueError::new_err(format!("parent: {e}")))?,
-            ),
-        },
-        None => bridge.current().parent,
-    };
+    let parent = parent_header(&bridge, parent)?;
     let msg = Outgoing::new(
         msg_type,
         &bridge.iopub.session().id,
@@ -202,10 +193,27 @@ fn publish(
     Ok(())
 }
 
+/// The request a message from Python answers: the header it names (a
+/// thread's own, `set_thread_parent`; `{}` for none), else the request
+/// being handled.
+fn parent_header(bridge: &Bridge, parent: Option<&str>) -> PyResult<Option<Header>> {
+    Ok(match parent {
+        Some(p) => match parse_json(p, "parent")? {
+            Value::Object(m) if m.is_empty() => None,
+            v => Some(
+                serde_json::from_value(v)
+                    .map_err(|e| PyValueError::new_err(format!("parent: {e}")))?,
+            ),
+        },
+        None => bridge.current().parent,
+    })
+}
+
 #[pyfunction]
-fn stream(py: Python<'_>, name: String, text: String) -> PyResult<()> {
+#[pyo3(signature = (name, text, parent=None))]
+fn stream(py: Python<'_>, name: String, text: String, parent: Option<&str>) -> PyResult<()> {
     let bridge = bridge()?;
-    let parent = bridge.current().parent;
+    let parent = parent_header(&bridge, parent)?;
     py.allow_threads(|| bridge.iopub.blocking_stream(parent, name, text));
     Ok(())
 }
