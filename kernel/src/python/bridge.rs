@@ -180,7 +180,7 @@ fn publish(
         .iter()
         .map(to_bytes)
         .collect::<PyResult<Vec<_>>>()?;
-    let parent = parent_header(&bridge, parent)?;
+    let parent = parent_header(bridge, parent)?;
     let msg = Outgoing::new(
         msg_type,
         &bridge.iopub.session().id,
@@ -213,7 +213,7 @@ fn parent_header(bridge: &Bridge, parent: Option<&str>) -> PyResult<Option<Heade
 #[pyo3(signature = (name, text, parent=None))]
 fn stream(py: Python<'_>, name: String, text: String, parent: Option<&str>) -> PyResult<()> {
     let bridge = bridge()?;
-    let parent = parent_header(&bridge, parent)?;
+    let parent = parent_header(bridge, parent)?;
     py.allow_threads(|| bridge.iopub.blocking_stream(parent, name, text));
     Ok(())
 }
