@@ -40,10 +40,12 @@ while [ $# -gt 0 ]; do
 done
 if [ "$UNINSTALL" = 1 ]; then
     "$PY" -m notebookos uninstall --name "$NAME" "${SCOPE[@]}"
-    # The package goes with the last kernelspec that runs notebookos.
-    LEFT="$("$PY" -m jupyter kernelspec list --json 2>/dev/null | "$PY" -c 'import json, sys
-specs = json.load(sys.stdin)["kernelspecs"].values()
-print(sum("notebookos" in s["spec"]["argv"] for s in specs))' 2>/dev/null || echo 0)"
+    # The package goes with the last kernelspec that runs it from this
+    # Python (asked of its own jupyter_client: `jupyter` on PATH may be another's).
+    LEFT="$("$PY" -c 'import sys
+from jupyter_client.kernelspec import KernelSpecManager
+specs = KernelSpecManager().get_all_specs().values()
+print(sum(s["spec"]["argv"][:3] == [sys.executable, "-m", "notebookos"] for s in specs))' 2>/dev/null || echo 0)"
     if [ "$LEFT" = 0 ]; then "$PY" -m pip uninstall -y -q notebookos 2>/dev/null || true; fi
     echo "notebookos ($NAME) uninstalled from $PY"
     exit 0
@@ -64,8 +66,8 @@ echo "==> pip install $(basename "$WHEEL")"
 "$PY" -m pip install -q --disable-pip-version-check "$WHEEL"
 
 echo "==> Installing the kernelspec '$NAME' (${SCOPE[*]})"
+# It also checks that Jupyter, run from this Python, starts the spec it wrote.
 "$PY" -m notebookos install --name "$NAME" "${SPEC_ARGS[@]}" "${SCOPE[@]}"
-"$PY" -m jupyter kernelspec list | grep -E "^\s+$NAME\s" || die "kernelspec not listed"
 
 if [ "$DEMO" = 1 ]; then
     echo "==> Running docs/demo.ipynb through the notebookos kernel (nbclient)"
