@@ -90,23 +90,25 @@ check "python -m notebookos install --sys-prefix writes a spec for this Python" 
 
 # The demo, and a notebook that looks at the kernel's own environment: the
 # user's LD_LIBRARY_PATH, not the launcher's, and this venv as sys.prefix.
-cp "$ROOT/docs/demo.ipynb" "$WORK/demo.ipynb"
-"$VPY" - "$WORK/env.ipynb" <<'PY'
+# A notebook in $WORK whose code cells are the arguments after its name.
+notebook() {
+    "$VPY" - "$WORK/$1" "${@:2}" <<'PY'
 import sys
 import nbformat
 nb = nbformat.v4.new_notebook()
-nb.cells = [nbformat.v4.new_code_cell(
-    "import os, sys\n"
-    "print('prefix', sys.prefix)\n"
-    "print('ld', os.environ.get('LD_LIBRARY_PATH'))\n"),
-    nbformat.v4.new_code_cell("!echo \"shell ld $LD_LIBRARY_PATH\""),
-    nbformat.v4.new_code_cell("%notebookos verify")]
+nb.cells = [nbformat.v4.new_code_cell(source) for source in sys.argv[2:]]
 nbformat.write(nb, sys.argv[1])
 PY
+}
+cp "$ROOT/docs/demo.ipynb" "$WORK/demo.ipynb"
+notebook env.ipynb "import os, sys
+print('prefix', sys.prefix)
+print('ld', os.environ.get('LD_LIBRARY_PATH'))" '!echo "shell ld $LD_LIBRARY_PATH"' '%notebookos verify'
 # The user's own LD_LIBRARY_PATH (a GPU host may need its own entries too).
 USER_LD="/opt/user-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Runs a notebook in $WORK with the jupyter of the environment whose bin/ is $2 (default this one).
 executes() {
-    run_clean env LD_LIBRARY_PATH="$USER_LD" "$VBIN/jupyter" execute \
+    run_clean env LD_LIBRARY_PATH="$USER_LD" "${2:-$VBIN}/jupyter" execute \
         --kernel_name=notebookos --inplace "$WORK/$1" >"$WORK/$1.log" 2>&1 || {
         cat "$WORK/$1.log"; return 1; }
 }
@@ -149,9 +151,7 @@ if [ -x "$SYS_PY" ] && [ "$("$SYS_PY" -c 'import sys; print(sys.prefix)')" = /us
     run_clean "$WORK/sysvenv/bin/python" -m notebookos install --sys-prefix >/dev/null
     cp "$WORK/env.ipynb" "$WORK/sysenv.ipynb"
     system_python_runs() {
-        run_clean env LD_LIBRARY_PATH="$USER_LD" "$WORK/sysvenv/bin/jupyter" execute \
-            --kernel_name=notebookos --inplace "$WORK/sysenv.ipynb" >"$WORK/sysenv.log" 2>&1 || {
-            cat "$WORK/sysenv.log"; return 1; }
+        executes sysenv.ipynb "$WORK/sysvenv/bin" || return 1
         local text; text="$(outputs sysenv.ipynb)"
         grep -qx "prefix $WORK/sysvenv" <<<"$text" && grep -qxF "ld $USER_LD" <<<"$text" &&
             grep -q "all 3 replicas hold the same namespace" <<<"$text" || { echo "$text"; return 1; }
@@ -164,22 +164,16 @@ fi
 # Where a GPU and torch are: a cell that asks for one, through the agent the
 # kernel starts on this host.
 if command -v nvidia-smi >/dev/null && run_clean "$VPY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    "$VPY" - "$WORK/gpu.ipynb" <<'PY'
-import sys
-import nbformat
-nb = nbformat.v4.new_notebook()
-nb.cells = [nbformat.v4.new_code_cell(
-    "%%gpus 1\n"
-    "import torch\n"
-    "torch.manual_seed(0)\n"
-    "w = torch.randn(2048, 2048, device='cuda')\n"
-    "s = float((w @ w).sum())\n"
-    "print('device', torch.cuda.get_device_name(0))\n"
-    "print('sum', round(s, 1))"),
-    nbformat.v4.new_code_cell("%%gpus 1\nprint('again', round(float((w @ w).sum()), 1) == round(s, 1))"),
-    nbformat.v4.new_code_cell("%notebookos verify")]
-nbformat.write(nb, sys.argv[1])
-PY
+    notebook gpu.ipynb "%%gpus 1
+import torch
+torch.manual_seed(0)
+w = torch.randn(2048, 2048, device='cuda')
+s = float((w @ w).sum())
+print('device', torch.cuda.get_device_name(0))
+print('sum', round(s, 1))" \
+        "%%gpus 1
+print('again', round(float((w @ w).sum()), 1) == round(s, 1))" \
+        '%notebookos verify'
     check "jupyter execute runs a %%gpus notebook" executes gpu.ipynb
     gpu_outputs_right() {
         local text; text="$(outputs gpu.ipynb)"
