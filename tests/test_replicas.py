@@ -11,6 +11,7 @@ import base64
 import os
 import random
 import time
+from pathlib import Path
 from queue import Empty
 
 import pytest
@@ -416,3 +417,21 @@ def test_strict_mode_replies_after_the_changes_are_replicated(tmp_path):
         assert "Replication: strict" in stream_text(msgs, "stdout")
     finally:
         rk.close()
+
+
+def test_large_changes_are_one_shared_copy_on_this_host(rk):
+    """A large delta is made once, in a sealed memory file that each peer maps
+    copy-on-write instead of receiving a copy over QUIC; a peer that writes to
+    its array changes its own pages only."""
+    rk.fe.execute("import numpy as np\nbig = np.arange(4_000_000, dtype=np.float64)")
+    rk.fe.synced()
+    for r in rk.peers():
+        maps = Path(f"/proc/{rk.pid(r)}/maps").read_text()
+        assert "/memfd:notebookos-blob-" in maps, f"replica {r} holds a copy of its own"
+    writer = rk.peers()[0]
+    rk.steer(writer)
+    rk.fe.execute("big[:10] += 1")
+    rk.unsteer()
+    rk.fe.synced()
+    assert rk.eval("float(big[:11].sum())") == repr(float(sum(range(11)) + 10))
+    rk.verify()

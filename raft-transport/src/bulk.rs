@@ -13,6 +13,15 @@
 //!
 //! The hash of a pushed blob is a trailer, so the sender hashes while it sends and a
 //! 1 GiB blob is not read twice before the first byte leaves.
+//!
+//! A peer on this host (a loopback address) is first offered a sealed shared-memory
+//! blob ([`crate::shm`]) by its handle, and maps it instead of receiving a copy:
+//!
+//! ```text
+//! PutShared: [ver][9][shm handle 32B][sha256 32B]  ->  [status u8]
+//! ```
+//!
+//! If it cannot map it (another pid namespace, say), the bytes follow on a `PutBlob`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,6 +45,7 @@ const INITIAL_CAPACITY: usize = 64 << 20;
 const STATUS_MISMATCH: u8 = 2;
 const STATUS_TOO_LARGE: u8 = 3;
 const STATUS_NOT_FOUND: u8 = 4;
+const STATUS_UNMAPPABLE: u8 = 5;
 
 /// SHA-256 of a blob's content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,7 +81,7 @@ pub struct BlobStore {
 
 impl BlobStore {
     pub fn insert(&self, data: Bytes) -> BlobHash {
-        let hash = BlobHash::of(&data);
+        let hash = crate::shm::sealed_hash(&data).unwrap_or_else(|| BlobHash::of(&data));
         self.insert_verified(hash, data);
         hash
     }
@@ -222,13 +232,24 @@ fn wire(peer: NodeId) -> impl Fn(WireError) -> Error {
     }
 }
 
-/// Pushes `data` to `peer`; returns its hash once the peer has verified and stored it.
+/// Pushes `data` to `peer`; returns its hash once the peer has verified and stored it
+/// (or, for a shared-memory blob and a peer on this host, mapped it).
 pub(crate) async fn send_blob(
     transport: &Arc<Transport>,
     peer: NodeId,
     addr: &str,
     data: Bytes,
 ) -> Result<BlobHash> {
+    let on_this_host = addr
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if let Some(handle) = crate::shm::handle(&data).filter(|_| on_this_host) {
+        match offer_shared(transport, peer, addr, handle, &data).await {
+            Ok(Some(hash)) => return Ok(hash),
+            Ok(None) => tracing::debug!(peer, "peer could not map a shared blob; sending a copy"),
+            Err(e) => return Err(e),
+        }
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -237,6 +258,48 @@ pub(crate) async fn send_blob(
             // The connection lost a duplicate-dial tie-break under us: once more.
             Err(_) if attempt < 2 && transport.retry_after_failure(peer, &conn) => continue,
             other => return other,
+        }
+    }
+}
+
+/// Offers a sealed blob by handle: its hash once the peer mapped it, `None` if it could not.
+async fn offer_shared(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    addr: &str,
+    handle: crate::shm::Handle,
+    data: &Bytes,
+) -> Result<Option<BlobHash>> {
+    let hash = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::shm::sealed_hash(&data).unwrap_or_else(|| BlobHash::of(&data))
+        })
+        .await
+        .map_err(|_| Error::Protocol {
+            peer,
+            reason: "hashing failed".into(),
+        })?
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (mut send, mut recv, conn) = transport.open_bi(peer, addr).await?;
+        let exchange = async {
+            let mut req = rpc::header(StreamKind::PutShared).to_vec();
+            req.extend_from_slice(&handle.encode());
+            req.extend_from_slice(&hash.0);
+            send.write_all(&req).await?;
+            send.finish()?;
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await?;
+            Ok::<u8, WireError>(status[0])
+        };
+        match exchange.await {
+            Ok(rpc::STATUS_OK) => return Ok(Some(hash)),
+            Ok(_) => return Ok(None),
+            Err(_) if attempt < 2 && transport.retry_after_failure(peer, &conn) => continue,
+            Err(e) => return Err(wire(peer)(e)),
         }
     }
 }
@@ -444,6 +507,40 @@ pub(crate) async fn serve_put(
         transport.blobs.insert_verified(hash, Bytes::from(data));
         send.write_all(&[rpc::STATUS_OK]).await?;
     }
+    send.finish()?;
+    Ok(())
+}
+
+/// Maps a blob that a peer on this host offers by handle (see [`crate::shm`]).
+pub(crate) async fn serve_put_shared(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    let mut raw = [0u8; crate::shm::Handle::WIRE_LEN];
+    recv.read_exact(&mut raw).await?;
+    let mut hash = [0u8; 32];
+    recv.read_exact(&mut hash).await?;
+    let handle = crate::shm::Handle::decode(&raw);
+    let status = if handle.len > transport.max_blob_size {
+        STATUS_TOO_LARGE
+    } else {
+        // The content is sealed: its hash was taken by the maker over these very pages.
+        match tokio::task::spawn_blocking(move || crate::shm::open_private(&handle)).await {
+            Ok(Ok(data)) => {
+                tracing::debug!(peer, ?handle, "mapped a shared blob");
+                transport.blobs.insert_verified(BlobHash(hash), data);
+                rpc::STATUS_OK
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer, ?handle, error = %e, "cannot map a shared blob");
+                STATUS_UNMAPPABLE
+            }
+            Err(_) => STATUS_UNMAPPABLE,
+        }
+    };
+    send.write_all(&[status]).await?;
     send.finish()?;
     Ok(())
 }

@@ -22,6 +22,8 @@
 //!   (for proposals forwarded by followers) the leader's Raft.
 //! * `socket`: the UDP socket under the endpoint, which says when it is closed.
 //! * [`bulk`]: content-addressed blob store and the blob stream protocol.
+//! * [`shm`]: sealed shared-memory blobs, which peers on the same host map instead of
+//!   receiving a copy.
 //! * [`log_store`]: in-memory Raft log with an optional append-only file.
 //! * [`state_machine`]: openraft's state machine over the [`Application`], snapshots.
 //! * [`node`]: the [`ReplicaNode`] façade used by the kernel.
@@ -36,6 +38,7 @@ mod network;
 pub mod node;
 mod rpc;
 mod server;
+pub mod shm;
 mod socket;
 pub mod state_machine;
 pub mod tls;

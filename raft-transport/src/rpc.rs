@@ -43,6 +43,9 @@ pub(crate) enum StreamKind {
     /// A mailbox message: `[len u64][bytes]`, answered by one status byte once it is
     /// queued for the application (see [`crate::ReplicaNode::send_message`]).
     Message = 8,
+    /// Offer a blob in shared memory to a peer on the same host: `[shm handle][sha256 32B]`,
+    /// answered by one status byte (`STATUS_OK` once the peer has mapped it).
+    PutShared = 9,
 }
 
 /// The leader's answer to a forwarded proposal.
@@ -64,6 +67,7 @@ impl StreamKind {
             6 => Self::GetBlob,
             7 => Self::Forward,
             8 => Self::Message,
+            9 => Self::PutShared,
             _ => return None,
         })
     }
@@ -166,7 +170,11 @@ pub fn decode_request(data: &[u8]) -> Result<(), WireError> {
         StreamKind::Forward => {
             postcard::from_bytes::<Vec<u8>>(body)?;
         }
-        StreamKind::Hello | StreamKind::PutBlob | StreamKind::GetBlob | StreamKind::Message => {}
+        StreamKind::Hello
+        | StreamKind::PutBlob
+        | StreamKind::PutShared
+        | StreamKind::GetBlob
+        | StreamKind::Message => {}
     }
     Ok(())
 }

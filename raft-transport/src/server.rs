@@ -127,6 +127,7 @@ async fn serve_stream(
     // Blobs are served by the blob store alone; everything else needs Raft.
     match kind {
         StreamKind::PutBlob => return bulk::serve_put(transport, peer, send, recv).await,
+        StreamKind::PutShared => return bulk::serve_put_shared(transport, peer, send, recv).await,
         StreamKind::GetBlob => return bulk::serve_get(transport, send, recv).await,
         StreamKind::Message => return bulk::serve_message(transport, peer, send, recv).await,
         _ => {}
@@ -178,6 +179,8 @@ async fn serve_stream(
             rpc::write_response(&mut send, Ok(&reply)).await
         }
         StreamKind::Hello => Err(WireError::Kind(StreamKind::Hello as u8)),
-        StreamKind::PutBlob | StreamKind::GetBlob | StreamKind::Message => Ok(()),
+        StreamKind::PutBlob | StreamKind::PutShared | StreamKind::GetBlob | StreamKind::Message => {
+            Ok(())
+        }
     }
 }

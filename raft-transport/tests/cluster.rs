@@ -388,6 +388,47 @@ async fn blobs_stream_alongside_raft_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_memory_blob_reaches_a_peer_on_this_host_without_a_copy() {
+    init_tracing();
+    let ca = KernelCa::generate("t-shm").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let l = leader(nodes.values()).await;
+    let peer = *nodes.keys().find(|id| **id != l.id()).unwrap();
+    let blob = raft_transport::shm::sealed(8 << 20, |b| {
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+    })
+    .unwrap();
+    let expected = raft_transport::BlobHash::of(&blob);
+
+    assert_eq!(l.send_blob(peer, blob.clone()).await.unwrap(), expected);
+    let got = nodes[&peer].blob(&expected).unwrap();
+    assert_eq!(got, blob);
+    // The peer maps the maker's pages (copy-on-write), not bytes that crossed QUIC.
+    assert!(raft_transport::shm::is_private(&got));
+    assert_ne!(got.as_ptr(), blob.as_ptr());
+    // It outlives the maker's copy, and serves it to a third replica over QUIC.
+    l.remove_blob(&expected);
+    drop(blob);
+    let third = *nodes
+        .keys()
+        .find(|id| **id != l.id() && **id != peer)
+        .unwrap();
+    let fetched = nodes[&third].fetch_blob(peer, expected).await.unwrap();
+    assert_eq!(fetched, got);
+    assert!(!raft_transport::shm::is_private(&fetched));
+
+    // A heap blob still travels as bytes.
+    let heap = vec![3u8; 2 << 20];
+    let hash = l.send_blob(peer, heap.clone()).await.unwrap();
+    assert!(!raft_transport::shm::is_private(
+        &nodes[&peer].blob(&hash).unwrap()
+    ));
+    shutdown_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_proposal_is_forwarded_to_leader() {
     init_tracing();
     let ca = KernelCa::generate("t-forward").unwrap();

@@ -21,7 +21,7 @@ use super::{lock, statesync, Core};
 use crate::python::PythonError;
 
 /// A cell's packed changes, being captured on the Python thread.
-pub(super) type Capture = Pin<Box<dyn Future<Output = Result<Vec<u8>, PythonError>> + Send>>;
+pub(super) type Capture = Pin<Box<dyn Future<Output = Result<Bytes, PythonError>> + Send>>;
 
 /// A delta on its way into the log.
 pub(super) struct Shipped {
@@ -116,19 +116,26 @@ impl Core {
     }
 
     /// The delta for the log, and whether every peer got its blob.
-    pub(super) async fn ship_delta(self: &Arc<Self>, packed: Vec<u8>) -> (Delta, bool) {
-        if packed.len() <= INLINE_DELTA {
-            return (Delta::Inline(Bytes::from(packed)), true);
+    pub(super) async fn ship_delta(self: &Arc<Self>, data: Bytes) -> (Delta, bool) {
+        if data.len() <= INLINE_DELTA {
+            return (Delta::Inline(data), true);
         }
-        let data = Bytes::from(packed);
         let len = data.len() as u64;
         // Kept here too, for a replica that joins mid-way and fetches it; hashing a
         // large delta takes a while, so not on a runtime thread.
         let core = self.clone();
-        let published = tokio::task::spawn_blocking({
+        let mut published = Some(tokio::task::spawn_blocking({
             let data = data.clone();
             move || core.node.publish_blob(data)
-        });
+        }));
+        // A shared-memory blob is offered to peers on this host by its hash: take
+        // it once, before the offers, rather than on each side at once.
+        let mut hash = None;
+        if raft_transport::shm::handle(&data).is_some() {
+            if let Some(p) = published.take() {
+                hash = p.await.ok();
+            }
+        }
         // To every other replica at once.
         let mut sends = tokio::task::JoinSet::new();
         for peer in self.members().into_iter().filter(|p| *p != self.id) {
@@ -147,10 +154,10 @@ impl Core {
                 Err(_) => pushed_to_all = false,
             }
         }
-        let hash = match published.await {
-            Ok(h) => h,
-            Err(_) => BlobHash::of(&data),
-        };
+        if let Some(p) = published {
+            hash = p.await.ok();
+        }
+        let hash = hash.unwrap_or_else(|| BlobHash::of(&data));
         (Delta::Blob { hash: hash.0, len }, pushed_to_all)
     }
 

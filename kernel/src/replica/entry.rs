@@ -345,7 +345,7 @@ fn write_fuzz_seeds() {
         ("iopub", Mail::Iopub(vec![frames]).encode()),
         (
             "delta",
-            crate::replica::statesync::pack(b"header", &[b"buffer"]),
+            crate::replica::statesync::pack(b"header", &[b"buffer"]).to_vec(),
         ),
     ];
     for (name, data) in seeds {

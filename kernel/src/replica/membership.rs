@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use raft_transport::NodeId;
 
 use super::entry::Entry;
@@ -144,14 +143,13 @@ impl Core {
         // Everything applied so far is in the checkpoint; an entry being
         // applied meanwhile may be too, and replaying it is harmless.
         let upto = self.applied.load(std::sync::atomic::Ordering::Acquire);
-        let packed = match statesync::checkpoint(&self.exec).await {
+        let data = match statesync::checkpoint(&self.exec).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(replica, "checkpoint failed: {e}");
                 return;
             }
         };
-        let data = Bytes::from(packed);
         // Kept here too: if the push is lost (a dropped link), the joiner fetches it.
         let len = data.len() as u64;
         let kept = self.node.publish_blob(data.clone());

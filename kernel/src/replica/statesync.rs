@@ -23,29 +23,52 @@ pub struct CorruptDelta(&'static str);
 const PARALLEL_COPY: usize = 64 << 20;
 const COPY_CHUNK: usize = 16 << 20;
 
+/// Deltas at least this large are made in shared memory, which replicas on this
+/// host map instead of receiving a copy (one copy per host).
+const SHARED: usize = 1 << 20;
+
 /// One pickled namespace change (or a whole checkpoint), packed. The copy
 /// is what makes it a snapshot later cells cannot tear; large ones are
-/// copied on every core.
-pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
-    let data: usize = buffers.iter().map(|b| b.len()).sum();
-    let mut out = Vec::with_capacity(4 + 8 * (1 + buffers.len()) + header.len() + data);
-    out.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    for b in buffers {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+/// copied on every core, into a sealed shared-memory blob.
+pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Bytes {
+    let len =
+        4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
+    if len >= SHARED {
+        match raft_transport::shm::sealed(len, |out| fill(out, header, buffers)) {
+            Ok(blob) => return blob,
+            Err(e) => tracing::debug!(error = %e, "state delta kept in private memory"),
+        }
     }
-    out.extend_from_slice(header);
+    let mut out = vec![0; len];
+    fill(&mut out, header, buffers);
+    Bytes::from(out)
+}
+
+/// Writes the layout into `out`, which is exactly as long as it needs.
+fn fill(out: &mut [u8], header: &[u8], buffers: &[&[u8]]) {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(&(buffers.len() as u32).to_le_bytes());
+    put(&(header.len() as u64).to_le_bytes());
+    for b in buffers {
+        put(&(b.len() as u64).to_le_bytes());
+    }
+    put(header);
+    let mut rest = &mut out[at..];
+    let data: usize = buffers.iter().map(|b| b.len()).sum();
     if data < PARALLEL_COPY {
         for b in buffers {
-            out.extend_from_slice(b);
+            let (dst, tail) = rest.split_at_mut(b.len());
+            dst.copy_from_slice(b);
+            rest = tail;
         }
-        return out;
+        return;
     }
-    let start = out.len();
-    out.resize(start + data, 0);
     // Pairs of (destination, source) chunks, spread over the threads.
     let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
-    let mut rest = &mut out[start..];
     for b in buffers {
         let (dst, tail) = rest.split_at_mut(b.len());
         rest = tail;
@@ -62,7 +85,6 @@ pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
             });
         }
     });
-    out
 }
 
 /// The header and buffers, as slices of `data` (no copy).
@@ -102,7 +124,7 @@ fn capture<'py>(
     kernel: &Bound<'py, PyAny>,
     method: &str,
     args: impl IntoPyObject<'py, Target = pyo3::types::PyTuple>,
-) -> PyResult<Vec<u8>> {
+) -> PyResult<Bytes> {
     let result = kernel.call_method1(method, args)?;
     let (header, buffers): (Bound<'_, PyBytes>, Bound<'_, PyList>) = result.extract()?;
     let py = kernel.py();
@@ -142,10 +164,18 @@ fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()>
         .collect();
     drop(buffers);
     let list = PyList::empty(py);
-    match data.try_into_mut() {
+    // A peer's shared-memory delta mapped copy-on-write here: writes stay ours.
+    let mapped = raft_transport::shm::is_private(&data) && data.is_unique();
+    let owned = if mapped {
+        Ok(Received::Mapped(data))
+    } else {
+        data.try_into_mut()
+            .map(|owned| Received::Owned(UnsafeCell::new(owned)))
+    };
+    match owned {
         // Usually ours alone: hand Python writable views of it, no copy.
         Ok(owned) => {
-            let owned = Arc::new(Received(UnsafeCell::new(owned)));
+            let owned = Arc::new(owned);
             for (start, len) in offsets {
                 list.append(Bound::new(
                     py,
@@ -172,11 +202,27 @@ fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()>
 }
 
 /// A received delta, owned once; [`DeltaBuffer`]s are disjoint windows on it.
-struct Received(UnsafeCell<bytes::BytesMut>);
+enum Received {
+    Owned(UnsafeCell<bytes::BytesMut>),
+    /// The only handle on a private, writable mapping of a peer's shared blob.
+    Mapped(Bytes),
+}
+
+impl Received {
+    fn base(&self) -> *mut u8 {
+        match self {
+            // SAFETY: nothing else holds a reference into the BytesMut.
+            Self::Owned(cell) => unsafe { (*cell.get()).as_mut_ptr() },
+            // The mapping is PROT_WRITE and MAP_PRIVATE, and no other Bytes shares it.
+            Self::Mapped(bytes) => bytes.as_ptr() as *mut u8,
+        }
+    }
+}
 
 // SAFETY: the bytes are only reached through DeltaBuffers, each a disjoint
 // range, and Python accesses them with the GIL held.
 unsafe impl Sync for Received {}
+unsafe impl Send for Received {}
 
 /// One out-of-band pickle buffer of a received delta, exposed to Python as a
 /// writable buffer (numpy arrays built on it stay writable), without a copy.
@@ -197,7 +243,7 @@ impl DeltaBuffer {
         let this = slf.get();
         // SAFETY: start..start+len lies within the allocation (checked by unpack),
         // and the Arc keeps it alive as long as this object, which the view references.
-        let ptr = (*this.owned.0.get()).as_mut_ptr().add(this.start);
+        let ptr = this.owned.base().add(this.start);
         let len = isize::try_from(this.len)
             .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
         if pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) == -1 {
@@ -218,7 +264,7 @@ pub fn capture_delta(
     code: String,
     after: Option<tokio::sync::oneshot::Receiver<()>>,
     backlog: Arc<Backlog>,
-) -> impl std::future::Future<Output = Result<Vec<u8>, PythonError>> + Send + 'static {
+) -> impl std::future::Future<Output = Result<Bytes, PythonError>> + Send + 'static {
     exec.queue(move |py, kernel| {
         py.allow_threads(|| {
             if let Some(after) = after {
@@ -281,7 +327,7 @@ pub async fn apply_delta(exec: &Executor, data: Bytes) -> Result<(), PythonError
         .await
 }
 
-pub async fn checkpoint(exec: &Executor) -> Result<Vec<u8>, PythonError> {
+pub async fn checkpoint(exec: &Executor) -> Result<Bytes, PythonError> {
     exec.run(|_py, kernel| capture(kernel, "sync_checkpoint", ()))
         .await
 }
@@ -302,14 +348,14 @@ mod tests {
 
     #[test]
     fn pack_unpack_round_trip() {
-        let data = Bytes::from(pack(b"head", &[b"one", b"", b"three"]));
+        let data = pack(b"head", &[b"one", b"", b"three"]);
         let (h, bufs) = unpack(&data).unwrap();
         assert_eq!(&h[..], b"head");
         assert_eq!(
             bufs.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
             vec![b"one".to_vec(), vec![], b"three".to_vec()]
         );
-        let empty = Bytes::from(pack(b"", &[]));
+        let empty = pack(b"", &[]);
         assert_eq!(unpack(&empty).unwrap().1.len(), 0);
     }
 
@@ -319,7 +365,7 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         let b: Vec<u8> = (0..COPY_CHUNK / 2).map(|i| (i % 13) as u8).collect();
-        let data = Bytes::from(pack(b"h", &[&a, &[], &b]));
+        let data = pack(b"h", &[&a, &[], &b]);
         let (h, bufs) = unpack(&data).unwrap();
         assert_eq!(&h[..], b"h");
         assert!(bufs[0] == a && bufs[1].is_empty() && bufs[2] == b);
@@ -346,8 +392,22 @@ mod tests {
     }
 
     #[test]
+    fn a_large_delta_is_packed_into_shared_memory() {
+        let big = vec![5u8; SHARED];
+        let data = pack(b"head", &[b"small", &big]);
+        assert!(raft_transport::shm::handle(&data).is_some());
+        let (h, bufs) = unpack(&data).unwrap();
+        assert_eq!(
+            (&h[..], &bufs[0][..], bufs[1].len()),
+            (&b"head"[..], &b"small"[..], SHARED)
+        );
+        assert!(bufs[1].iter().all(|&b| b == 5));
+        assert!(raft_transport::shm::handle(&pack(b"head", &[b"small"])).is_none());
+    }
+
+    #[test]
     fn corrupt_input_is_an_error() {
-        let good = pack(b"head", &[b"one"]);
+        let good = pack(b"head", &[b"one"]).to_vec();
         for cut in 0..good.len() {
             assert!(
                 unpack(&Bytes::from(good[..cut].to_vec())).is_err(),

@@ -1,0 +1,427 @@
+//! One copy per host: a large blob lives in a sealed memory file (memfd) that replicas
+//! on the same host map, instead of each receiving its own copy over QUIC.
+//!
+//! The maker writes the blob once into a memfd ([`sealed`]), then seals it against every
+//! write, shrink and grow, so the bytes are immutable for as long as anyone maps them.
+//! A peer on the same host gets a [`Handle`] (the maker's pid and descriptor number, and
+//! a random token in the file's name) and maps the file copy-on-write ([`open_private`]):
+//! its arrays sit on the very pages the maker wrote, and a write by the peer copies only
+//! the page it touches, into that peer alone. The maker drops its mapping once every
+//! peer has one; the pages live until the last mapping goes.
+//!
+//! Linux only; elsewhere [`sealed`] fails and callers keep the bytes in the heap.
+
+use std::fmt;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use crate::bulk::BlobHash;
+
+/// Where a peer on the same host finds a sealed blob.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Handle {
+    pub pid: u32,
+    pub fd: i32,
+    pub len: u64,
+    pub token: [u8; 16],
+}
+
+impl Handle {
+    pub const WIRE_LEN: usize = 4 + 4 + 8 + 16;
+
+    pub fn encode(&self) -> [u8; Self::WIRE_LEN] {
+        let mut out = [0u8; Self::WIRE_LEN];
+        out[..4].copy_from_slice(&self.pid.to_le_bytes());
+        out[4..8].copy_from_slice(&self.fd.to_le_bytes());
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..].copy_from_slice(&self.token);
+        out
+    }
+
+    pub fn decode(raw: &[u8; Self::WIRE_LEN]) -> Self {
+        let word = |r: std::ops::Range<usize>| -> [u8; 8] {
+            let mut w = [0u8; 8];
+            w[..r.len()].copy_from_slice(&raw[r]);
+            w
+        };
+        let mut token = [0u8; 16];
+        token.copy_from_slice(&raw[16..]);
+        Self {
+            pid: u64::from_le_bytes(word(0..4)) as u32,
+            fd: u64::from_le_bytes(word(4..8)) as u32 as i32,
+            len: u64::from_le_bytes(word(8..16)),
+            token,
+        }
+    }
+
+    /// The memfd's name, which `/proc/PID/fd/FD` must link to: a descriptor number in a
+    /// recycled or foreign pid is refused rather than mapped.
+    fn name(&self) -> String {
+        let hex: String = self.token.iter().map(|b| format!("{b:02x}")).collect();
+        format!("notebookos-blob-{hex}")
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shm:{}/{} ({} bytes)", self.pid, self.fd, self.len)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0} is not the sealed blob it should be: {1}")]
+    Mismatch(String, &'static str),
+    #[error("shared memory blobs need Linux")]
+    Unsupported,
+}
+
+fn os(what: &'static str) -> ShmError {
+    ShmError::Os {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// What this process maps, by address, so that a blob's bytes can say what they are.
+enum Kind {
+    /// Made here and sealed: shareable through its descriptor.
+    Sealed {
+        fd: i32,
+        token: [u8; 16],
+        hash: Option<BlobHash>,
+    },
+    /// A peer's sealed blob, mapped copy-on-write: ours to write.
+    Private,
+}
+
+struct Live {
+    base: usize,
+    len: usize,
+    kind: Kind,
+}
+
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A mapping that unmaps (and closes its descriptor) when the last `Bytes` on it goes.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+    fd: Option<i32>,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing else unmaps it.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        live().retain(|l| l.base != self.ptr as usize);
+        #[cfg(target_os = "linux")]
+        // SAFETY: our own mapping and descriptor, released once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+            if let Some(fd) = self.fd {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+fn token() -> [u8; 16] {
+    let mut t = [0u8; 16];
+    #[cfg(target_os = "linux")]
+    {
+        use std::io::Read;
+        if std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut t))
+            .is_ok()
+        {
+            return t;
+        }
+    }
+    // Unique within this process is enough for the name check; pid and time spread it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    t[..12].copy_from_slice(&nanos.to_le_bytes()[..12]);
+    t[12..].copy_from_slice(&std::process::id().to_le_bytes());
+    t
+}
+
+/// A blob of `len` bytes written by `fill` into a new memfd, then sealed and mapped
+/// read-only. Peers on this host can map it through [`handle`].
+#[cfg(target_os = "linux")]
+pub fn sealed(len: usize, fill: impl FnOnce(&mut [u8])) -> Result<Bytes, ShmError> {
+    use std::ffi::CString;
+    if len == 0 {
+        return Err(ShmError::Mismatch(
+            "an empty blob".into(),
+            "nothing to share",
+        ));
+    }
+    let token = token();
+    let handle_name = Handle {
+        pid: 0,
+        fd: 0,
+        len: 0,
+        token,
+    }
+    .name();
+    let name = CString::new(handle_name).map_err(|_| ShmError::Unsupported)?;
+    // SAFETY: plain syscalls on a descriptor and mappings this function owns; every
+    // error path closes or unmaps what it made.
+    unsafe {
+        let fd = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        if fd < 0 {
+            return Err(os("memfd_create"));
+        }
+        let fail = |what| {
+            let e = os(what);
+            libc::close(fd);
+            e
+        };
+        if libc::ftruncate(fd, len as libc::off_t) != 0 {
+            return Err(fail("ftruncate"));
+        }
+        let rw = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if rw == libc::MAP_FAILED {
+            return Err(fail("mmap"));
+        }
+        fill(std::slice::from_raw_parts_mut(rw.cast::<u8>(), len));
+        // A writable shared mapping would keep the write seal from being added.
+        libc::munmap(rw, len);
+        let seals =
+            libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        if libc::fcntl(fd, libc::F_ADD_SEALS, seals) != 0 {
+            return Err(fail("sealing"));
+        }
+        let ro = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if ro == libc::MAP_FAILED {
+            return Err(fail("mmap"));
+        }
+        let ptr = ro.cast::<u8>();
+        live().push(Live {
+            base: ptr as usize,
+            len,
+            kind: Kind::Sealed {
+                fd,
+                token,
+                hash: None,
+            },
+        });
+        Ok(Bytes::from_owner(Mapping {
+            ptr,
+            len,
+            fd: Some(fd),
+        }))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn sealed(_len: usize, _fill: impl FnOnce(&mut [u8])) -> Result<Bytes, ShmError> {
+    Err(ShmError::Unsupported)
+}
+
+/// The handle of a whole sealed blob made here, if `data` is one.
+pub fn handle(data: &Bytes) -> Option<Handle> {
+    let base = data.as_ptr() as usize;
+    live().iter().find_map(|l| match l.kind {
+        Kind::Sealed { fd, token, .. } if l.base == base && l.len == data.len() => Some(Handle {
+            pid: std::process::id(),
+            fd,
+            len: l.len as u64,
+            token,
+        }),
+        _ => None,
+    })
+}
+
+/// The hash of a sealed blob made here, computed once (the bytes cannot change).
+pub fn sealed_hash(data: &Bytes) -> Option<BlobHash> {
+    let base = data.as_ptr() as usize;
+    let known = live().iter().find_map(|l| match l.kind {
+        Kind::Sealed { hash, .. } if l.base == base && l.len == data.len() => Some(hash),
+        _ => None,
+    })?;
+    if let Some(h) = known {
+        return Some(h);
+    }
+    let h = BlobHash::of(data);
+    for l in live().iter_mut() {
+        if let Kind::Sealed { hash, .. } = &mut l.kind {
+            if l.base == base {
+                *hash = Some(h);
+            }
+        }
+    }
+    Some(h)
+}
+
+/// Whether `data` lies in a peer's blob mapped copy-on-write here, so that writing
+/// through it changes this process's pages alone.
+pub fn is_private(data: &Bytes) -> bool {
+    let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+    live()
+        .iter()
+        .any(|l| matches!(l.kind, Kind::Private) && l.base <= start && end <= l.base + l.len)
+}
+
+/// Maps a peer's sealed blob copy-on-write, after checking that the descriptor is that
+/// blob: the right name, length and seals.
+#[cfg(target_os = "linux")]
+pub fn open_private(h: &Handle) -> Result<Bytes, ShmError> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{}/fd/{}", h.pid, h.fd);
+    let link = std::fs::read_link(&path).map_err(|source| ShmError::Os {
+        what: "reading the blob's descriptor",
+        source,
+    })?;
+    let expected = format!("/memfd:{} (deleted)", h.name());
+    if link.as_os_str() != expected.as_str() {
+        return Err(ShmError::Mismatch(path, "another file"));
+    }
+    let file = std::fs::File::open(&path).map_err(|source| ShmError::Os {
+        what: "opening the blob",
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| ShmError::Os {
+            what: "stat of the blob",
+            source,
+        })?
+        .len();
+    if len != h.len || len == 0 {
+        return Err(ShmError::Mismatch(path, "another length"));
+    }
+    let len = usize::try_from(len).map_err(|_| ShmError::Mismatch(path.clone(), "too large"))?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl and mmap on a descriptor we hold open; the mapping is ours.
+    unsafe {
+        let seals = libc::fcntl(fd, libc::F_GET_SEALS);
+        let needed = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals < 0 || seals & needed != needed {
+            return Err(ShmError::Mismatch(path, "not sealed"));
+        }
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap"));
+        }
+        let ptr = p.cast::<u8>();
+        live().push(Live {
+            base: ptr as usize,
+            len,
+            kind: Kind::Private,
+        });
+        // The mapping keeps the file's pages; the descriptor closes with `file`.
+        Ok(Bytes::from_owner(Mapping { ptr, len, fd: None }))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn open_private(_h: &Handle) -> Result<Bytes, ShmError> {
+    Err(ShmError::Unsupported)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_blob_is_shared_copy_on_write() {
+        let blob = sealed(3 << 20, |b| b.fill(7)).unwrap();
+        assert!(blob.iter().all(|&b| b == 7));
+        let h = handle(&blob).expect("a sealed blob has a handle");
+        assert_eq!(Handle::decode(&h.encode()), h);
+        assert!(!is_private(&blob));
+
+        let copy = open_private(&h).unwrap();
+        assert!(is_private(&copy) && is_private(&copy.slice(10..20)));
+        assert_eq!(copy, blob);
+        // Writing the private mapping leaves the sealed bytes alone.
+        // SAFETY: a private, writable mapping of ours that nothing else reads now.
+        unsafe { *(copy.as_ptr() as *mut u8) = 1 };
+        assert_eq!((copy[0], blob[0]), (1, 7));
+
+        // The maker's mapping can go first; the peer's pages stay.
+        drop(blob);
+        assert_eq!(copy[1], 7);
+        let base = copy.as_ptr() as usize;
+        drop(copy);
+        assert!(
+            !live().iter().any(|l| l.base == base),
+            "unmapped with its last Bytes"
+        );
+    }
+
+    #[test]
+    fn a_sealed_blob_cannot_be_written_through_its_descriptor() {
+        let blob = sealed(4096, |b| b.fill(1)).unwrap();
+        let h = handle(&blob).unwrap();
+        let n = unsafe { libc::pwrite(h.fd, [0u8].as_ptr().cast(), 1, 0) };
+        assert_eq!(n, -1, "the write seal holds");
+        assert_eq!(sealed_hash(&blob), Some(BlobHash::of(&blob)));
+    }
+
+    #[test]
+    fn a_wrong_handle_is_refused() {
+        let blob = sealed(4096, |b| b.fill(1)).unwrap();
+        let h = handle(&blob).unwrap();
+        let wrong_token = Handle {
+            token: [0; 16],
+            ..h
+        };
+        assert!(matches!(
+            open_private(&wrong_token),
+            Err(ShmError::Mismatch(..))
+        ));
+        let wrong_len = Handle { len: 8192, ..h };
+        assert!(matches!(
+            open_private(&wrong_len),
+            Err(ShmError::Mismatch(..))
+        ));
+        let no_such_fd = Handle { fd: 100_000, ..h };
+        assert!(open_private(&no_such_fd).is_err());
+        // A plain heap blob has no handle.
+        assert!(handle(&Bytes::from(vec![1u8; 4096])).is_none());
+    }
+}
