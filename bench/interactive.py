@@ -4,8 +4,8 @@ notebookos with one replica and notebookos with three, alternately, in one run.
 For every cell: time to idle (execute_request sent -> status idle, what the
 user waits for) per kernel, median over rounds; for three replicas also the
 time until every replica holds the cell's changes (`notebookos_sync_request`
-answered). After the 800 MB array: the RSS (and PSS, which counts shared
-pages once) of all of each kernel's processes.
+answered). After the 800 MB array: the RSS, PSS and host memory (see
+``memory``) of all of each kernel's processes.
 
 Usage: python bench/interactive.py [--rounds 5] [--json FILE]
 Needs kernelspecs "python3" (ipykernel), "notebookos" and "notebookos-single"
@@ -54,15 +54,33 @@ CHANGED_BYTES = {
 }
 
 
+SHARED_BLOB = "/memfd:notebookos-blob-"
+
+
 def memory(pids):
-    """(RSS, PSS) in bytes summed over processes."""
-    rss = pss = 0
+    """(RSS, PSS, host) in bytes, summed over a kernel's processes.
+
+    RSS counts a page once per process that touched it, PSS splits it among
+    them; neither counts the pages of a shared delta (a sealed memfd, see
+    raft-transport's shm module) that no process has touched yet, though they
+    take RAM all the same. "host" is what the kernel costs the machine: PSS
+    of everything else, plus each shared delta in full, once."""
+    rss = pss = other_pss = 0
+    shared = {}  # memfd inode -> bytes
     for pid in pids:
         try:
-            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            text = Path(f"/proc/{pid}/smaps").read_text()
         except OSError:
             continue
+        in_blob = False
         for line in text.splitlines():
+            head = line.split(maxsplit=5)
+            if len(head) >= 5 and "-" in head[0] and ":" in head[2]:
+                in_blob = len(head) == 6 and head[5].startswith(SHARED_BLOB)
+                if in_blob:
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    shared[head[4]] = max(shared.get(head[4], 0), end - start)
+                continue
             key, _, rest = line.partition(":")
             if key in ("Rss", "Pss"):
                 kb = int(rest.split()[0]) * 1024
@@ -70,7 +88,9 @@ def memory(pids):
                     rss += kb
                 else:
                     pss += kb
-    return rss, pss
+                    if not in_blob:
+                        other_pss += kb
+    return rss, pss, other_pss + sum(shared.values())
 
 
 class Kernel:
@@ -153,16 +173,18 @@ def main():
         print(f"{row['cell']:40} {row['ipykernel_s'] * 1000:8.1f}ms {row['notebookos-1_s'] * 1000:8.1f}ms "
               f"{row['notebookos-3_s'] * 1000:8.1f}ms {row['notebookos-3_ratio']:8.2f} "
               f"{row['notebookos-3_all_replicas_s'] * 1000:11.1f}ms")
-    base_rss = mem["ipykernel"][0]
+    base_rss, base_host = mem["ipykernel"][0], mem["ipykernel"][2]
     print(f"\nmemory after the 800 MB array (all of a kernel's processes):")
-    for name, (rss, pss) in mem.items():
-        print(f"  {name:14} RSS {rss / MB:8.0f} MB ({rss / base_rss:.2f}x ipykernel)  PSS {pss / MB:8.0f} MB")
+    for name, (rss, pss, host) in mem.items():
+        print(f"  {name:14} RSS {rss / MB:8.0f} MB ({rss / base_rss:.2f}x ipykernel)  PSS {pss / MB:8.0f} MB"
+              f"  host {host / MB:8.0f} MB ({host / base_host:.2f}x ipykernel)")
     worst = max(rows, key=lambda r: r["notebookos-3_ratio"])
     print(f"\nworst cell with 3 replicas: {worst['cell']} at {worst['notebookos-3_ratio']:.2f}x ipykernel")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cells": rows,
-             "memory_after_800mb": {n: {"rss_bytes": m[0], "pss_bytes": m[1]} for n, m in mem.items()},
+             "memory_after_800mb": {n: {"rss_bytes": m[0], "pss_bytes": m[1], "host_bytes": m[2]}
+                                    for n, m in mem.items()},
              "cpus": os.cpu_count()}, indent=2))
 
 

@@ -425,6 +425,7 @@ def test_large_changes_are_one_shared_copy_on_this_host(rk):
     its array changes its own pages only."""
     rk.fe.execute("import numpy as np\nbig = np.arange(4_000_000, dtype=np.float64)")
     rk.fe.synced()
+    rk.verify()  # every replica applied it, and read every page
     for r in rk.peers():
         maps = Path(f"/proc/{rk.pid(r)}/maps").read_text()
         assert "/memfd:notebookos-blob-" in maps, f"replica {r} holds a copy of its own"

@@ -164,9 +164,11 @@ fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()>
         .collect();
     drop(buffers);
     let list = PyList::empty(py);
-    // A peer's shared-memory delta mapped copy-on-write here: writes stay ours.
-    let mapped = raft_transport::shm::is_private(&data) && data.is_unique();
-    let owned = if mapped {
+    // A peer's shared-memory delta mapped copy-on-write here: writes stay in this
+    // process. (`Bytes` cannot tell whether an owner-backed blob has other handles;
+    // the blob store let go of it before the apply, and a copy it served later
+    // would fail the fetcher's hash check rather than pass for the original.)
+    let owned = if raft_transport::shm::is_private(&data) {
         Ok(Received::Mapped(data))
     } else {
         data.try_into_mut()
