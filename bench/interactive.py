@@ -1,5 +1,6 @@
 """Interactive speed with replication: realistic cells through ipykernel,
-notebookos with one replica and notebookos with three, alternately, in one run.
+notebookos with one replica and notebookos with three (keeping or sharing the
+winner's pages, see SHARING), alternately, in one run.
 
 For every cell: time to idle (execute_request sent -> status idle, what the
 user waits for) per kernel, median over rounds; for three replicas also the
@@ -27,6 +28,10 @@ from frontend import Frontend  # noqa: E402
 from replicas import ReplicatedKernel  # noqa: E402
 
 MB = 1e6
+# Three replicas where the replica that ran a cell also gives up its own copy of
+# large arrays for the delta's pages (NOTEBOOKOS_SHARE_PAGES=always); the other
+# three-replica kernel never does (peers map the delta either way).
+SHARING = "notebookos-3-shared"
 CELLS = [
     ("pass", "pass"),
     ("rebind a small int", "x = 1"),
@@ -94,10 +99,10 @@ def memory(pids):
 
 
 class Kernel:
-    def __init__(self, name, spec, tmp):
+    def __init__(self, name, spec, tmp, env=None):
         self.name = name
         if spec == "notebookos":
-            self.rk = ReplicatedKernel(tmp / name)
+            self.rk = ReplicatedKernel(tmp / name, env=env)
             self.fe = self.rk.fe
         else:
             self.rk = None
@@ -132,20 +137,21 @@ def main():
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nbos-interactive-"))
     kernels = [Kernel("ipykernel", "python3", tmp), Kernel("notebookos-1", "notebookos-single", tmp),
-               Kernel("notebookos-3", "notebookos", tmp)]
+               Kernel("notebookos-3", "notebookos", tmp, {"NOTEBOOKOS_SHARE_PAGES": "never"}),
+               Kernel(SHARING, "notebookos", tmp, {"NOTEBOOKOS_SHARE_PAGES": "always"})]
     idle = {k.name: {c: [] for c, _ in CELLS} for k in kernels}
-    synced = {c: [] for c, _ in CELLS}
+    synced = {k.name: {c: [] for c, _ in CELLS} for k in kernels}
     mem = {}
     try:
         for r in range(args.rounds):
             for label, code in CELLS:
                 # Rotate which kernel goes first, so none always runs on a warm cache.
-                order = kernels[r % 3:] + kernels[:r % 3]
+                order = kernels[r % len(kernels):] + kernels[:r % len(kernels)]
                 for k in order:
                     t_idle, t_sync = k.run(code)
                     idle[k.name][label].append(t_idle)
                     if k.rk is not None:
-                        synced[label].append(t_sync)
+                        synced[k.name][label].append(t_sync)
                     if label == AFTER_BIG and r == args.rounds - 1:
                         if k.rk is not None:
                             # Every replica has applied every change (a log barrier).
@@ -163,16 +169,19 @@ def main():
         row = {"cell": label, "ipykernel_s": base}
         if label in CHANGED_BYTES:
             row["changed_bytes"] = CHANGED_BYTES[label]
-        for name in ("notebookos-1", "notebookos-3"):
+        for name in ("notebookos-1", "notebookos-3", SHARING):
             row[f"{name}_s"] = statistics.median(idle[name][label])
             row[f"{name}_ratio"] = row[f"{name}_s"] / base
-        row["notebookos-3_all_replicas_s"] = statistics.median(synced[label])
+        for name in ("notebookos-3", SHARING):
+            row[f"{name}_all_replicas_s"] = statistics.median(synced[name][label])
         rows.append(row)
-    print(f"\n{'cell':40} {'ipykernel':>10} {'nbos-1':>10} {'nbos-3':>10} {'ratio-3':>8} {'all replicas':>13}")
+    print(f"\n{'cell':40} {'ipykernel':>10} {'nbos-1':>10} {'nbos-3':>10} {'ratio-3':>8} {'all replicas':>13}"
+          f" {'shared':>10} {'ratio':>6} {'all replicas':>13}")
     for row in rows:
         print(f"{row['cell']:40} {row['ipykernel_s'] * 1000:8.1f}ms {row['notebookos-1_s'] * 1000:8.1f}ms "
               f"{row['notebookos-3_s'] * 1000:8.1f}ms {row['notebookos-3_ratio']:8.2f} "
-              f"{row['notebookos-3_all_replicas_s'] * 1000:11.1f}ms")
+              f"{row['notebookos-3_all_replicas_s'] * 1000:11.1f}ms {row[SHARING + '_s'] * 1000:8.1f}ms "
+              f"{row[SHARING + '_ratio']:6.2f} {row[SHARING + '_all_replicas_s'] * 1000:11.1f}ms")
     base_rss, base_host = mem["ipykernel"][0], mem["ipykernel"][2]
     print(f"\nmemory after the 800 MB array (all of a kernel's processes):")
     for name, (rss, pss, host) in mem.items():

@@ -419,16 +419,33 @@ def test_strict_mode_replies_after_the_changes_are_replicated(tmp_path):
         rk.close()
 
 
-def test_large_changes_are_one_shared_copy_on_this_host(rk):
+def on_shared_pages(pid):
+    """Whether some memory of the process is a delta's pages, mapped copy-on-write
+    (the maker's own mapping of a delta it still ships is read-only)."""
+    return any("/memfd:notebookos-blob-" in line and line.split()[1] == "rw-p"
+               for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+@pytest.fixture
+def sharing(tmp_path):
+    k = ReplicatedKernel(tmp_path, env={"NOTEBOOKOS_SHARE_PAGES": "always"})
+    yield k
+    k.close()
+
+
+def test_large_changes_are_one_shared_copy_on_this_host(sharing):
     """A large delta is made once, in a sealed memory file that each peer maps
     copy-on-write instead of receiving a copy over QUIC; a peer that writes to
-    its array changes its own pages only."""
+    its array changes its own pages only. With NOTEBOOKOS_SHARE_PAGES=always
+    the replica that made it gives up its own copy for those pages too."""
+    rk = sharing
     rk.fe.execute("import numpy as np\nbig = np.arange(4_000_000, dtype=np.float64)")
     rk.fe.synced()
     rk.verify()  # every replica applied it, and read every page
     for r in rk.peers():
-        maps = Path(f"/proc/{rk.pid(r)}/maps").read_text()
-        assert "/memfd:notebookos-blob-" in maps, f"replica {r} holds a copy of its own"
+        assert on_shared_pages(rk.pid(r)), f"replica {r} holds a copy of its own"
+    # The replica that ran the cell swapped its own copy for the shared pages too.
+    assert on_shared_pages(rk.pid(rk.front())), "the maker keeps a copy of its own"
     writer = rk.peers()[0]
     rk.steer(writer)
     rk.fe.execute("big[:10] += 1")
@@ -436,3 +453,34 @@ def test_large_changes_are_one_shared_copy_on_this_host(rk):
     rk.fe.synced()
     assert rk.eval("float(big[:11].sum())") == repr(float(sum(range(11)) + 10))
     rk.verify()
+    # On the maker, in place, then freed and the memory reused: its own values.
+    rk.fe.execute("big *= 2\nsmall = np.ones(1000)\nview = big[::2]\nm = np.memmap('m.bin', "
+                  "dtype=np.float64, mode='w+', shape=(300_000,))\nm[:] = 3")
+    rk.fe.synced()
+    rk.fe.execute("m[:] += 1\nm.flush()\ndel big, view\nagain = np.full(4_000_000, 5.0)")
+    rk.fe.synced()
+    assert rk.eval("(float(again.sum()), float(m.sum()), float(np.fromfile('m.bin').sum()))") == \
+        repr((20_000_000.0, 1_200_000.0, 1_200_000.0))
+    rk.verify()
+
+
+def test_an_array_a_user_thread_may_write_keeps_its_own_pages(sharing):
+    rk = sharing
+    rk.fe.execute("import threading, numpy as np\nstop = threading.Event()\n"
+                  "t = threading.Thread(target=stop.wait)\nt.start()\n"
+                  "arr = np.arange(4_000_000, dtype=np.float64)")
+    rk.fe.synced()  # captured (and swapped, were it to be) before this answers
+    assert not on_shared_pages(rk.pid(rk.front()))
+    rk.fe.execute("stop.set(); t.join()")
+
+
+def test_with_share_pages_never_only_the_peers_map_the_delta(tmp_path):
+    rk = ReplicatedKernel(tmp_path, env={"NOTEBOOKOS_SHARE_PAGES": "never"})
+    try:
+        rk.fe.execute("import numpy as np\narr = np.arange(4_000_000, dtype=np.float64)")
+        rk.fe.synced()
+        rk.verify()
+        assert not on_shared_pages(rk.pid(rk.front()))
+        assert all(on_shared_pages(rk.pid(r)) for r in rk.peers())
+    finally:
+        rk.close()

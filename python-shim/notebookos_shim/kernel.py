@@ -345,12 +345,16 @@ class Kernel:
         from . import gpu
 
         gpu.register(self.shell)
+        from .statesync import owns_its_pages
+
         header, buffers = self.statesync.capture(code)
         skipped = self.statesync.unpicklable
         if skipped:
             names = ", ".join(f"{name} ({why})" for name, why in skipped)
             _log.info("not replicated, lost if this replica fails: %s", names)
-        return header, list(buffers)
+        # Whether the kernel may back each buffer with the delta's own pages.
+        alone = _only_kernel_threads()
+        return header, list(buffers), [alone and owns_its_pages(b) for b in buffers]
 
     @_quiet
     def sync_apply(self, header, buffers):
@@ -359,7 +363,7 @@ class Kernel:
     @_quiet
     def sync_checkpoint(self):
         header, buffers = self.statesync.checkpoint()
-        return header, list(buffers)
+        return header, list(buffers), [False] * len(buffers)
 
     @_quiet
     def sync_restore(self, header, buffers):
@@ -465,3 +469,15 @@ def start(options):
         # Rust forwards interrupts to a cell running on another replica.
         signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     return kernel
+
+
+def _only_kernel_threads():
+    """Whether no thread but the kernel's own runs here: then nothing can write
+    to an array between its copy into a delta and the swap of its pages."""
+    from IPython.core.history import HistorySavingThread
+
+    me = threading.current_thread()
+    return all(
+        t is me or isinstance(t, HistorySavingThread) or t.name.startswith("notebookos-")
+        for t in threading.enumerate()
+    )

@@ -700,6 +700,25 @@ class StateSync:
             pass  # history is a convenience; the namespace is already applied
 
 
+def owns_its_pages(view):
+    """Whether an out-of-band buffer is all of a plain numpy array that owns its
+    memory from numpy's default allocator: no other object, file or device
+    shares those pages, so the kernel may swap them for the delta's own
+    (``back_with`` in raft-transport's shm module). A memmap, a view, a torch
+    tensor or an array on foreign memory (pinned, mapped) is never swapped."""
+    np = sys.modules.get("numpy")
+    obj = getattr(view, "obj", None)
+    if np is None or type(obj) is not np.ndarray:
+        return False
+    if obj.base is not None or not obj.flags.owndata or view.nbytes != obj.nbytes:
+        return False
+    core = getattr(np, "_core", None) or np.core
+    try:
+        return core.multiarray.get_handler_name(obj) == "default_allocator"
+    except Exception:
+        return False
+
+
 def _malformed(payload, kind):
     """Why ``payload`` is not a well-formed ``kind`` payload, or None."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

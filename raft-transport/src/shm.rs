@@ -362,6 +362,112 @@ pub fn open_private(_h: &Handle) -> Result<Bytes, ShmError> {
     Err(ShmError::Unsupported)
 }
 
+/// The system's page size.
+pub fn page_size() -> usize {
+    #[cfg(target_os = "linux")]
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(target_os = "linux"))]
+    let size = 4096;
+    usize::try_from(size).unwrap_or(4096).max(1)
+}
+
+/// Fewer mappings than Linux's default limit (65530), with room for the process.
+const MAX_MAPPINGS: usize = 50_000;
+
+/// Backs the whole pages of `len` bytes at `addr` with the same bytes of a sealed
+/// blob made here, which start at `offset` in it: the memory becomes the blob's
+/// pages, mapped copy-on-write, and its own copy is freed. Returns how many bytes
+/// moved. Only anonymous private memory is remapped (not a file, shared or device
+/// mapping), and only while the process is far from its mapping limit.
+///
+/// # Safety
+/// The bytes at `addr` must equal the blob's at `offset` and must not change while
+/// this runs: nothing else may write to them (the copy and the remap must see the same
+/// bytes, or a write in between is lost), and no device may hold their physical pages
+/// (a pinned buffer registered for DMA would keep writing to the old pages).
+#[cfg(target_os = "linux")]
+pub unsafe fn back_with(
+    blob: &Bytes,
+    offset: usize,
+    addr: *const u8,
+    len: usize,
+) -> Result<usize, ShmError> {
+    let h = handle(blob).ok_or(ShmError::Mismatch("a heap blob".into(), "not shared"))?;
+    let page = page_size();
+    let start = (addr as usize).next_multiple_of(page);
+    let end = (addr as usize + len) / page * page;
+    if end <= start {
+        return Ok(0);
+    }
+    let file_offset = offset + (start - addr as usize);
+    if file_offset % page != 0 || offset + len > blob.len() {
+        return Err(ShmError::Mismatch(
+            "the blob".into(),
+            "not laid out for these pages",
+        ));
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|source| ShmError::Os {
+        what: "reading /proc/self/maps",
+        source,
+    })?;
+    if maps.lines().count() > MAX_MAPPINGS {
+        return Err(ShmError::Mismatch(
+            "this process".into(),
+            "too many mappings",
+        ));
+    }
+    let anonymous = maps.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_), Some(_), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            return false;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            return false;
+        };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        else {
+            return false;
+        };
+        lo <= start
+            && end <= hi
+            && perms.starts_with("rw")
+            && perms.ends_with('p')
+            && inode == "0"
+            && f.next().is_none()
+    });
+    if !anonymous {
+        return Err(ShmError::Mismatch(
+            format!("memory at {start:#x}"),
+            "not anonymous private memory",
+        ));
+    }
+    let p = libc::mmap(
+        start as *mut libc::c_void,
+        end - start,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_FIXED,
+        h.fd,
+        file_offset as libc::off_t,
+    );
+    if p == libc::MAP_FAILED {
+        return Err(os("mmap"));
+    }
+    Ok(end - start)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub unsafe fn back_with(
+    _blob: &Bytes,
+    _offset: usize,
+    _addr: *const u8,
+    _len: usize,
+) -> Result<usize, ShmError> {
+    Err(ShmError::Unsupported)
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -400,6 +506,63 @@ mod tests {
         let n = unsafe { libc::pwrite(h.fd, [0u8].as_ptr().cast(), 1, 0) };
         assert_eq!(n, -1, "the write seal holds");
         assert_eq!(sealed_hash(&blob), Some(BlobHash::of(&blob)));
+    }
+
+    #[test]
+    fn anonymous_memory_can_be_backed_by_a_blob() {
+        let page = page_size();
+        let len = 64 * page;
+        // SAFETY: a fresh anonymous mapping of ours.
+        let anon = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(anon, libc::MAP_FAILED);
+        // A source that starts mid-page, laid out at the same offset within a page.
+        let src = unsafe { anon.cast::<u8>().add(100) };
+        let n = len - 200;
+        let mem = unsafe { std::slice::from_raw_parts_mut(src, n) };
+        for (i, x) in mem.iter_mut().enumerate() {
+            *x = (i % 253) as u8;
+        }
+        let offset = 100;
+        let blob = sealed(offset + n, |b| b[offset..].copy_from_slice(mem)).unwrap();
+        let moved = unsafe { back_with(&blob, offset, src, n) }.unwrap();
+        assert_eq!(moved, len - 2 * page);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let at = format!("{:x}-", anon as usize + page);
+        assert!(
+            maps.lines()
+                .any(|l| l.starts_with(&at) && l.contains("/memfd:notebookos-blob-")),
+            "{maps}"
+        );
+        // Same bytes; writes stay private to the array and leave the blob alone.
+        assert!(mem.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
+        mem[page] ^= 0xff;
+        assert_eq!(blob[offset + page], (page % 253) as u8);
+        assert_eq!(mem[page], ((page % 253) as u8) ^ 0xff);
+        // The blob can go; the memory stays.
+        drop(blob);
+        assert_eq!(mem[2 * page], ((2 * page) % 253) as u8);
+        unsafe { libc::munmap(anon, len) };
+    }
+
+    #[test]
+    fn only_anonymous_memory_is_backed() {
+        let blob = sealed(16 * page_size(), |b| b.fill(1)).unwrap();
+        // Another sealed blob's pages are a shared file mapping, not anonymous memory.
+        let other = sealed(16 * page_size(), |b| b.fill(1)).unwrap();
+        let r = unsafe { back_with(&blob, 0, other.as_ptr(), other.len()) };
+        assert!(matches!(r, Err(ShmError::Mismatch(..))), "{r:?}");
+        // A heap blob cannot back anything.
+        let heap = Bytes::from(vec![1u8; 4096]);
+        assert!(unsafe { back_with(&heap, 0, other.as_ptr(), 4096) }.is_err());
     }
 
     #[test]

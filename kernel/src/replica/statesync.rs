@@ -3,7 +3,11 @@
 //! buffers into one byte string for the log or the bulk stream, and unpacks
 //! them on the other replicas as writable buffers for unpickling.
 //!
-//! Layout: `[count u32][header len u64][buffer lens u64 × count][header][buffers]`.
+//! Layout: `[count u32][header len u64][(offset u64, len u64) × count][header]`,
+//! then each buffer at its offset. Offsets rise and buffers do not overlap; a
+//! buffer starts on a 64-byte boundary (arrays built on it are aligned), or,
+//! when the maker will back its own array with the delta's pages, at the
+//! array's own offset within a page (see [`Part::page_offset`]).
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -27,52 +31,98 @@ const COPY_CHUNK: usize = 16 << 20;
 /// host map instead of receiving a copy (one copy per host).
 const SHARED: usize = 1 << 20;
 
+/// One buffer of a delta and where it should start within a page.
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub data: &'a [u8],
+    /// `Some(o)`: start at offset `o` modulo the page size, so that the pages of
+    /// the source can later be mapped onto those of the delta.
+    pub page_offset: Option<usize>,
+}
+
+const ALIGN: usize = 64;
+
+/// The offset of each part and the total length.
+fn layout(header: &[u8], parts: &[Part<'_>]) -> (Vec<usize>, usize) {
+    let mut at = 4 + 8 + 16 * parts.len() + header.len();
+    let offsets = parts
+        .iter()
+        .map(|p| {
+            at = match p.page_offset {
+                Some(o) => {
+                    let page = raft_transport::shm::page_size();
+                    let o = o % page;
+                    at + (o + page - at % page) % page
+                }
+                None => at.next_multiple_of(ALIGN),
+            };
+            let start = at;
+            at += p.data.len();
+            start
+        })
+        .collect();
+    (offsets, at)
+}
+
 /// One pickled namespace change (or a whole checkpoint), packed. The copy
 /// is what makes it a snapshot later cells cannot tear; large ones are
-/// copied on every core, into a sealed shared-memory blob.
-pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Bytes {
-    let len =
-        4 + 8 * (1 + buffers.len()) + header.len() + buffers.iter().map(|b| b.len()).sum::<usize>();
+/// copied on every core, into a sealed shared-memory blob. Returns the packed
+/// bytes and each part's offset in them.
+pub fn pack_parts(header: &[u8], parts: &[Part<'_>]) -> (Bytes, Vec<usize>) {
+    let (offsets, len) = layout(header, parts);
     if len >= SHARED {
-        match raft_transport::shm::sealed(len, |out| fill(out, header, buffers)) {
-            Ok(blob) => return blob,
+        match raft_transport::shm::sealed(len, |out| fill(out, header, parts, &offsets)) {
+            Ok(blob) => return (blob, offsets),
             Err(e) => tracing::debug!(error = %e, "state delta kept in private memory"),
         }
     }
     let mut out = vec![0; len];
-    fill(&mut out, header, buffers);
-    Bytes::from(out)
+    fill(&mut out, header, parts, &offsets);
+    (Bytes::from(out), offsets)
 }
 
-/// Writes the layout into `out`, which is exactly as long as it needs.
-fn fill(out: &mut [u8], header: &[u8], buffers: &[&[u8]]) {
+pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Bytes {
+    let parts: Vec<Part<'_>> = buffers
+        .iter()
+        .map(|data| Part {
+            data,
+            page_offset: None,
+        })
+        .collect();
+    pack_parts(header, &parts).0
+}
+
+/// Writes the layout into `out` (zeroed, exactly as long as it needs).
+fn fill(out: &mut [u8], header: &[u8], parts: &[Part<'_>], offsets: &[usize]) {
     let mut at = 0;
     let mut put = |bytes: &[u8]| {
         out[at..at + bytes.len()].copy_from_slice(bytes);
         at += bytes.len();
     };
-    put(&(buffers.len() as u32).to_le_bytes());
+    put(&(parts.len() as u32).to_le_bytes());
     put(&(header.len() as u64).to_le_bytes());
-    for b in buffers {
-        put(&(b.len() as u64).to_le_bytes());
+    for (p, off) in parts.iter().zip(offsets) {
+        put(&(*off as u64).to_le_bytes());
+        put(&(p.data.len() as u64).to_le_bytes());
     }
     put(header);
+    // Pairs of (destination, source) chunks; large deltas spread over the threads.
+    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
     let mut rest = &mut out[at..];
-    let data: usize = buffers.iter().map(|b| b.len()).sum();
+    let mut rest_at = at;
+    for (p, off) in parts.iter().zip(offsets) {
+        let (_, tail) = rest.split_at_mut(off - rest_at);
+        let (dst, tail) = tail.split_at_mut(p.data.len());
+        rest = tail;
+        rest_at = off + p.data.len();
+        pieces.extend(dst.chunks_mut(COPY_CHUNK).zip(p.data.chunks(COPY_CHUNK)));
+    }
+    let data: usize = parts.iter().map(|p| p.data.len()).sum();
     if data < PARALLEL_COPY {
-        for b in buffers {
-            let (dst, tail) = rest.split_at_mut(b.len());
-            dst.copy_from_slice(b);
-            rest = tail;
+        for (dst, src) in pieces {
+            dst.copy_from_slice(src);
         }
         return;
-    }
-    // Pairs of (destination, source) chunks, spread over the threads.
-    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
-    for b in buffers {
-        let (dst, tail) = rest.split_at_mut(b.len());
-        rest = tail;
-        pieces.extend(dst.chunks_mut(COPY_CHUNK).zip(b.chunks(COPY_CHUNK)));
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = pieces.len().div_ceil(threads.max(1));
@@ -89,66 +139,178 @@ fn fill(out: &mut [u8], header: &[u8], buffers: &[&[u8]]) {
 
 /// The header and buffers, as slices of `data` (no copy).
 pub fn unpack(data: &Bytes) -> Result<(Bytes, Vec<Bytes>), CorruptDelta> {
-    let word = |at: usize, n: usize| data.get(at..at + n).ok_or(CorruptDelta("truncated table"));
-    let count =
-        u32::from_le_bytes(word(0, 4)?.try_into().map_err(|_| CorruptDelta("count"))?) as usize;
-    // Each length takes 8 bytes, so a count larger than the data is a lie.
-    if count > data.len() / 8 {
+    let word = |at: usize| -> Result<u64, CorruptDelta> {
+        let raw = data
+            .get(at..at + 8)
+            .ok_or(CorruptDelta("truncated table"))?;
+        Ok(u64::from_le_bytes(
+            raw.try_into().map_err(|_| CorruptDelta("table"))?,
+        ))
+    };
+    let raw = data.get(..4).ok_or(CorruptDelta("truncated table"))?;
+    let count = u32::from_le_bytes(raw.try_into().map_err(|_| CorruptDelta("count"))?) as usize;
+    // Each entry takes 16 bytes, so a count larger than the data is a lie.
+    if count > data.len() / 16 {
         return Err(CorruptDelta("buffer count"));
     }
-    let mut lens = Vec::with_capacity(count + 1);
-    for i in 0..=count {
-        let raw = word(4 + 8 * i, 8)?;
-        let len = u64::from_le_bytes(raw.try_into().map_err(|_| CorruptDelta("length"))?);
-        lens.push(usize::try_from(len).map_err(|_| CorruptDelta("length"))?);
+    let size = |v: u64| usize::try_from(v).map_err(|_| CorruptDelta("length"));
+    let header_len = size(word(4)?)?;
+    let mut at = (12 + 16 * count)
+        .checked_add(header_len)
+        .ok_or(CorruptDelta("length"))?;
+    if at > data.len() {
+        return Err(CorruptDelta("truncated data"));
     }
-    let mut at = 4 + 8 * (count + 1);
-    let mut parts = Vec::with_capacity(count + 1);
-    for len in lens {
-        let end = at.checked_add(len).ok_or(CorruptDelta("length"))?;
+    let header = data.slice(12 + 16 * count..at);
+    let mut parts = Vec::with_capacity(count);
+    for i in 0..count {
+        let (off, len) = (size(word(12 + 16 * i)?)?, size(word(20 + 16 * i)?)?);
+        if off < at {
+            return Err(CorruptDelta("overlapping buffers"));
+        }
+        let end = off.checked_add(len).ok_or(CorruptDelta("length"))?;
         if end > data.len() {
             return Err(CorruptDelta("truncated data"));
         }
-        parts.push(data.slice(at..end));
+        parts.push(data.slice(off..end));
         at = end;
     }
     if at != data.len() {
         return Err(CorruptDelta("trailing bytes"));
     }
-    let header = parts.remove(0);
     Ok((header, parts))
 }
 
-/// Calls `method` on the shim's kernel (returning `(header, [buffers])`) and packs the result.
+/// Buffers smaller than this are copied into the delta and left alone; larger
+/// ones the shim vouches for may be backed by the delta's own pages afterwards.
+const BACK_WITH_DELTA: usize = 1 << 20;
+
+/// Whether the replica that ran a cell swaps its arrays' pages for the delta's
+/// (`NOTEBOOKOS_SHARE_PAGES`). Sharing makes one physical copy per host, but
+/// the first write to each page afterwards copies that page (a copy-on-write
+/// fault): an in-place update of a large array then takes several times as long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharePages {
+    Always,
+    Never,
+    /// Only while memory is short: less than a quarter of the host's is available.
+    WhenShort,
+}
+
+impl SharePages {
+    pub fn from_env() -> Self {
+        match std::env::var("NOTEBOOKOS_SHARE_PAGES").as_deref() {
+            Ok("always") => Self::Always,
+            Ok("never") => Self::Never,
+            Ok("when-short") | Err(_) => Self::WhenShort,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "NOTEBOOKOS_SHARE_PAGES is 'always', 'never' or 'when-short'; using when-short"
+                );
+                Self::WhenShort
+            }
+        }
+    }
+
+    fn now(self) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::WhenShort => memory_is_short(),
+        }
+    }
+}
+
+fn memory_is_short() -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return false;
+    };
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    match (field("MemAvailable:"), field("MemTotal:")) {
+        (Some(available), Some(total)) => available < total / 4,
+        _ => false,
+    }
+}
+
+static SHARE_PAGES: std::sync::OnceLock<SharePages> = std::sync::OnceLock::new();
+
+/// Calls `method` on the shim's kernel (returning `(header, [buffers],
+/// [shareable])`) and packs the result.
+///
+/// One copy per host: a shareable buffer is a numpy array that alone owns
+/// memory from the default allocator, in a process where no thread but the
+/// kernel's runs (the shim checks both). After the copy, if [`SharePages`]
+/// says so, its pages are replaced by the sealed delta's, copy-on-write: the
+/// maker and every local peer then share one physical copy of the array until
+/// someone writes to it. (Peers always map the delta; this is about the maker.)
 fn capture<'py>(
     kernel: &Bound<'py, PyAny>,
     method: &str,
     args: impl IntoPyObject<'py, Target = pyo3::types::PyTuple>,
 ) -> PyResult<Bytes> {
     let result = kernel.call_method1(method, args)?;
-    let (header, buffers): (Bound<'_, PyBytes>, Bound<'_, PyList>) = result.extract()?;
+    let (header, buffers, shareable): (Bound<'_, PyBytes>, Bound<'_, PyList>, Vec<bool>) =
+        result.extract()?;
     let py = kernel.py();
     let mut held = Vec::with_capacity(buffers.len());
     for b in buffers.iter() {
         held.push(PyBuffer::<u8>::get(&b)?);
     }
     let mut copies = Vec::with_capacity(held.len());
-    for buf in &held {
+    let mut backed = Vec::with_capacity(held.len());
+    for (i, buf) in held.iter().enumerate() {
         if buf.is_c_contiguous() {
             // SAFETY: the buffer is C-contiguous, of u8, and kept alive (and the GIL held)
             // while the slice is read.
             let slice =
                 unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
             copies.push(std::borrow::Cow::Borrowed(slice));
+            backed.push(shareable.get(i) == Some(&true) && slice.len() >= BACK_WITH_DELTA);
         } else {
             copies.push(std::borrow::Cow::Owned(buf.to_vec(py)?));
+            backed.push(false);
         }
     }
-    let refs: Vec<&[u8]> = copies.iter().map(|c| c.as_ref()).collect();
+    let parts: Vec<Part<'_>> = copies
+        .iter()
+        .zip(&backed)
+        .map(|(c, &back)| Part {
+            data: c.as_ref(),
+            page_offset: back.then(|| c.as_ptr() as usize % raft_transport::shm::page_size()),
+        })
+        .collect();
     // The buffers are held; the cell is over, so only a thread the user left
-    // running could write to them meanwhile.
+    // running could write to them meanwhile (and then none is backed).
     let head = header.as_bytes();
-    Ok(py.allow_threads(|| pack(head, &refs)))
+    let (packed, offsets) = py.allow_threads(|| pack_parts(head, &parts));
+    let share = backed.contains(&true) && SHARE_PAGES.get_or_init(SharePages::from_env).now();
+    if share && raft_transport::shm::handle(&packed).is_some() {
+        let mut moved = 0;
+        for ((part, offset), _) in parts.iter().zip(&offsets).zip(&backed).filter(|(_, b)| **b) {
+            // SAFETY: the shim vouched that nothing but this thread writes to the
+            // array and no device holds its pages; the GIL is held again, and the
+            // bytes at `offset` are a copy of these very bytes.
+            match unsafe {
+                raft_transport::shm::back_with(
+                    &packed,
+                    *offset,
+                    part.data.as_ptr(),
+                    part.data.len(),
+                )
+            } {
+                Ok(n) => moved += n,
+                Err(e) => tracing::debug!(error = %e, "an array keeps its own copy"),
+            }
+        }
+        if moved > 0 {
+            tracing::debug!(bytes = moved, "arrays now share the delta's pages");
+        }
+    }
+    Ok(packed)
 }
 
 fn restore(kernel: &Bound<'_, PyAny>, method: &str, data: Bytes) -> PyResult<()> {
