@@ -401,7 +401,7 @@ pub unsafe fn back_with(
         return Ok(0);
     }
     let file_offset = offset + (start - addr as usize);
-    if file_offset % page != 0 || offset + len > blob.len() {
+    if !file_offset.is_multiple_of(page) || offset + len > blob.len() {
         return Err(ShmError::Mismatch(
             "the blob".into(),
             "not laid out for these pages",
