@@ -433,7 +433,7 @@ def sharing(tmp_path):
     k.close()
 
 
-def test_large_changes_are_one_shared_copy_on_this_host(sharing):
+def test_large_changes_are_one_shared_copy_on_this_host(sharing, tmp_path):
     """A large delta is made once, in a sealed memory file that each peer maps
     copy-on-write instead of receiving a copy over QUIC; a peer that writes to
     its array changes its own pages only. With NOTEBOOKOS_SHARE_PAGES=always
@@ -454,12 +454,13 @@ def test_large_changes_are_one_shared_copy_on_this_host(sharing):
     assert rk.eval("float(big[:11].sum())") == repr(float(sum(range(11)) + 10))
     rk.verify()
     # On the maker, in place, then freed and the memory reused: its own values.
-    rk.fe.execute("big *= 2\nsmall = np.ones(1000)\nview = big[::2]\nm = np.memmap('m.bin', "
+    mm = str(tmp_path / "m.bin")
+    rk.fe.execute(f"big *= 2\nsmall = np.ones(1000)\nview = big[::2]\nm = np.memmap({mm!r}, "
                   "dtype=np.float64, mode='w+', shape=(300_000,))\nm[:] = 3")
     rk.fe.synced()
     rk.fe.execute("m[:] += 1\nm.flush()\ndel big, view\nagain = np.full(4_000_000, 5.0)")
     rk.fe.synced()
-    assert rk.eval("(float(again.sum()), float(m.sum()), float(np.fromfile('m.bin').sum()))") == \
+    assert rk.eval(f"(float(again.sum()), float(m.sum()), float(np.fromfile({mm!r}).sum()))") == \
         repr((20_000_000.0, 1_200_000.0, 1_200_000.0))
     rk.verify()
 
