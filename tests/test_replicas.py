@@ -420,10 +420,10 @@ def test_strict_mode_replies_after_the_changes_are_replicated(tmp_path):
 
 
 def on_shared_pages(pid):
-    """Whether some memory of the process is a delta's pages, mapped copy-on-write
+    """The deltas whose pages some memory of the process is, mapped copy-on-write
     (the maker's own mapping of a delta it still ships is read-only)."""
-    return any("/memfd:notebookos-blob-" in line and line.split()[1] == "rw-p"
-               for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+    return {line.split()[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "/memfd:notebookos-blob-" in line and line.split()[1] == "rw-p"}
 
 
 @pytest.fixture
@@ -463,6 +463,15 @@ def test_large_changes_are_one_shared_copy_on_this_host(sharing, tmp_path):
     assert rk.eval(f"(float(again.sum()), float(m.sum()), float(np.fromfile({mm!r}).sum()))") == \
         repr((20_000_000.0, 1_200_000.0, 1_200_000.0))
     rk.verify()
+    # Changed in place on the maker, an array moves to the new delta's pages:
+    # the old delta is not kept alive by it.
+    rk.fe.execute("own = np.arange(4_000_000, dtype=np.float64)")
+    rk.fe.synced()
+    rk.fe.execute("own += 1")
+    rk.fe.synced()
+    rk.verify()
+    peers = set().union(*(on_shared_pages(rk.pid(r)) for r in rk.peers()))
+    assert on_shared_pages(rk.pid(rk.front())) <= peers
 
 
 def test_an_array_a_user_thread_may_write_keeps_its_own_pages(sharing):

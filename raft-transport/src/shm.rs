@@ -417,28 +417,7 @@ pub unsafe fn back_with(
             "too many mappings",
         ));
     }
-    let anonymous = maps.lines().any(|line| {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(_), Some(_), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            return false;
-        };
-        let Some((lo, hi)) = range.split_once('-') else {
-            return false;
-        };
-        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-        else {
-            return false;
-        };
-        lo <= start
-            && end <= hi
-            && perms.starts_with("rw")
-            && perms.ends_with('p')
-            && inode == "0"
-            && f.next().is_none()
-    });
-    if !anonymous {
+    if !private_memory(&maps, start, end) {
         return Err(ShmError::Mismatch(
             format!("memory at {start:#x}"),
             "not anonymous private memory",
@@ -456,6 +435,44 @@ pub unsafe fn back_with(
         return Err(os("mmap"));
     }
     Ok(end - start)
+}
+
+/// Whether `start..end` is covered, without a gap, by writable private mappings
+/// that are anonymous or an earlier blob of ours (an array backed before, whose
+/// old blob the new one replaces, so that blob is not kept alive by it).
+fn private_memory(maps: &str, start: usize, end: usize) -> bool {
+    let mut spans: Vec<(usize, usize)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, perms, _, _, inode) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let path: Vec<&str> = f.collect();
+            let ours = match path.as_slice() {
+                [] => inode == "0",
+                [name, "(deleted)"] => name.starts_with("/memfd:notebookos-blob-"),
+                _ => false,
+            };
+            if !(ours && perms.starts_with("rw") && perms.ends_with('p')) {
+                return None;
+            }
+            let (lo, hi) = range.split_once('-')?;
+            let (lo, hi) = (
+                usize::from_str_radix(lo, 16).ok()?,
+                usize::from_str_radix(hi, 16).ok()?,
+            );
+            (lo < end && start < hi).then_some((lo, hi))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut covered = start;
+    for (lo, hi) in spans {
+        if lo > covered {
+            return false;
+        }
+        covered = covered.max(hi);
+    }
+    covered >= end
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -551,6 +568,23 @@ mod tests {
         drop(blob);
         assert_eq!(mem[2 * page], ((2 * page) % 253) as u8);
         unsafe { libc::munmap(anon, len) };
+    }
+
+    #[test]
+    fn memory_to_back_is_covered_by_private_mappings_without_a_gap() {
+        let maps = "\
+1000-3000 rw-p 00000000 00:00 0
+3000-5000 rw-p 00000000 00:01 77 /memfd:notebookos-blob-ab (deleted)
+5000-6000 rw-p 00000000 00:00 0
+7000-8000 rw-p 00000000 00:00 0
+8000-9000 rw-s 00000000 00:01 78 /memfd:notebookos-blob-cd (deleted)
+9000-a000 rw-p 00000000 08:01 99 /data/file.bin
+";
+        assert!(private_memory(maps, 0x1000, 0x6000));
+        assert!(private_memory(maps, 0x2000, 0x4000));
+        assert!(!private_memory(maps, 0x5000, 0x7800), "a gap");
+        assert!(!private_memory(maps, 0x8000, 0x9000), "shared");
+        assert!(!private_memory(maps, 0x9000, 0xa000), "a file");
     }
 
     #[test]
