@@ -111,8 +111,14 @@ impl Transport {
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
         let (socket, released) = TrackedSocket::wrap(udp_socket(listen, tuning.socket_buffer)?)?;
+        // What we accept from peers bounds their MTU discovery as much as the path
+        // does; quinn's default (1472) would cap it whatever `max_udp_payload` says.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(tuning.max_udp_payload.max(1472))
+            .map_err(|e| crate::Error::Config(format!("max_udp_payload: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -255,10 +255,10 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in 1..=8u8 {
+        for k in 1..=9u8 {
             assert_eq!(StreamKind::from_u8(k).map(|k| k as u8), Some(k));
         }
         assert!(StreamKind::from_u8(0).is_none());
-        assert!(StreamKind::from_u8(9).is_none());
+        assert!(StreamKind::from_u8(10).is_none());
     }
 }
