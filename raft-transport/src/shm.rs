@@ -40,27 +40,29 @@ impl Handle {
     }
 
     pub fn decode(raw: &[u8; Self::WIRE_LEN]) -> Self {
-        let word = |r: std::ops::Range<usize>| -> [u8; 8] {
-            let mut w = [0u8; 8];
-            w[..r.len()].copy_from_slice(&raw[r]);
-            w
-        };
+        let mut four = [0u8; 4];
+        let mut eight = [0u8; 8];
         let mut token = [0u8; 16];
+        four.copy_from_slice(&raw[..4]);
+        let pid = u32::from_le_bytes(four);
+        four.copy_from_slice(&raw[4..8]);
+        let fd = i32::from_le_bytes(four);
+        eight.copy_from_slice(&raw[8..16]);
         token.copy_from_slice(&raw[16..]);
         Self {
-            pid: u64::from_le_bytes(word(0..4)) as u32,
-            fd: u64::from_le_bytes(word(4..8)) as u32 as i32,
-            len: u64::from_le_bytes(word(8..16)),
+            pid,
+            fd,
+            len: u64::from_le_bytes(eight),
             token,
         }
     }
+}
 
-    /// The memfd's name, which `/proc/PID/fd/FD` must link to: a descriptor number in a
-    /// recycled or foreign pid is refused rather than mapped.
-    fn name(&self) -> String {
-        let hex: String = self.token.iter().map(|b| format!("{b:02x}")).collect();
-        format!("notebookos-blob-{hex}")
-    }
+/// The memfd's name, which `/proc/PID/fd/FD` must link to: a descriptor number in a
+/// recycled or foreign pid is refused rather than mapped.
+fn blob_name(token: &[u8; 16]) -> String {
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    format!("notebookos-blob-{hex}")
 }
 
 impl fmt::Debug for Handle {
@@ -178,14 +180,7 @@ pub fn sealed(len: usize, fill: impl FnOnce(&mut [u8])) -> Result<Bytes, ShmErro
         ));
     }
     let token = token();
-    let handle_name = Handle {
-        pid: 0,
-        fd: 0,
-        len: 0,
-        token,
-    }
-    .name();
-    let name = CString::new(handle_name).map_err(|_| ShmError::Unsupported)?;
+    let name = CString::new(blob_name(&token)).map_err(|_| ShmError::Unsupported)?;
     // SAFETY: plain syscalls on a descriptor and mappings this function owns; every
     // error path closes or unmaps what it made.
     unsafe {
@@ -308,7 +303,7 @@ pub fn open_private(h: &Handle) -> Result<Bytes, ShmError> {
         what: "reading the blob's descriptor",
         source,
     })?;
-    let expected = format!("/memfd:{} (deleted)", h.name());
+    let expected = format!("/memfd:{} (deleted)", blob_name(&h.token));
     if link.as_os_str() != expected.as_str() {
         return Err(ShmError::Mismatch(path, "another file"));
     }
