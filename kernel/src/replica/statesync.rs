@@ -81,6 +81,7 @@ pub fn pack_parts(header: &[u8], parts: &[Part<'_>]) -> (Bytes, Vec<usize>) {
     (Bytes::from(out), offsets)
 }
 
+/// [`pack_parts`] with every buffer 64-byte aligned.
 pub fn pack(header: &[u8], buffers: &[&[u8]]) -> Bytes {
     let parts: Vec<Part<'_>> = buffers
         .iter()
