@@ -26,8 +26,9 @@ class _ChildPipe:
 
     A write to a pipe is atomic only up to PIPE_BUF bytes, so children send
     frames no larger (pid, length, last) and the kernel puts each write back
-    together before streaming it: two children's prints never interleave
-    mid-write, however long.
+    together before streaming it. A child sends whole lines (the rest when
+    it flushes, as it does on exit), since one print is several writes: two
+    children's lines never interleave, however long.
     """
 
     _HEADER = struct.Struct("=iIB")
@@ -39,6 +40,9 @@ class _ChildPipe:
         os.set_blocking(self.read_fd, False)
         self._buffer = b""
         self._partial = {}
+        # In a child: what it wrote after its last newline (per pid, as a
+        # child's child starts with a copy of this).
+        self._line_pid, self._line = None, ""
         # Held while reading and streaming, so that what drain() takes and
         # what the thread takes go out in the order the children wrote it.
         self._lock = threading.Lock()
@@ -80,6 +84,22 @@ class _ChildPipe:
                 _notebookos.stream(self.name, text)
 
     def write(self, text):
+        pid = os.getpid()
+        if self._line_pid != pid:
+            self._line_pid, self._line = pid, ""
+        self._line += text
+        cut = self._line.rfind("\n") + 1
+        if cut:
+            whole, self._line = self._line[:cut], self._line[cut:]
+            self._send(whole)
+
+    def flush_child(self):
+        """In a child: sends what it wrote after its last newline."""
+        if self._line_pid == os.getpid() and self._line:
+            rest, self._line = self._line, ""
+            self._send(rest)
+
+    def _send(self, text):
         data = text.encode("utf-8", "replace")
         pid = os.getpid()
         for start in range(0, len(data), self._PAYLOAD):
@@ -140,3 +160,5 @@ class OutStream(io.TextIOBase):
             # What children wrote before the cell ends belongs to the cell.
             self._children.drain()
             _notebookos.flush()
+        else:
+            self._children.flush_child()
