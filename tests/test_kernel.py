@@ -173,6 +173,51 @@ def test_a_thread_prints_into_the_cell_it_was_given(fe):
     assert streams == [(first, "from the thread\n"), (second, "after the reset\n")], streams
 
 
+def test_an_asyncio_task_runs_between_cells_and_prints_into_its_cell(fe):
+    """As under ipykernel, the shell's event loop runs while the kernel waits:
+    a task a cell scheduled goes on, and its output belongs to that cell."""
+    first = fe.kc.execute(
+        "import asyncio\n"
+        "async def ticks():\n"
+        "    for i in range(3):\n"
+        "        print(i, end='', flush=True)\n"
+        "        await asyncio.sleep(0.05)\n"
+        "    print('done', flush=True)\n"
+        "asyncio.get_event_loop().create_task(ticks())\n"
+        "del ticks"
+    )
+    second = fe.kc.execute("pass")
+    streams = []
+    while not streams or streams[-1][1] != "done\n":
+        m = fe.kc.get_iopub_msg(timeout=30)
+        if m["msg_type"] == "stream":
+            streams.append((m["parent_header"].get("msg_id"), m["content"]["text"]))
+    assert fe.shell_reply(first)["content"]["status"] == "ok"
+    assert fe.shell_reply(second)["content"]["status"] == "ok"
+    assert {p for p, _ in streams} == {first}, streams
+    assert "".join(t for _, t in streams) == "012done\n", streams
+
+
+def test_top_level_await_runs_on_the_loop_cells_get():
+    fe = Frontend("notebookos-single")
+    try:
+        reply, msgs = fe.execute(
+            "import asyncio\n"
+            "loop = asyncio.get_event_loop()\n"
+            "async def running():\n"
+            "    return asyncio.get_running_loop()\n"
+            "(await running()) is loop"
+        )
+        assert reply["status"] == "ok", reply
+        assert of_type(msgs, "execute_result")[0]["content"]["data"]["text/plain"] == "True"
+        # A future made in one cell is resolved by the loop in a later one.
+        fe.execute("fut = loop.create_future()\nloop.call_later(0.05, fut.set_result, 42)")
+        reply, msgs = fe.execute("await fut")
+        assert of_type(msgs, "execute_result")[0]["content"]["data"]["text/plain"] == "42"
+    finally:
+        fe.close()
+
+
 def test_sys_exit_is_reported_and_the_kernel_lives(fe):
     reply, msgs = fe.execute("import sys; sys.exit(3)")
     assert reply["status"] == "error" and reply["ename"] == "SystemExit"

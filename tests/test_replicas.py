@@ -288,6 +288,23 @@ def test_remote_output_order_and_streaming(on_peer):
     assert all(m["header"]["session"] == msgs[0]["header"]["session"] for m in msgs)
 
 
+def test_remote_asyncio_task_prints_between_cells(on_peer):
+    """A task lives on the replica whose cell scheduled it; what it prints
+    while that replica is idle reaches the notebook, in its cell."""
+    fe = on_peer.fe
+    first = fe.kc.execute(
+        "import asyncio\n"
+        "async def later():\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    print('from the task', flush=True)\n"
+        "asyncio.get_event_loop().create_task(later())\n"
+        "del later"
+    )
+    assert fe.shell_reply(first)["content"]["status"] == "ok"
+    m = fe.wait_for(first, "stream")
+    assert m["content"]["text"] == "from the task\n"
+
+
 def test_remote_input_round_trip(on_peer):
     fe = on_peer.fe
     msg_id = fe.kc.execute("name = input('who? ')", allow_stdin=True)

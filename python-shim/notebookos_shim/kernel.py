@@ -102,6 +102,8 @@ class Kernel:
         self.placement = placement.local()
         # The last cell that ran to the end: who ran it, how long it waited.
         self.last_cell = None
+        # The main thread's asyncio loop, run between requests (start sets it).
+        self.idle_loop = None
         self._handlers = {
             "execute_request": self.execute_request,
             "complete_request": self.complete_request,
@@ -127,6 +129,11 @@ class Kernel:
     @property
     def parent_header(self):
         return self.get_parent().get("header", {})
+
+    def idle(self):
+        """Rust calls this on the main thread while no request is queued for
+        it; False when there is no loop to run."""
+        return self.idle_loop is not None and self.idle_loop.run()
 
     def dispatch(self, msg_type, msg, buffers):
         parent = json.loads(msg)
@@ -464,6 +471,11 @@ def start(options):
     builtins.input = kernel.raw_input
     getpass.getpass = kernel.getpass
     signal.signal(signal.SIGINT, _ignore_sigint)
+    if options.get("idle_wakeup_fd") is not None:
+        from .asyncloop import IdleLoop
+
+        kernel.idle_loop = IdleLoop(options["idle_wakeup_fd"], kernel.get_parent)
+        kernel.idle_loop.loop()
     wakeup_fd = options.get("sigint_wakeup_fd")
     if wakeup_fd is not None:
         # Rust forwards interrupts to a cell running on another replica.

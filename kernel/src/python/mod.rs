@@ -5,6 +5,7 @@
 mod bridge;
 mod digest;
 mod init;
+mod wakeup;
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,6 +19,7 @@ pub use bridge::{Bridge, Group, InputChannel};
 
 use crate::signals::{self, ThreadInterrupter};
 use crate::wire::{Header, Message};
+use wakeup::Wakeup;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PythonError {
@@ -87,6 +89,8 @@ impl KernelCell {
 #[derive(Clone)]
 pub struct Executor {
     jobs: std_mpsc::Sender<Job>,
+    /// The main thread's: its asyncio loop runs until a job arrives.
+    wakeup: Option<Arc<Wakeup>>,
 }
 
 impl Executor {
@@ -171,6 +175,9 @@ impl Executor {
                 failed,
             })
             .map_err(|_| PythonError::Gone);
+        if let Some(w) = &self.wakeup {
+            w.ring();
+        }
         async move {
             sent?;
             rx.await.map_err(|_| PythonError::Gone)?
@@ -199,6 +206,9 @@ impl PythonRuntime {
     ) -> Result<Self, PythonError> {
         pyo3::append_to_inittab!(_notebookos_module);
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
+        let wakeup = Arc::new(Wakeup::new().map_err(|e| PythonError::Init(e.to_string()))?);
+        let mut options = options;
+        options["idle_wakeup_fd"] = wakeup.fd().into();
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let kernel = Arc::new(KernelCell::default());
         let (thread_kernel, thread_bridge) = (kernel.clone(), bridge.clone());
@@ -219,7 +229,10 @@ impl PythonRuntime {
             .map_err(|e| PythonError::Init(e.to_string()))?;
         let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
         Ok(Self {
-            main: Executor { jobs: jobs_tx },
+            main: Executor {
+                jobs: jobs_tx,
+                wakeup: Some(wakeup),
+            },
             interrupter,
             versions,
             kernel,
@@ -245,11 +258,14 @@ impl PythonRuntime {
             .stack_size(64 << 20)
             .spawn(move || {
                 let k = Python::with_gil(|py| kernel.wait(py));
-                serve_jobs(&bridge, &k, jobs_rx);
+                serve_jobs(&bridge, &k, jobs_rx, false);
                 bridge.forget_thread();
             })
             .map_err(|e| PythonError::Init(e.to_string()))?;
-        Ok(Executor { jobs: jobs_tx })
+        Ok(Executor {
+            jobs: jobs_tx,
+            wakeup: None,
+        })
     }
 
     /// Raises KeyboardInterrupt in the main shell's running cell (a no-op
@@ -322,15 +338,31 @@ fn python_main(
         Err(e) => Err(e.clone()),
     });
     kernel_cell.set(for_cell);
-    serve_jobs(&bridge, &kernel, jobs);
+    serve_jobs(&bridge, &kernel, jobs, true);
 }
 
+/// Runs jobs in arrival order. With `idle_loop` (the main thread), the
+/// shell's asyncio loop runs whenever none is queued.
 fn serve_jobs(
     bridge: &Bridge,
     kernel: &Result<Py<PyAny>, PythonError>,
     jobs: std_mpsc::Receiver<Job>,
+    idle_loop: bool,
 ) {
-    for job in jobs {
+    let mut idle_loop = idle_loop && kernel.is_ok();
+    loop {
+        let job = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(std_mpsc::TryRecvError::Disconnected) => return,
+            Err(std_mpsc::TryRecvError::Empty) if idle_loop => {
+                idle_loop = run_idle_loop(kernel);
+                continue;
+            }
+            Err(std_mpsc::TryRecvError::Empty) => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
         match kernel {
             Err(e) => (job.failed)(e.clone()),
             Ok(kernel) => Python::with_gil(|py| {
@@ -341,6 +373,22 @@ fn serve_jobs(
             }),
         }
     }
+}
+
+/// Runs the shell's asyncio loop until a job rings the wakeup. False when
+/// the loop cannot run here: jobs are then awaited without it.
+fn run_idle_loop(kernel: &Result<Py<PyAny>, PythonError>) -> bool {
+    let Ok(kernel) = kernel else { return false };
+    Python::with_gil(|py| match kernel.bind(py).call_method0("idle") {
+        Ok(ran) => ran.is_truthy().unwrap_or(false),
+        Err(e) => {
+            tracing::warn!(
+                "the asyncio loop cannot run between requests: {}",
+                describe(py, &e)
+            );
+            false
+        }
+    })
 }
 
 fn describe(py: Python<'_>, err: &PyErr) -> String {
