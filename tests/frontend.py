@@ -95,3 +95,26 @@ def stream_text(msgs, name="stdout"):
 
 def of_type(msgs, msg_type):
     return [m for m in msgs if m["msg_type"] == msg_type]
+
+
+AWAIT_A_COMM_ANSWER = """\
+import asyncio, comm
+answer = asyncio.get_running_loop().create_future()
+c = comm.create_comm(target_name='await-test')
+c.on_msg(lambda msg: answer.set_result(msg['content']['data']['value']))
+print('got', await asyncio.wait_for(answer, 20))
+"""
+
+
+def await_a_comm_answer(fe):
+    """A cell awaits a widget's answer while the next cell is already queued:
+    the comm message is served inside the waiting cell (as ipykernel does),
+    not after the cells queued behind it."""
+    first = fe.kc.execute(AWAIT_A_COMM_ANSWER)
+    comm_id = fe.wait_for(first, "comm_open")["content"]["comm_id"]
+    second = fe.kc.execute("print(answer.result())\nc.close()\ndel c, answer")
+    fe.kc.shell_channel.send(fe.kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"value": 42}}))
+    assert fe.shell_reply(first)["content"]["status"] == "ok"
+    assert stream_text(fe.iopub_until_idle(first)) == "got 42\n"
+    assert fe.shell_reply(second)["content"]["status"] == "ok"
+    assert stream_text(fe.iopub_until_idle(second)) == "42\n"

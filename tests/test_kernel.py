@@ -7,11 +7,12 @@ import re
 import sys
 import time
 import uuid
+from datetime import datetime
 
 import pytest
 import zmq
 
-from frontend import Frontend, of_type, stream_text
+from frontend import Frontend, await_a_comm_answer, of_type, stream_text
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,10 @@ def test_an_asyncio_task_runs_between_cells_and_prints_into_its_cell(fe):
     assert "".join(t for _, t in streams) == "012done\n", streams
 
 
+def test_a_cell_awaits_a_comm_answer(fe):
+    await_a_comm_answer(fe)
+
+
 def test_top_level_await_runs_on_the_loop_cells_get():
     fe = Frontend("notebookos-single")
     try:
@@ -237,6 +242,42 @@ def test_kernel_object_as_libraries_expect(fe):
     out = stream_text(msgs)
     assert msg_id in out and "CommManager" in out
     assert of_type(msgs, "display_data")[0]["content"]["data"]["text/plain"] == "via session"
+
+
+def test_parents_and_routing_identities_of_each_channel(fe):
+    """ipykernel's get_parent(channel) and _parent_ident: the request being
+    run, and the newest request on control, wherever the cell runs."""
+    info = fe.kc.session.msg("kernel_info_request")
+    fe.kc.control_channel.send(info)
+    fe.kc.control_channel.get_msg(timeout=30)
+    msg_id = fe.kc.execute(
+        "k = get_ipython().kernel\n"
+        "print(k.get_parent('shell')['header']['msg_id'], k._parent_ident['shell'])\n"
+        "print(k.get_parent('control')['header']['msg_id'], k._parent_ident['control'])\n"
+        "del k"
+    )
+    assert fe.shell_reply(msg_id)["content"]["status"] == "ok"
+    session = fe.kc.session.session
+    assert stream_text(fe.iopub_until_idle(msg_id)).splitlines() == [
+        f"{msg_id} [b'{session}']", f"{info['header']['msg_id']} [b'{session}']"]
+
+
+def test_code_sent_on_control_runs_in_order_with_ipykernels_reply_metadata(fe):
+    fe.execute("import time")
+    sent = [fe.kc.session.msg("execute_request", {"code": f"time.sleep({t})"}) for t in (0.3, 0.1)]
+    for msg in sent:
+        fe.kc.control_channel.send(msg)
+    replies = {}
+    while len(replies) < len(sent):
+        m = fe.kc.control_channel.get_msg(timeout=30)
+        replies[m["parent_header"]["msg_id"]] = m
+    first, second = (replies[m["header"]["msg_id"]] for m in sent)
+    assert first["content"]["status"] == second["content"]["status"] == "ok"
+    started = datetime.fromisoformat(second["metadata"]["started"].replace("Z", "+00:00"))
+    assert first["header"]["date"] <= started
+    assert first["metadata"]["status"] == "ok" and first["metadata"]["dependencies_met"] is True
+    reply, _ = fe.execute("pass")
+    assert reply["status"] == "ok"
 
 
 def test_vscode_startup_cell(fe):
@@ -520,6 +561,24 @@ def test_interrupt_while_waiting_for_input():
         assert reply["ename"] == "KeyboardInterrupt"
         fe.iopub_until_idle(msg_id)
         assert fe.eval("3") == "3"
+    finally:
+        fe.close()
+
+
+def test_an_interrupt_ends_a_pdb_session_and_the_cell_goes_on():
+    """As under ipykernel (IPython's interruptible pdb): the interrupt stops
+    the debugger, not the cell, so the cells queued behind it run."""
+    fe = Frontend()
+    try:
+        first = fe.kc.execute("import pdb; pdb.set_trace()\nafter = 1")
+        second = fe.kc.execute("after + 1")
+        assert fe.kc.get_stdin_msg(timeout=30)["msg_type"] == "input_request"
+        fe.km.interrupt_kernel()
+        assert fe.shell_reply(first)["content"]["status"] == "ok"
+        out = stream_text(fe.iopub_until_idle(first))
+        assert "--KeyboardInterrupt--" in out and "KeyboardInterrupt: Interrupted by user" in out, out
+        assert fe.shell_reply(second)["content"]["status"] == "ok"
+        assert of_type(fe.iopub_until_idle(second), "execute_result")[0]["content"]["data"]["text/plain"] == "2"
     finally:
         fe.close()
 

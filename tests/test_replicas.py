@@ -16,7 +16,7 @@ from queue import Empty
 
 import pytest
 
-from frontend import Frontend, of_type, stream_text
+from frontend import Frontend, await_a_comm_answer, of_type, stream_text
 from notebook50 import CELLS
 from replicas import ReplicatedKernel, alive, outputs
 
@@ -303,6 +303,10 @@ def test_remote_asyncio_task_prints_between_cells(on_peer):
     assert fe.shell_reply(first)["content"]["status"] == "ok"
     m = fe.wait_for(first, "stream")
     assert m["content"]["text"] == "from the task\n"
+
+
+def test_remote_cell_awaits_a_comm_answer(on_peer):
+    await_a_comm_answer(on_peer.fe)
 
 
 def test_remote_input_round_trip(on_peer):

@@ -36,6 +36,26 @@ pub enum KernelError {
     Backends(#[source] std::io::Error),
 }
 
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Main-shell cells: through the replica group, when there is one.
+    Group,
+    /// Subshell and control-channel requests run on the executor given,
+    /// outside the log, as ipykernel runs them beside the main shell.
+    Subshell,
+    Control,
+}
+
+impl Route {
+    pub fn for_shell(request: &Message) -> Self {
+        match request.header.subshell_id {
+            None => Route::Group,
+            Some(_) => Route::Subshell,
+        }
+    }
+}
+
 /// What a handled request asks of the channel loop afterwards.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -68,6 +88,11 @@ pub struct Kernel {
     subshells: Mutex<HashMap<String, mpsc::Sender<Message>>>,
     /// The main-shell execute request being served (its msg_id).
     shell_cell: Mutex<Option<String>>,
+    /// The Python thread of code sent on the control channel, once some is.
+    control_exec: std::sync::OnceLock<Executor>,
+    /// The newest request served on control: cells see it as their
+    /// `get_parent("control")`, on whichever replica they run.
+    last_control: Mutex<Option<Message>>,
 }
 
 /// How the kernel was started: the connection file and the options meant
@@ -137,6 +162,8 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         shutdown: shutdown_tx,
         subshells: Mutex::new(HashMap::new()),
         shell_cell: Mutex::new(None),
+        control_exec: std::sync::OnceLock::new(),
+        last_control: Mutex::new(None),
     });
     iopub.status(None, ExecutionState::Starting).await;
     if let Some((read, write)) = wakeup {
@@ -189,12 +216,22 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let (shell_tx, shell_rx) = mpsc::channel(1024);
     tokio::spawn(router::pump("shell", shell_recv, session.clone(), shell_tx));
     let (main_tx, main_rx) = mpsc::channel(1024);
-    tokio::spawn(shell::route(kernel.clone(), shell_rx, main_tx));
-    tokio::spawn(shell::serve(
+    let (comms_tx, comms_rx) = mpsc::channel(1024);
+    tokio::spawn(shell::route(
         kernel.clone(),
-        kernel.python.main().clone(),
-        main_rx,
+        shell_rx,
+        shell::Lanes {
+            main: main_tx,
+            comms: comms_tx,
+        },
     ));
+    for lane in [main_rx, comms_rx] {
+        tokio::spawn(shell::serve(
+            kernel.clone(),
+            kernel.python.main().clone(),
+            lane,
+        ));
+    }
     let (control_tx, control_rx) = mpsc::channel(64);
     tokio::spawn(router::pump(
         "control",
@@ -289,6 +326,19 @@ impl Kernel {
         });
     }
 
+    /// Remembers a control request for the cells that follow (its buffers,
+    /// if any, are not kept).
+    pub fn note_control(&self, request: &Message) {
+        let mut kept = request.clone();
+        kept.buffers.clear();
+        *lock(&self.last_control) = Some(kept);
+    }
+
+    /// Whether a main-shell cell is being served.
+    pub fn cell_running(&self) -> bool {
+        self.shell_cell().is_some()
+    }
+
     /// The main-shell cell being served, if any.
     fn shell_cell(&self) -> Option<String> {
         lock(&self.shell_cell).clone()
@@ -317,11 +367,11 @@ impl Kernel {
     }
 
     /// Serves one shell request on the given Python thread.
-    pub async fn handle(&self, exec: &Executor, request: &Message) -> Outcome {
+    pub async fn handle(&self, exec: &Executor, request: &Message, route: Route) -> Outcome {
         let msg_type = request.header.msg_type.as_str();
         match msg_type {
             "kernel_info_request" => Outcome::reply(self.kernel_info(request)),
-            "execute_request" => self.execute(exec, request).await,
+            "execute_request" => self.execute(exec, request, route).await,
             "complete_request" => {
                 self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request)
                     .await
@@ -357,29 +407,32 @@ impl Kernel {
         }
     }
 
-    async fn execute(&self, exec: &Executor, request: &Message) -> Outcome {
+    async fn execute(&self, exec: &Executor, request: &Message, route: Route) -> Outcome {
+        let started = wire::now_iso8601();
         let parsed = match request.content_as::<execute::ExecuteRequest>() {
             Ok(r) => r,
             Err(e) => {
                 return Outcome::reply(self.error_reply(request, "BadRequest", e.to_string()))
             }
         };
-        // Subshell cells run where they are sent, outside the log (as ipykernel
-        // runs them beside the main shell); main-shell cells go through the group.
         tracing::debug!("execute: waiting for the group");
-        let group = match request.header.subshell_id {
-            None => self.group().await,
-            Some(_) => None,
+        let group = match route {
+            Route::Group => self.group().await,
+            Route::Subshell | Route::Control => None,
+        };
+        let (channel, control) = match route {
+            Route::Control => (Channel::Control, None),
+            _ => (Channel::Shell, lock(&self.last_control).clone()),
         };
         let json = match group {
-            Some(front) => match front.execute(request).await {
+            Some(front) => match front.execute(request, control.as_ref()).await {
                 Ok(CellResult::Reply(json)) => Ok(Some(json)),
                 Ok(CellResult::Lost { replica }) => {
                     return Outcome::reply(self.replica_lost(exec, request, replica).await)
                 }
                 Err(e) => Err(PythonError::Exception(format!("replica group: {e}"))),
             },
-            None => exec.call(request).await,
+            None => exec.call_on(request, channel, control.as_ref()).await,
         };
         let reply = match json {
             Ok(Some(json)) => serde_json::from_str::<execute::ExecuteReply>(&json)
@@ -390,11 +443,46 @@ impl Kernel {
         match reply {
             Ok(reply) => Outcome {
                 abort_queue: reply.is_error() && parsed.stop_on_error && !parsed.silent,
-                reply: Some(self.reply(request, &reply)),
+                reply: Some(
+                    self.reply(request, &reply)
+                        .with_metadata(self.execute_metadata(started, &reply.status)),
+                ),
                 shutdown: false,
             },
             Err(e) => Outcome::reply(self.error_reply(request, "KernelError", e.to_string())),
         }
+    }
+
+    /// An execute_reply's metadata, ipykernel's way.
+    pub fn execute_metadata(&self, started: String, status: &str) -> Value {
+        let metadata = execute::ReplyMetadata {
+            started,
+            dependencies_met: true,
+            engine: self.session.id.clone(),
+            status: status.to_owned(),
+        };
+        serde_json::to_value(metadata).unwrap_or_default()
+    }
+
+    /// A request sent on the control channel that ipykernel also serves
+    /// there (code, completion, inspection): run on a Python thread of its
+    /// own, beside the main shell, outside the replicas' log, as subshells are.
+    pub async fn handle_on_control(&self, request: &Message) -> Outcome {
+        let exec = match self.control_executor() {
+            Ok(exec) => exec,
+            Err(e) => {
+                return Outcome::reply(self.error_reply(request, "KernelError", e.to_string()))
+            }
+        };
+        self.handle(&exec, request, Route::Control).await
+    }
+
+    fn control_executor(&self) -> Result<Executor, PythonError> {
+        if let Some(exec) = self.control_exec.get() {
+            return Ok(exec.clone());
+        }
+        let exec = self.python.spawn_executor("control")?;
+        Ok(self.control_exec.get_or_init(|| exec).clone())
     }
 
     /// The winner died mid-cell: an error the user sees, with the namespace

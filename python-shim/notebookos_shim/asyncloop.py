@@ -4,7 +4,9 @@ A cell's ``asyncio.get_event_loop()`` and its top-level ``await`` both get
 IPython's loop. Tasks they schedule go on running while the kernel waits for
 the next request (Rust rings an eventfd to stop the loop when one comes),
 and what a task prints goes to the cell that scheduled it, as under
-ipykernel, whose parent is a context variable tasks inherit.
+ipykernel, whose parent is a context variable tasks inherit. While a cell
+runs the loop (top-level ``await``), the same ring serves comm messages
+inside it, so a cell can await a widget's answer.
 """
 
 import asyncio
@@ -18,10 +20,12 @@ from . import parent
 
 
 class IdleLoop:
-    def __init__(self, wakeup_fd, current_request):
+    def __init__(self, wakeup_fd, current_request, serve_comms):
         self._fd = wakeup_fd
         self._current_request = current_request
+        self._serve_comms = serve_comms
         self._prepared = None
+        self._idling = False
 
     def loop(self):
         """IPython's loop (a new one if a cell closed it), made the main
@@ -30,6 +34,7 @@ class IdleLoop:
         if loop is not self._prepared:
             asyncio.set_event_loop(loop)
             loop.set_task_factory(self._task)
+            loop.add_reader(self._fd, self._woken, loop)
             self._prepared = loop
         return loop
 
@@ -38,13 +43,13 @@ class IdleLoop:
         loop = self.loop()
         if loop.is_running():
             return False
-        loop.add_reader(self._fd, self._woken, loop)
+        self._idling = True
         try:
             loop.run_forever()
         except BaseException as e:  # noqa: BLE001 - a task's SystemExit must not end the kernel
             print(f"notebookos: the asyncio loop stopped: {e!r}", file=sys.__stderr__)
         finally:
-            loop.remove_reader(self._fd)
+            self._idling = False
         return True
 
     def _woken(self, loop):
@@ -52,7 +57,10 @@ class IdleLoop:
             os.eventfd_read(self._fd)
         except BlockingIOError:
             pass
-        loop.stop()
+        if self._idling:
+            loop.stop()
+        else:
+            self._serve_comms()
 
     def _task(self, loop, coro, **kwargs):
         context = kwargs.pop("context", None) or contextvars.copy_context()

@@ -98,6 +98,12 @@ class Kernel:
         self._local = threading.local()
         self._main_thread = threading.main_thread()
         self._main_parent = {}
+        self._main_ident = []
+        # The newest control request (the front's, or code sent on control,
+        # which runs on a thread of its own).
+        self._control_parent = {}
+        self._control_ident = []
+        self._control_thread = None
         # Replicas and GPU binding, as %notebookos shows them.
         self.placement = placement.local()
         # The last cell that ran to the end: who ran it, how long it waited.
@@ -118,13 +124,30 @@ class Kernel:
         }
 
     # What libraries expect of ipykernel's kernel object.
-    def get_parent(self, channel="shell"):
+    def get_parent(self, channel=None):
+        """The request being handled on ``channel`` (by default, the one of
+        this thread: control on the thread of code sent on control)."""
+        if channel is None:
+            on_control = threading.current_thread() is self._control_thread
+            channel = "control" if on_control else "shell"
+        if channel == "control":
+            return self._control_parent
         return getattr(self._local, "parent", self._main_parent)
 
-    def set_parent(self, parent, channel="shell"):
-        self._local.parent = parent
+    def set_parent(self, ident, parent, channel="shell"):
+        if channel == "control":
+            self._control_ident, self._control_parent = ident, parent
+            return
+        self._local.ident, self._local.parent = ident, parent
         if threading.current_thread() is self._main_thread:
-            self._main_parent = parent
+            self._main_ident, self._main_parent = ident, parent
+
+    @property
+    def _parent_ident(self):
+        # Private in ipykernel but read by front-end extensions: the ZMQ
+        # routing identities of the request on each channel.
+        return {"shell": getattr(self._local, "ident", self._main_ident),
+                "control": self._control_ident}
 
     @property
     def parent_header(self):
@@ -135,10 +158,25 @@ class Kernel:
         it; False when there is no loop to run."""
         return self.idle_loop is not None and self.idle_loop.run()
 
-    def dispatch(self, msg_type, msg, buffers):
+    def serve_comms(self):
+        """Comm messages that came while a cell awaits, served in its loop;
+        the cell's parent is its own again afterwards."""
+        ident, cell = self._parent_ident["shell"], self.get_parent("shell")
+        try:
+            _notebookos.serve_comms(self)
+        finally:
+            self.set_parent(ident, cell)
+
+    def dispatch(self, msg_type, msg, buffers, idents=(), channel="shell", control=None):
+        """Runs a request that came on ``channel``. ``control``: the newest
+        request the front served on control, as (message, idents)."""
+        if control is not None:
+            self.set_parent(list(control[1]), json.loads(control[0]), "control")
+        if channel == "control":
+            self._control_thread = threading.current_thread()
         parent = json.loads(msg)
         parent["buffers"] = buffers
-        self.set_parent(parent)
+        self.set_parent(list(idents), parent, channel)
         # Whatever an earlier request's code chose for this thread ends here.
         parent_of_output.follow_requests()
         handler = self._handlers[msg_type]
@@ -232,7 +270,11 @@ class Kernel:
             )
         sys.stdout.flush()
         sys.stderr.flush()
-        value = _notebookos.input_request(str(prompt), bool(password))
+        try:
+            value = _notebookos.input_request(str(prompt), bool(password))
+        except KeyboardInterrupt:
+            # ipykernel's words, without the frames of the wait.
+            raise KeyboardInterrupt("Interrupted by user") from None
         if value == "\x04":
             raise EOFError
         return value
@@ -470,17 +512,33 @@ def start(options):
 
     builtins.input = kernel.raw_input
     getpass.getpass = kernel.getpass
+    _interruptible_pdb()
     signal.signal(signal.SIGINT, _ignore_sigint)
     if options.get("idle_wakeup_fd") is not None:
         from .asyncloop import IdleLoop
 
-        kernel.idle_loop = IdleLoop(options["idle_wakeup_fd"], kernel.get_parent)
+        kernel.idle_loop = IdleLoop(
+            options["idle_wakeup_fd"], lambda: kernel.get_parent("shell"), kernel.serve_comms
+        )
         kernel.idle_loop.loop()
     wakeup_fd = options.get("sigint_wakeup_fd")
     if wakeup_fd is not None:
         # Rust forwards interrupts to a cell running on another replica.
         signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     return kernel
+
+
+def _interruptible_pdb():
+    """As under ipykernel: an interrupt ends a pdb session (IPython's pdb
+    prints it and the cell goes on) instead of leaving the kernel in it."""
+    import pdb
+
+    from IPython.core import debugger
+
+    if hasattr(debugger, "InterruptiblePdb"):
+        debugger.Pdb = debugger.InterruptiblePdb
+        pdb.Pdb = debugger.Pdb
+        pdb.set_trace = debugger.set_trace
 
 
 def _only_kernel_threads():

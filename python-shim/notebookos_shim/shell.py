@@ -83,7 +83,7 @@ class NotebookosShell(InteractiveShell):
         """ipykernel's: this thread's output (and, on the main thread, the
         kernel's notion of the request) answers ``message`` from now on."""
         if self.kernel is not None:
-            self.kernel.set_parent(message)
+            self.kernel.set_parent(self.kernel._parent_ident["shell"], message)
         parent.set_explicit(message)
 
     def set_thread_parent(self, message):

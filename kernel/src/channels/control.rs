@@ -1,4 +1,5 @@
-//! Control: kernel_info, interrupt and shutdown, served while shell is busy.
+//! Control: kernel_info, interrupt and shutdown, served while shell is busy;
+//! also code, completion and inspection, which ipykernel serves here too.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub async fn serve(
 ) {
     while let Some(request) = requests.recv().await {
         let parent = request.header.clone();
+        kernel.note_control(&request);
         // Busy/idle around control requests too: jupyter_client's
         // wait_for_ready and VS Code poll kernel_info here until iopub talks.
         kernel
@@ -36,6 +38,12 @@ pub async fn serve(
             "list_subshell_request" => Some(kernel.list_subshells(&request)),
             "notebookos_steer_request" => Some(kernel.steer(&request).await),
             "notebookos_sync_request" => Some(kernel.sync(&request).await),
+            "execute_request"
+            | "complete_request"
+            | "inspect_request"
+            | "is_complete_request"
+            | "history_request"
+            | "comm_info_request" => kernel.handle_on_control(&request).await.reply,
             "shutdown_request" => {
                 let outcome = kernel.shutdown(&request).await;
                 shutdown = outcome.shutdown;

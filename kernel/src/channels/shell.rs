@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use zeromq::RouterSendHalf;
 
 use super::router;
-use crate::kernel::{Kernel, Outcome};
+use crate::kernel::{Kernel, Outcome, Route};
 use crate::python::Executor;
 use crate::wire::status::ExecutionState;
 use crate::wire::Message;
@@ -18,21 +18,29 @@ use crate::wire::Message;
 /// The shell socket's send side, shared by the main shell and subshells.
 pub type Sink = Arc<tokio::sync::Mutex<RouterSendHalf>>;
 
-pub async fn route(
-    kernel: Arc<Kernel>,
-    mut incoming: mpsc::Receiver<Message>,
-    main: mpsc::Sender<Message>,
-) {
+/// Where main-shell requests go: in order, one at a time, except comm
+/// messages that arrive while a cell runs.
+pub struct Lanes {
+    pub main: mpsc::Sender<Message>,
+    /// Served beside the running cell, as ipykernel serves comms while its
+    /// shell is busy: a cell may be awaiting a widget's answer.
+    pub comms: mpsc::Sender<Message>,
+}
+
+pub async fn route(kernel: Arc<Kernel>, mut incoming: mpsc::Receiver<Message>, lanes: Lanes) {
     while let Some(msg) = incoming.recv().await {
         let target = match &msg.header.subshell_id {
-            None => main.clone(),
+            None if msg.header.msg_type.starts_with("comm_") && kernel.cell_running() => {
+                lanes.comms.clone()
+            }
+            None => lanes.main.clone(),
             Some(id) => match kernel.subshell(id) {
                 Some(queue) => queue,
                 None => {
                     tracing::warn!(
                         "request for unknown subshell {id}; running it on the main shell"
                     );
-                    main.clone()
+                    lanes.main.clone()
                 }
             },
         };
@@ -60,9 +68,16 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             .status(Some(&parent), ExecutionState::Busy)
             .await;
         let outcome = if aborting_before.is_some() && parent.msg_type == "execute_request" {
-            Outcome::reply(kernel.reply(&request, &json!({"status": "aborted"})))
+            let metadata = kernel.execute_metadata(crate::wire::now_iso8601(), "aborted");
+            Outcome::reply(
+                kernel
+                    .reply(&request, &json!({"status": "aborted"}))
+                    .with_metadata(metadata),
+            )
         } else {
-            kernel.handle(&exec, &request).await
+            kernel
+                .handle(&exec, &request, Route::for_shell(&request))
+                .await
         };
         if outcome.abort_queue {
             aborting_before = Some(Instant::now());

@@ -57,7 +57,7 @@ pub struct Bridge {
 /// ends; threads the user starts write under the main shell's request, as
 /// with ipykernel.
 #[derive(Default, Clone)]
-struct Current {
+pub(super) struct Current {
     parent: Option<Header>,
     identities: Vec<Bytes>,
 }
@@ -98,6 +98,23 @@ impl Bridge {
         }
     }
 
+    /// What this thread's output answers now, to put back with
+    /// [`Bridge::restore_current`] after a job run inside another.
+    pub(super) fn this_thread_current(&self) -> Option<Current> {
+        let c = self.current.lock().ok()?;
+        c.get(&std::thread::current().id()).cloned()
+    }
+
+    pub(super) fn restore_current(&self, saved: Option<Current>) {
+        if let Ok(mut c) = self.current.lock() {
+            let me = std::thread::current().id();
+            match saved {
+                Some(saved) => c.insert(me, saved),
+                None => c.remove(&me),
+            };
+        }
+    }
+
     /// Called when a subshell thread ends.
     pub fn forget_thread(&self) {
         if let Ok(mut c) = self.current.lock() {
@@ -116,7 +133,7 @@ impl Bridge {
     }
 }
 
-fn bridge() -> PyResult<&'static Arc<Bridge>> {
+pub(super) fn bridge() -> PyResult<&'static Arc<Bridge>> {
     BRIDGE
         .get()
         .ok_or_else(|| PyRuntimeError::new_err("notebookos kernel bridge is not running"))
@@ -302,6 +319,7 @@ pub fn _notebookos(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flush, m)?)?;
     m.add_function(wrap_pyfunction!(input_request, m)?)?;
     m.add_function(wrap_pyfunction!(super::digest::digest_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(super::jobs::serve_comms, m)?)?;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 mod bridge;
 mod digest;
 mod init;
+mod jobs;
 mod wakeup;
 
 use std::sync::mpsc as std_mpsc;
@@ -17,8 +18,11 @@ use tokio::sync::oneshot;
 
 pub use bridge::{Bridge, Group, InputChannel};
 
+use crate::connection::Channel;
 use crate::signals::{self, ThreadInterrupter};
 use crate::wire::{Header, Message};
+use bridge::bridge;
+use jobs::{Job, Work};
 use wakeup::Wakeup;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,17 +42,6 @@ pub enum PythonError {
 pub struct Versions {
     pub python: String,
     pub ipython: String,
-}
-
-/// Work for a Python thread: runs with the GIL held and the shim's kernel object.
-type Work = Box<dyn for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) + Send>;
-
-struct Job {
-    /// The request whose outputs this job's Python code produces, if any.
-    current: Option<(Header, Vec<Bytes>)>,
-    work: Work,
-    /// Told when the shim failed to start, instead of running `work`.
-    failed: Box<dyn FnOnce(PythonError) + Send>,
 }
 
 /// The shim's kernel object, set once the main thread has built it.
@@ -94,32 +87,63 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Runs `dispatch(msg_type, message, buffers)` in the shim; returns the
-    /// reply content as JSON, or None for requests without a reply.
-    pub async fn call(&self, msg: &Message) -> Result<Option<String>, PythonError> {
-        let message = serde_json::json!({
-            "header": msg.header,
-            "parent_header": match &msg.parent_header {
-                Some(p) => serde_json::json!(p),
-                None => serde_json::json!({}),
-            },
-            "metadata": msg.metadata,
-            "content": msg.content,
-        })
-        .to_string();
+    /// Runs a shell request in the shim (`dispatch`); resolves to the reply
+    /// content as JSON, or None for requests without a reply. Queued at
+    /// once, so calls run in the order they were made.
+    pub fn call(
+        &self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<Option<String>, PythonError>> + Send + 'static
+    {
+        self.call_on(msg, Channel::Shell, None)
+    }
+
+    /// [`Executor::call`] for a request that came on `channel`; `control`:
+    /// the newest request served on control, which the shim's
+    /// `get_parent("control")` returns from now on.
+    pub fn call_on(
+        &self,
+        msg: &Message,
+        channel: Channel,
+        control: Option<&Message>,
+    ) -> impl std::future::Future<Output = Result<Option<String>, PythonError>> + Send + 'static
+    {
+        let message = message_json(msg);
+        let control = control.map(|c| (message_json(c), c.identities.clone()));
+        let channel = match channel {
+            Channel::Control => "control",
+            _ => "shell",
+        };
         let msg_type = msg.header.msg_type.clone();
         let buffers = msg.buffers.clone();
+        let identities = msg.identities.clone();
+        // A cell awaiting a widget's answer must get it while it runs.
+        let concurrent = msg_type.starts_with("comm_");
         self.submit(
             Some((msg.header.clone(), msg.identities.clone())),
+            concurrent,
             move |py, kernel| {
-                let buffers: Vec<Bound<'_, PyBytes>> =
-                    buffers.iter().map(|b| PyBytes::new(py, b)).collect();
+                let bytes = |frames: &[Bytes]| -> Vec<Bound<'_, PyBytes>> {
+                    frames.iter().map(|b| PyBytes::new(py, b)).collect()
+                };
+                let control = control
+                    .as_ref()
+                    .map(|(json, identities)| (json.as_str(), bytes(identities)));
                 kernel
-                    .call_method1("dispatch", (msg_type.as_str(), message.as_str(), buffers))
+                    .call_method1(
+                        "dispatch",
+                        (
+                            msg_type.as_str(),
+                            message.as_str(),
+                            bytes(&buffers),
+                            bytes(&identities),
+                            channel,
+                            control,
+                        ),
+                    )
                     .and_then(|r| r.extract::<Option<String>>())
             },
         )
-        .await
     }
 
     /// Runs `f` on this executor's Python thread with the shim's kernel object.
@@ -128,7 +152,7 @@ impl Executor {
         T: Send + 'static,
         F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
     {
-        self.submit(None, f).await
+        self.submit(None, false, f).await
     }
 
     /// Queues `f` now, behind the jobs already queued and ahead of any queued
@@ -141,12 +165,13 @@ impl Executor {
         T: Send + 'static,
         F: for<'py> FnOnce(Python<'py>, &Bound<'py, PyAny>) -> PyResult<T> + Send + 'static,
     {
-        self.submit(None, f)
+        self.submit(None, false, f)
     }
 
     fn submit<T, F>(
         &self,
         current: Option<(Header, Vec<Bytes>)>,
+        concurrent: bool,
         f: F,
     ) -> impl std::future::Future<Output = Result<T, PythonError>> + Send + 'static
     where
@@ -171,6 +196,7 @@ impl Executor {
             .jobs
             .send(Job {
                 current,
+                concurrent,
                 work,
                 failed,
             })
@@ -258,7 +284,7 @@ impl PythonRuntime {
             .stack_size(64 << 20)
             .spawn(move || {
                 let k = Python::with_gil(|py| kernel.wait(py));
-                serve_jobs(&bridge, &k, jobs_rx, false);
+                jobs::serve(&bridge, &k, jobs_rx);
                 bridge.forget_thread();
             })
             .map_err(|e| PythonError::Init(e.to_string()))?;
@@ -338,57 +364,21 @@ fn python_main(
         Err(e) => Err(e.clone()),
     });
     kernel_cell.set(for_cell);
-    serve_jobs(&bridge, &kernel, jobs, true);
+    jobs::serve_main(&bridge, &kernel, jobs);
 }
 
-/// Runs jobs in arrival order. With `idle_loop` (the main thread), the
-/// shell's asyncio loop runs whenever none is queued.
-fn serve_jobs(
-    bridge: &Bridge,
-    kernel: &Result<Py<PyAny>, PythonError>,
-    jobs: std_mpsc::Receiver<Job>,
-    idle_loop: bool,
-) {
-    let mut idle_loop = idle_loop && kernel.is_ok();
-    loop {
-        let job = match jobs.try_recv() {
-            Ok(job) => job,
-            Err(std_mpsc::TryRecvError::Disconnected) => return,
-            Err(std_mpsc::TryRecvError::Empty) if idle_loop => {
-                idle_loop = run_idle_loop(kernel);
-                continue;
-            }
-            Err(std_mpsc::TryRecvError::Empty) => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        match kernel {
-            Err(e) => (job.failed)(e.clone()),
-            Ok(kernel) => Python::with_gil(|py| {
-                if let Some((header, identities)) = &job.current {
-                    bridge.set_current(header, identities);
-                }
-                (job.work)(py, kernel.bind(py));
-            }),
-        }
-    }
-}
-
-/// Runs the shell's asyncio loop until a job rings the wakeup. False when
-/// the loop cannot run here: jobs are then awaited without it.
-fn run_idle_loop(kernel: &Result<Py<PyAny>, PythonError>) -> bool {
-    let Ok(kernel) = kernel else { return false };
-    Python::with_gil(|py| match kernel.bind(py).call_method0("idle") {
-        Ok(ran) => ran.is_truthy().unwrap_or(false),
-        Err(e) => {
-            tracing::warn!(
-                "the asyncio loop cannot run between requests: {}",
-                describe(py, &e)
-            );
-            false
-        }
+/// A message as the shim's `dispatch` reads it.
+fn message_json(msg: &Message) -> String {
+    serde_json::json!({
+        "header": msg.header,
+        "parent_header": match &msg.parent_header {
+            Some(p) => serde_json::json!(p),
+            None => serde_json::json!({}),
+        },
+        "metadata": msg.metadata,
+        "content": msg.content,
     })
+    .to_string()
 }
 
 fn describe(py: Python<'_>, err: &PyErr) -> String {

@@ -133,8 +133,12 @@ impl GroupState {
 pub enum Effect {
     /// Bid on a cell: LEAD if this replica can run it now, else YIELD.
     Bid { cell: CellId },
-    /// This replica won the cell: run it.
-    Run { cell: CellId, request: Frames },
+    /// This replica won the cell: run it (`control`: see [`Entry::Request`]).
+    Run {
+        cell: CellId,
+        request: Frames,
+        control: Option<Frames>,
+    },
     /// Give back any GPUs taken for the cell (the election went elsewhere).
     ReleaseGpus { cell: CellId },
     /// Every live replica yielded: tell the user (the front only).
@@ -298,8 +302,12 @@ impl Applier {
             return Ok(fx);
         }
         // Elections the snapshot carries: bid on the open ones, run what we won.
-        for (cell, request) in self.state.elections.won_by(self.me) {
-            fx.push(Effect::Run { cell, request });
+        for (cell, won) in self.state.elections.won_by(self.me) {
+            fx.push(Effect::Run {
+                cell,
+                request: won.request,
+                control: won.control,
+            });
         }
         self.bid_on_undecided(&mut fx);
         fx.extend(
@@ -323,8 +331,9 @@ impl Applier {
                 cell,
                 request,
                 lead,
+                control,
             } => {
-                self.state.elections.open(cell.clone(), request);
+                self.state.elections.open(cell.clone(), request, control);
                 match lead {
                     Some(replica) => self.bid(&mut fx, cell, replica, true),
                     None if !self.is_restoring() => fx.push(Effect::Bid { cell }),
@@ -455,6 +464,7 @@ impl Applier {
                         fx.push(Effect::Run {
                             cell,
                             request: c.request.clone(),
+                            control: c.control.clone(),
                         });
                     }
                 } else {
@@ -582,6 +592,7 @@ mod tests {
             cell: cell.into(),
             request: Frames::default(),
             lead,
+            control: None,
         }
     }
 

@@ -18,6 +18,7 @@ impl Core {
     pub async fn execute(
         self: &Arc<Self>,
         request: &Message,
+        control: Option<&Message>,
     ) -> Result<CellResult, raft_transport::Error> {
         let _submitted = super::InFlight::new(&self.submitting);
         self.wait_ready().await;
@@ -32,6 +33,7 @@ impl Core {
             cell: cell.clone(),
             request: frames,
             lead,
+            control: control.map(Frames::from_message),
         };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);
@@ -110,7 +112,7 @@ impl Core {
     fn won_here(&self) -> Option<String> {
         let won = lock(&self.applier).state().elections.won_by(self.id);
         won.first()
-            .and_then(|(_, request)| request.to_message().ok())
+            .and_then(|(_, won)| won.request.to_message().ok())
             .map(|m| m.header.msg_id)
     }
 
@@ -126,11 +128,17 @@ impl Core {
 
     /// The winner's side: run, reply, and replicate what changed: in the
     /// background, after the `Done` (the default), or before it in strict mode.
-    pub(super) async fn run_cell(self: Arc<Self>, cell: CellId, request: Frames) {
+    pub(super) async fn run_cell(
+        self: Arc<Self>,
+        cell: CellId,
+        request: Frames,
+        control: Option<Frames>,
+    ) {
         let binding = self.gpu.bind(&cell, &self.exec).await;
         let started = std::time::Instant::now();
+        let control = control.and_then(|c| c.to_message().ok());
         let reply = match request.to_message() {
-            Ok(msg) => self.execute_here(&msg).await,
+            Ok(msg) => self.execute_here(&msg, control.as_ref()).await,
             Err(e) => error_reply("BadRequest", &e.to_string()),
         };
         let used = started.elapsed();
@@ -218,8 +226,9 @@ impl Core {
         self.gpu.release_cached(id, t.elapsed()).await;
     }
 
-    pub(super) async fn execute_here(&self, msg: &Message) -> String {
-        match self.exec.call(msg).await {
+    pub(super) async fn execute_here(&self, msg: &Message, control: Option<&Message>) -> String {
+        let shell = crate::connection::Channel::Shell;
+        match self.exec.call_on(msg, shell, control).await {
             Ok(Some(json)) => json,
             Ok(None) => error_reply("KernelError", "execute returned no reply"),
             Err(e) => error_reply("KernelError", &e.to_string()),

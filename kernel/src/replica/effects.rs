@@ -31,9 +31,13 @@ impl Core {
             Effect::Bid { cell } => {
                 tokio::spawn(self.clone().bid(cell));
             }
-            Effect::Run { cell, request } => {
+            Effect::Run {
+                cell,
+                request,
+                control,
+            } => {
                 if lock(&self.running).insert(cell.clone()) {
-                    tokio::spawn(self.clone().run_cell(cell, request));
+                    tokio::spawn(self.clone().run_cell(cell, request, control));
                 }
             }
             Effect::ReleaseGpus { cell } => {

@@ -35,6 +35,8 @@ pub const FINISHED_KEPT: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
     pub request: Frames,
+    /// The front's newest control request when the cell was submitted.
+    pub control: Option<Frames>,
     pub winner: Option<NodeId>,
     yielded: BTreeSet<NodeId>,
 }
@@ -100,12 +102,13 @@ impl From<Finished> for VecDeque<CellId> {
 }
 
 impl Elections {
-    pub fn open(&mut self, cell: CellId, request: Frames) {
+    pub fn open(&mut self, cell: CellId, request: Frames, control: Option<Frames>) {
         if self.finished.contains(&cell) {
             return;
         }
         self.open.entry(cell).or_insert(Cell {
             request,
+            control,
             winner: None,
             yielded: BTreeSet::new(),
         });
@@ -200,11 +203,11 @@ impl Elections {
     }
 
     /// Open cells that `replica` won and has not finished.
-    pub fn won_by(&self, replica: NodeId) -> Vec<(CellId, Frames)> {
+    pub fn won_by(&self, replica: NodeId) -> Vec<(CellId, Cell)> {
         self.open
             .iter()
             .filter(|(_, c)| c.winner == Some(replica))
-            .map(|(id, c)| (id.clone(), c.request.clone()))
+            .map(|(id, c)| (id.clone(), c.clone()))
             .collect()
     }
 }

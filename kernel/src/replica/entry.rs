@@ -18,11 +18,14 @@ pub type CellId = String;
 pub enum Entry {
     /// A shell request that one replica must run. `lead` carries the
     /// proposer's own LEAD bid, committed with the request (it is then the
-    /// first LEAD, so it wins); without it every replica bids.
+    /// first LEAD, so it wins); without it every replica bids. `control`: the
+    /// newest request the front served on control, the cell's
+    /// `get_parent("control")` wherever it runs.
     Request {
         cell: CellId,
         request: Frames,
         lead: Option<NodeId>,
+        control: Option<Frames>,
     },
     /// A replica's answer to a Request: it can run it now (`lead`) or not.
     Bid {
@@ -253,6 +256,7 @@ mod tests {
             cell: "c1".into(),
             request: frames.clone(),
             lead: Some(1),
+            control: Some(frames.clone()),
         };
         assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
         let m = frames.to_message().unwrap();
@@ -302,6 +306,7 @@ fn write_fuzz_seeds() {
                 cell: "c".into(),
                 request: frames.clone(),
                 lead: Some(1),
+                control: None,
             }
             .encode(),
         ),

@@ -198,13 +198,25 @@ impl Front {
             stopping: AtomicBool::new(false),
             moves: tokio::sync::Mutex::new(()),
         });
+        // With a core for each replica, local peers start now, loading their
+        // interpreters while ours finishes loading IPython (which
+        // `core.start` waits for); with fewer, that would only slow ours.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let early = !rejoin && cores > plan.replicas;
+        let mut launched = match early {
+            true => front.launch_local_peers(&ca)?,
+            false => Vec::new(),
+        };
         core.start().await;
+        if !rejoin && !early {
+            launched = front.launch_local_peers(&ca)?;
+        }
         tokio::spawn(front.clone().serve_events(events_rx));
 
         if rejoin {
             front.rejoin(old_front, &my_addr).await?;
         } else {
-            front.form(&ca, &my_addr).await?;
+            front.form(&ca, &my_addr, launched).await?;
         }
         if let Some(cluster) = &front.cluster {
             cluster.register(&gstate.kernel_id, core.id).await?;
@@ -226,10 +238,11 @@ impl Front {
     pub async fn execute(
         &self,
         request: &crate::wire::Message,
+        control: Option<&crate::wire::Message>,
     ) -> Result<super::CellResult, raft_transport::Error> {
         let frames = Frames::from_message(request);
         self.tell_losses(&frames).await;
-        let result = self.core.execute(request).await;
+        let result = self.core.execute(request, control).await;
         self.tell_losses(&frames).await;
         result
     }
@@ -270,7 +283,24 @@ impl Front {
         }
     }
 
-    async fn form(&self, ca: &KernelCa, my_addr: &str) -> Result<(), FrontError> {
+    /// Starts the group's other replicas as processes of this host (none
+    /// when a cluster places them).
+    fn launch_local_peers(
+        &self,
+        ca: &KernelCa,
+    ) -> Result<Vec<(NodeId, Box<dyn ReplicaProcess>)>, FrontError> {
+        if self.cluster.is_some() {
+            return Ok(Vec::new());
+        }
+        (1..self.replicas).map(|_| self.launch(ca, false)).collect()
+    }
+
+    async fn form(
+        &self,
+        ca: &KernelCa,
+        my_addr: &str,
+        started: Vec<(NodeId, Box<dyn ReplicaProcess>)>,
+    ) -> Result<(), FrontError> {
         let core = &self.core;
         let mut members = BTreeMap::new();
         members.insert(
@@ -288,14 +318,6 @@ impl Front {
                 members.insert(id, parse_addr(id, &addr)?);
                 self.adopt(id, addr, process);
             }
-        }
-        let mut started = Vec::new();
-        for _ in 1..self.replicas {
-            if self.cluster.is_some() {
-                break;
-            }
-            let (id, process) = self.launch(ca, false)?;
-            started.push((id, process));
         }
         for (id, process) in started {
             let addr =

@@ -45,10 +45,16 @@ impl Core {
             Mail::Interrupt => self.interrupt_mailed(),
             Mail::Comm { request } => match request.to_message() {
                 Ok(msg) => {
-                    if let Err(e) = self.exec.call(&msg).await {
-                        tracing::warn!("{} failed: {e}", msg.header.msg_type);
-                    }
-                    self.iopub.flush().await;
+                    // Queued now, in order; awaited aside, so that mail for a
+                    // running cell (an interrupt) is not held up behind it.
+                    let handled = self.exec.call(&msg);
+                    let iopub = self.iopub.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handled.await {
+                            tracing::warn!("{} failed: {e}", msg.header.msg_type);
+                        }
+                        iopub.flush().await;
+                    });
                 }
                 Err(e) => tracing::warn!(from, "malformed relayed comm message: {e}"),
             },

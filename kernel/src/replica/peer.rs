@@ -49,11 +49,8 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
     tokio::spawn(publisher.run());
     let stdin = RemoteStdin::new(relay_tx, session);
     let bridge = Bridge::install(iopub.clone(), stdin.clone());
-    let options = json!({"argv": b.argv, "connection_file": null});
-    let python = Arc::new(tokio::task::block_in_place(|| {
-        PythonRuntime::start(bridge.clone(), options, None)
-    })?);
-
+    // The node first: the group can form (and the front run its first
+    // cell) while this replica's interpreter starts.
     let identity = NodeIdentity::from_pem(b.id, &b.identity_pem)?;
     let listen = b
         .listen
@@ -62,6 +59,11 @@ pub async fn run(bootstrap: &Path) -> Result<i32, PeerError> {
     let (app, handle) = super::replica_app(b.id, b.front, b.joining);
     let node = ReplicaNode::start(super::replica_config(identity, listen), app).await?;
     group::write_private(&b.addr_file, node.addr().to_string().as_bytes())?;
+
+    let options = json!({"argv": b.argv, "connection_file": null});
+    let python = Arc::new(tokio::task::block_in_place(|| {
+        PythonRuntime::start(bridge.clone(), options, None)
+    })?);
 
     let interrupter = python.clone();
     let core = Core::new(CoreConfig {

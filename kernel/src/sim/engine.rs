@@ -820,6 +820,7 @@ impl<'w> Engine<'w> {
                 cell: "cell".into(),
                 request: Frames::default(),
                 lead: first.is_some().then_some(1),
+                control: None,
             },
         );
         // (replica, when its bid commits, its grant): replica 1's rides in

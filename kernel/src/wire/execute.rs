@@ -53,6 +53,16 @@ impl ExecuteReply {
     }
 }
 
+/// The execute_reply's metadata as ipykernel writes it (ipyparallel and
+/// some front-ends read `started`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplyMetadata {
+    pub started: String,
+    pub dependencies_met: bool,
+    pub engine: String,
+    pub status: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecuteInput {
     pub code: String,
