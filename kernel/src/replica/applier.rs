@@ -333,7 +333,9 @@ impl Applier {
                 lead,
                 control,
             } => {
-                self.state.elections.open(cell.clone(), request, control);
+                self.state
+                    .elections
+                    .open(cell.clone(), request, control.map(|c| *c));
                 match lead {
                     Some(replica) => self.bid(&mut fx, cell, replica, true),
                     None if !self.is_restoring() => fx.push(Effect::Bid { cell }),

@@ -33,7 +33,7 @@ impl Core {
             cell: cell.clone(),
             request: frames,
             lead,
-            control: control.map(Frames::from_message),
+            control: control.map(|c| Box::new(Frames::from_message(c))),
         };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);

@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn first_lead_wins_and_later_bids_are_ignored() {
         let mut e = Elections::default();
-        e.open("c".into(), frames());
+        e.open("c".into(), frames(), None);
         assert_eq!(e.bid("c", 2, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("c", 3, true, &voters()), BidOutcome::Won(3));
         assert_eq!(e.bid("c", 1, true, &voters()), BidOutcome::Ignored);
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn all_yield_queues_until_someone_leads() {
         let mut e = Elections::default();
-        e.open("c".into(), frames());
+        e.open("c".into(), frames(), None);
         assert_eq!(e.bid("c", 1, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("c", 2, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("c", 3, false, &voters()), BidOutcome::AllYielded);
@@ -256,13 +256,13 @@ mod tests {
     #[test]
     fn a_cell_ends_once_and_only_by_its_winner() {
         let mut e = Elections::default();
-        e.open("c".into(), frames());
+        e.open("c".into(), frames(), None);
         e.bid("c", 2, true, &voters());
         assert!(e.finish("c", 3).is_none(), "not the winner");
         assert!(e.finish("c", 2).is_some());
         assert!(e.finish("c", 2).is_none(), "already done");
         // A late duplicate Request does not reopen it.
-        e.open("c".into(), frames());
+        e.open("c".into(), frames(), None);
         assert!(e.get("c").is_none());
     }
 
@@ -271,7 +271,7 @@ mod tests {
         let mut e = Elections::default();
         for i in 0..(FINISHED_KEPT + 10) {
             let cell = format!("c{i}");
-            e.open(cell.clone(), frames());
+            e.open(cell.clone(), frames(), None);
             e.bid(&cell, 1, true, &voters());
             assert!(e.finish(&cell, 1).is_some());
         }
@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(e.finished.set.len(), FINISHED_KEPT);
         // A recent duplicate is refused, a forgotten one would open again.
         let recent = format!("c{}", FINISHED_KEPT + 9);
-        e.open(recent.clone(), frames());
+        e.open(recent.clone(), frames(), None);
         assert!(e.get(&recent).is_none());
         // The bound survives a snapshot round trip.
         let copy: Elections = postcard::from_bytes(&postcard::to_stdvec(&e).unwrap()).unwrap();
@@ -289,8 +289,8 @@ mod tests {
     #[test]
     fn a_downed_winner_loses_its_cell_and_cannot_bid() {
         let mut e = Elections::default();
-        e.open("a".into(), frames());
-        e.open("b".into(), frames());
+        e.open("a".into(), frames(), None);
+        e.open("b".into(), frames(), None);
         e.bid("a", 2, true, &voters());
         let lost = e.replica_down(2);
         assert_eq!(lost.len(), 1);

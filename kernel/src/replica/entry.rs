@@ -25,7 +25,7 @@ pub enum Entry {
         cell: CellId,
         request: Frames,
         lead: Option<NodeId>,
-        control: Option<Frames>,
+        control: Option<Box<Frames>>,
     },
     /// A replica's answer to a Request: it can run it now (`lead`) or not.
     Bid {
@@ -256,7 +256,7 @@ mod tests {
             cell: "c1".into(),
             request: frames.clone(),
             lead: Some(1),
-            control: Some(frames.clone()),
+            control: Some(Box::new(frames.clone())),
         };
         assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
         let m = frames.to_message().unwrap();

@@ -24,6 +24,9 @@ use crate::wire::Outgoing;
 
 /// How long a starting replica may take to listen (Python and IPython load first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A replica process this replica started, and its id.
+type Launched = (NodeId, Box<dyn ReplicaProcess>);
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a kernel between cells checks that one of its servers could
 /// run its next cell now (`Front::rebalance`).
@@ -285,10 +288,7 @@ impl Front {
 
     /// Starts the group's other replicas as processes of this host (none
     /// when a cluster places them).
-    fn launch_local_peers(
-        &self,
-        ca: &KernelCa,
-    ) -> Result<Vec<(NodeId, Box<dyn ReplicaProcess>)>, FrontError> {
+    fn launch_local_peers(&self, ca: &KernelCa) -> Result<Vec<Launched>, FrontError> {
         if self.cluster.is_some() {
             return Ok(Vec::new());
         }
@@ -299,7 +299,7 @@ impl Front {
         &self,
         ca: &KernelCa,
         my_addr: &str,
-        started: Vec<(NodeId, Box<dyn ReplicaProcess>)>,
+        started: Vec<Launched>,
     ) -> Result<(), FrontError> {
         let core = &self.core;
         let mut members = BTreeMap::new();
