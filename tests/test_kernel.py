@@ -219,6 +219,9 @@ def test_top_level_await_runs_on_the_loop_cells_get():
         fe.execute("fut = loop.create_future()\nloop.call_later(0.05, fut.set_result, 42)")
         reply, msgs = fe.execute("await fut")
         assert of_type(msgs, "execute_result")[0]["content"]["data"]["text/plain"] == "42"
+        # asyncio.run works in a plain cell and leaves cells the same loop.
+        fe.execute("asyncio.run(asyncio.sleep(0))")
+        assert fe.eval("asyncio.get_event_loop() is loop") == "True"
     finally:
         fe.close()
 

@@ -29,10 +29,10 @@ class IdleLoop:
 
     def loop(self):
         """IPython's loop (a new one if a cell closed it), made the main
-        thread's current loop."""
+        thread's current loop again (``asyncio.run`` in a cell unsets it)."""
         loop = get_asyncio_loop()
+        asyncio.set_event_loop(loop)
         if loop is not self._prepared:
-            asyncio.set_event_loop(loop)
             loop.set_task_factory(self._task)
             loop.add_reader(self._fd, self._woken, loop)
             self._prepared = loop
