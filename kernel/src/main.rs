@@ -192,8 +192,9 @@ struct SimulateArgs {
     /// Replica moves per autoscaler round ahead of cells (0: none).
     #[arg(long, value_name = "N")]
     rebalance_moves: Option<usize>,
-    /// Migrate a replica whose cell waited this long.
-    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    /// Migrate a replica whose cell waited this long (more than 0: a cell
+    /// that no server can take is looked at again this often).
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
     migrate_after: Option<Duration>,
     /// State size of each CSV session.
     #[arg(long, value_name = "GB", default_value_t = 4.0)]
@@ -205,6 +206,13 @@ fn seconds(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    match seconds(s)? {
+        d if d.is_zero() => Err("must be more than 0 seconds".into()),
+        d => Ok(d),
+    }
 }
 
 fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
@@ -530,6 +538,7 @@ mod tests {
                 "--modes",
                 "batch,notebookos-0",
             ],
+            &["simulate", "--synthetic", "2", "--migrate-after", "0"],
             &["cluster", "autoscale", "c.json", "--add", "x"],
         ] {
             let argv = std::iter::once("notebookos-kernel").chain(bad.iter().copied());

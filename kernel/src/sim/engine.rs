@@ -751,7 +751,7 @@ impl<'w> Engine<'w> {
                 self.waiting.push_back((session, cell));
                 if placed {
                     self.at(
-                        self.now + ms(self.policy.migrate_after),
+                        self.now + self.migrate_wait(),
                         Event::MigrateCheck { session, cell },
                     );
                 }
@@ -965,6 +965,13 @@ impl<'w> Engine<'w> {
     /// Moves one replica of a session whose cell every replica yielded on
     /// to a server with idle GPUs; the cell runs there once the new replica
     /// has started and restored a checkpoint from a peer.
+    /// How long a waiting cell waits before its replicas are looked at
+    /// again; at least 1 ms, or a cell no server can take would be
+    /// rechecked forever at the same instant.
+    fn migrate_wait(&self) -> Ms {
+        ms(self.policy.migrate_after).max(1)
+    }
+
     fn migrate_check(&mut self, session: usize, cell: usize) {
         if !self.waiting.contains(&(session, cell)) {
             return;
@@ -979,7 +986,7 @@ impl<'w> Engine<'w> {
                 };
                 let Some(a) = self.acquire(&m.to, session, replica, gpus) else {
                     self.at(
-                        self.now + ms(self.policy.migrate_after),
+                        self.now + self.migrate_wait(),
                         Event::MigrateCheck { session, cell },
                     );
                     return;
@@ -1001,7 +1008,7 @@ impl<'w> Engine<'w> {
                 self.start(session, cell, Some((m.to, replica)), delay);
             }
             Err(_) => self.at(
-                self.now + ms(self.policy.migrate_after),
+                self.now + self.migrate_wait(),
                 Event::MigrateCheck { session, cell },
             ),
         }
@@ -1055,7 +1062,7 @@ impl<'w> Engine<'w> {
             .collect();
         for (session, cell) in checks {
             self.at(
-                self.now + ms(self.policy.migrate_after),
+                self.now + self.migrate_wait(),
                 Event::MigrateCheck { session, cell },
             );
         }
