@@ -42,4 +42,4 @@ bash raft-transport/scripts/netns-test.sh
 PYTHON="$PYTHON" bash tests/wheel.sh
 
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/
-PY="$ROOT/.venv/bin/python" bash tests/ipykernel_suite.sh
+PY="$ROOT/.venv/bin/python" bash tests/ipykernel_suite.sh tests/test_message_spec.py tests/test_kernel.py

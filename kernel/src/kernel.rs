@@ -293,7 +293,11 @@ impl Kernel {
         )
     }
 
-    pub fn kernel_info(&self, request: &Message) -> Outgoing {
+    /// Answered once the shell can run code, as ipykernel is ready only
+    /// then: a client that sends a cell (or an interrupt) when it sees the
+    /// reply meets a kernel that runs it.
+    pub async fn kernel_info(&self, request: &Message) -> Outgoing {
+        self.python.started().await;
         let v = self.python.versions();
         self.reply(
             request,
@@ -370,7 +374,7 @@ impl Kernel {
     pub async fn handle(&self, exec: &Executor, request: &Message, route: Route) -> Outcome {
         let msg_type = request.header.msg_type.as_str();
         match msg_type {
-            "kernel_info_request" => Outcome::reply(self.kernel_info(request)),
+            "kernel_info_request" => Outcome::reply(self.kernel_info(request).await),
             "execute_request" => self.execute(exec, request, route).await,
             "complete_request" => {
                 self.forward::<complete::CompleteRequest, complete::CompleteReply>(exec, request)

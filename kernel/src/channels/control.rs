@@ -28,7 +28,7 @@ pub async fn serve(
             .await;
         let mut shutdown = false;
         let reply = match parent.msg_type.as_str() {
-            "kernel_info_request" => Some(kernel.kernel_info(&request)),
+            "kernel_info_request" => Some(kernel.kernel_info(&request).await),
             "interrupt_request" => {
                 kernel.interrupt();
                 Some(kernel.reply(&request, &json!({"status": "ok"})))

@@ -45,10 +45,21 @@ pub struct Versions {
 }
 
 /// The shim's kernel object, set once the main thread has built it.
-#[derive(Default)]
 struct KernelCell {
     kernel: Mutex<Option<Result<Py<PyAny>, PythonError>>>,
     ready: Condvar,
+    /// The same news for the tokio side.
+    started: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for KernelCell {
+    fn default() -> Self {
+        Self {
+            kernel: Mutex::default(),
+            ready: Condvar::new(),
+            started: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl KernelCell {
@@ -57,6 +68,7 @@ impl KernelCell {
             *k = Some(kernel);
         }
         self.ready.notify_all();
+        self.started.send_replace(true);
     }
 
     /// Blocks (without the GIL) until the main thread has started the shell.
@@ -270,6 +282,13 @@ impl PythonRuntime {
         &self.versions
     }
 
+    /// Resolves once the shell has started (or failed to), so that cells
+    /// can run: IPython loads in the background after `start` returns.
+    pub async fn started(&self) {
+        let mut started = self.kernel.started.subscribe();
+        let _ = started.wait_for(|s| *s).await;
+    }
+
     /// The main shell's executor (Python's main thread).
     pub fn main(&self) -> &Executor {
         &self.main
@@ -339,8 +358,7 @@ fn python_main(
         let v = py.version_info();
         Versions {
             python: format!("{}.{}.{}", v.major, v.minor, v.patch),
-            // Not by importing IPython: kernel_info would then wait for the
-            // slowest part of start-up.
+            // From package metadata: IPython itself loads in the background.
             ipython: py
                 .import("notebookos_shim.versions")
                 .and_then(|m| m.call_method0("ipython_version"))
