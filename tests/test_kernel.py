@@ -203,6 +203,16 @@ def test_a_cell_awaits_a_comm_answer(fe):
     await_a_comm_answer(fe)
 
 
+def test_requests_about_comms_wait_for_the_running_cell(fe):
+    """Only comm messages themselves are served beside a running cell;
+    comm_info and other requests are answered in order, after it."""
+    first = fe.kc.execute("import time; time.sleep(0.5)")
+    fe.wait_for(first, "execute_input")
+    info = fe.kc.comm_info()
+    assert fe.kc.get_shell_msg(timeout=30)["parent_header"]["msg_id"] == first
+    assert fe.kc.get_shell_msg(timeout=30)["parent_header"]["msg_id"] == info
+
+
 def test_top_level_await_runs_on_the_loop_cells_get():
     fe = Frontend("notebookos-single")
     try:

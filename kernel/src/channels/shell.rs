@@ -12,6 +12,7 @@ use zeromq::RouterSendHalf;
 use super::router;
 use crate::kernel::{Kernel, Outcome, Route};
 use crate::python::Executor;
+use crate::wire::comm;
 use crate::wire::status::ExecutionState;
 use crate::wire::Message;
 
@@ -30,7 +31,7 @@ pub struct Lanes {
 pub async fn route(kernel: Arc<Kernel>, mut incoming: mpsc::Receiver<Message>, lanes: Lanes) {
     while let Some(msg) = incoming.recv().await {
         let target = match &msg.header.subshell_id {
-            None if msg.header.msg_type.starts_with("comm_") && kernel.cell_running() => {
+            None if comm::is_comm_message(&msg.header.msg_type) && kernel.cell_running() => {
                 lanes.comms.clone()
             }
             None => lanes.main.clone(),

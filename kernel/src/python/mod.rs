@@ -130,7 +130,7 @@ impl Executor {
         let buffers = msg.buffers.clone();
         let identities = msg.identities.clone();
         // A cell awaiting a widget's answer must get it while it runs.
-        let concurrent = msg_type.starts_with("comm_");
+        let concurrent = crate::wire::comm::is_comm_message(&msg_type);
         self.submit(
             Some((msg.header.clone(), msg.identities.clone())),
             concurrent,

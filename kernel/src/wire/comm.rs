@@ -4,6 +4,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// A message of a comm itself (not `comm_info_request`, a request about
+/// comms): these may be served while a cell runs.
+pub fn is_comm_message(msg_type: &str) -> bool {
+    matches!(msg_type, "comm_open" | "comm_msg" | "comm_close")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommOpen {
     pub comm_id: String,
@@ -39,4 +45,15 @@ pub struct CommInfoReply {
     pub status: String,
     /// comm_id -> {"target_name": ...}
     pub comms: Map<String, Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_comm_message;
+
+    #[test]
+    fn comm_info_is_not_a_comm_message() {
+        assert!(is_comm_message("comm_msg") && is_comm_message("comm_open"));
+        assert!(!is_comm_message("comm_info_request"));
+    }
 }
