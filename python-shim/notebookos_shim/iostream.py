@@ -43,9 +43,13 @@ class _ChildPipe:
         # In a child: what it wrote after its last newline (per pid, as a
         # child's child starts with a copy of this).
         self._line_pid, self._line = None, ""
-        # Held while reading and streaming, so that what drain() takes and
-        # what the thread takes go out in the order the children wrote it.
-        self._lock = threading.Lock()
+        # Held while reading and streaming (the kernel's own writes too), so
+        # that what drain() takes and what the thread takes go out in the
+        # order written, and never inside a line the kernel is printing: one
+        # print is several writes. Reentrant: a signal handler may print.
+        self._lock = threading.RLock()
+        self._held = ""
+        self._kernel_mid_line = False
         threading.Thread(target=self._forward, name=f"notebookos-child-{name}",
                          daemon=True).start()
 
@@ -56,8 +60,10 @@ class _ChildPipe:
             poller.poll()
             self.drain()
 
-    def drain(self):
-        """Streams every write the children have completed so far."""
+    def drain(self, force=False):
+        """Streams every write the children have completed so far; unless
+        ``force``, not while the kernel's own line is unfinished (it follows
+        that line)."""
         with self._lock:
             while True:
                 try:
@@ -79,9 +85,22 @@ class _ChildPipe:
                 if last:
                     done.append(b"".join(self._partial.pop(pid)))
             self._buffer = buffer[at:]
-            text = b"".join(done).decode("utf-8", "replace")
-            if text:
-                _notebookos.stream(self.name, text)
+            self._held += b"".join(done).decode("utf-8", "replace")
+            if force:
+                self._kernel_mid_line = False
+            self._release_held()
+
+    def kernel_write(self, text, explicit):
+        """The kernel's own write (see ``_lock``)."""
+        with self._lock:
+            _notebookos.stream(self.name, text, explicit)
+            self._kernel_mid_line = not text.endswith("\n")
+            self._release_held()
+
+    def _release_held(self):
+        if self._held and not self._kernel_mid_line:
+            text, self._held = self._held, ""
+            _notebookos.stream(self.name, text)
 
     def write(self, text):
         pid = os.getpid()
@@ -146,7 +165,7 @@ class OutStream(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if s:
             if os.getpid() == self._master_pid:
-                _notebookos.stream(self.name, s, parent.explicit())
+                self._children.kernel_write(s, parent.explicit())
             else:
                 self._children.write(s)
         return len(s)
@@ -158,7 +177,7 @@ class OutStream(io.TextIOBase):
     def flush(self):
         if os.getpid() == self._master_pid:
             # What children wrote before the cell ends belongs to the cell.
-            self._children.drain()
+            self._children.drain(force=True)
             _notebookos.flush()
         else:
             self._children.flush_child()
