@@ -44,8 +44,16 @@ impl Mode {
         }
     }
 
-    /// The policy this mode runs under, from the shared knobs.
+    /// The policy this mode runs under. notebookos modes take the knobs
+    /// given; the baselines take only the cluster's shape from them and keep
+    /// the default autoscaler, so that tuning notebookos does not move the
+    /// Reservation row every share is measured against.
     pub fn policy(&self, base: &Policy) -> Policy {
+        let baseline = Policy {
+            gpus_per_server: base.gpus_per_server,
+            max_servers: base.max_servers,
+            ..Policy::default()
+        };
         match *self {
             Mode::Oracle => Policy {
                 min_servers: 0,
@@ -57,13 +65,13 @@ impl Mode {
                 subscription_ratio: 1.0,
                 min_servers: 1,
                 pack: true,
-                ..base.clone()
+                ..baseline.clone()
             },
             Mode::Batch => Policy {
                 replicas: 1,
                 min_servers: 1,
                 pack: true,
-                ..base.clone()
+                ..baseline
             },
             Mode::NotebookOs { replicas } => Policy {
                 replicas,
@@ -1225,6 +1233,7 @@ fn ms(d: std::time::Duration) -> Ms {
 mod tests {
     use super::*;
     use crate::sim::workload::{Cell, Session, MINUTE};
+    use std::time::Duration;
 
     const GB: u64 = 1_000_000_000;
 
@@ -1532,6 +1541,32 @@ mod tests {
         let a = crate::sim::run(&w, &modes, &Policy::default(), &Costs::default(), 5);
         let b = crate::sim::run(&w, &modes, &Policy::default(), &Costs::default(), 5);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn notebookos_knobs_do_not_move_the_baselines() {
+        let spec = crate::sim::workload::Synthetic {
+            sessions: 100,
+            ..Default::default()
+        };
+        let w = Workload::synthetic(&spec, 3);
+        let modes = [Mode::Reservation, Mode::Batch];
+        let tuned = Policy {
+            headroom_gpus: 0,
+            idle_servers: 0,
+            scale_in_after: Duration::from_secs(30),
+            scale_in_cooldown: Duration::ZERO,
+            subscription_ratio: 3.0,
+            ..Policy::default()
+        };
+        let a = crate::sim::run(&w, &modes, &Policy::default(), &costs(), 3);
+        let b = crate::sim::run(&w, &modes, &tuned, &costs(), 3);
+        assert_eq!(a, b);
+        // The knobs do reach notebookos.
+        let n = [Mode::NotebookOs { replicas: 3 }];
+        let a = crate::sim::run(&w, &n, &Policy::default(), &costs(), 3);
+        let b = crate::sim::run(&w, &n, &tuned, &costs(), 3);
+        assert_ne!(a[0].provisioned_gpu_ms, b[0].provisioned_gpu_ms);
     }
 
     /// The production trace, from `$NOTEBOOKOS_TRACES` or `../shared/traces`.
