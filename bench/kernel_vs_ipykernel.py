@@ -90,7 +90,7 @@ def round_trips(km, n):
 def interrupt_latencies(name, n):
     """Seconds from interrupt_kernel() to the KeyboardInterrupt reply of a
     cell blocked in time.sleep(60)."""
-    _, km, kc = start(name)
+    _, _, km, kc = start(name)
     out = []
     try:
         for _ in range(n):

@@ -501,15 +501,9 @@ def start(options):
     shell = NotebookosShell.instance(config=config)
     kernel = Kernel(shell, comm_manager, options.get("connection_file"))
     shell.kernel = kernel
-    try:
-        from matplotlib_inline.config import InlineBackend
-
-        inline = InlineBackend.instance(parent=shell)
-        if inline not in shell.configurables:
-            shell.configurables.append(inline)
-    except ImportError:
-        pass
-
+    # matplotlib_inline is not imported here (it imports matplotlib, 0.4 s
+    # of start-up): as under ipykernel, its backend registers InlineBackend
+    # with the shell when a cell first imports matplotlib.
     builtins.input = kernel.raw_input
     getpass.getpass = kernel.getpass
     _interruptible_pdb()
