@@ -143,6 +143,25 @@ def test_output_of_forked_children_reaches_the_cell(fe):
     assert {"child err 0", "child err 1", "child err 2"} <= set(err.splitlines())
 
 
+def test_a_childs_output_is_in_its_cell_even_before_the_pipe_is_read(fe):
+    """ipykernel's test_subprocess_error, made deterministic: the pipe's
+    reader thread is kept waiting (its lock held by the cell's thread), so
+    only the flush before the reply can bring the child's traceback into the
+    cell."""
+    reply, msgs = fe.execute(
+        "import multiprocessing as mp, sys\n"
+        "sys.stderr._children._lock.acquire()\n"
+        "p = mp.get_context('fork').Process(target=int, args=('hi',))\n"
+        "p.start(); p.join()\n",
+        timeout=60,
+    )
+    try:
+        assert reply["status"] == "ok", reply
+        assert "ValueError" in stream_text(msgs, "stderr")
+    finally:
+        fe.execute("sys.stderr._children._lock.release()\ndel p\n")
+
+
 def test_a_thread_prints_into_the_cell_it_was_given(fe):
     """ipykernel's set_thread_parent: a thread that a cell starts with the
     cell's parent prints into that cell while a later cell runs; after

@@ -233,6 +233,14 @@ class Kernel:
                 signal.signal(signal.SIGINT, between_cells)
                 # One that arrived while the cell ran did its work there.
                 _notebookos.take_interrupt("")
+        # As ipykernel does before its reply: what forked children wrote
+        # while the cell ran (their pipe's reader thread may not have run
+        # yet) belongs to this cell, ahead of its reply and idle.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
         reply = {"execution_count": shell.execution_count - 1}
         # A result whose repr raised shows a traceback and fails the cell, as
         # in ipykernel (whose reply then names no exception either).
