@@ -236,11 +236,9 @@ class Kernel:
         # As ipykernel does before its reply: what forked children wrote
         # while the cell ran (their pipe's reader thread may not have run
         # yet) belongs to this cell, ahead of its reply and idle.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        from .shell import _flush_std
+
+        _flush_std()
         reply = {"execution_count": shell.execution_count - 1}
         # A result whose repr raised shows a traceback and fails the cell, as
         # in ipykernel (whose reply then names no exception either).

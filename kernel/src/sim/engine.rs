@@ -1526,13 +1526,17 @@ mod tests {
         assert!(d[..3].iter().all(|&x| x < SECOND), "{d:?}");
     }
 
-    #[test]
-    fn same_seed_same_outcome() {
+    fn synthetic(sessions: usize, seed: u64) -> Workload {
         let spec = crate::sim::workload::Synthetic {
-            sessions: 200,
+            sessions,
             ..Default::default()
         };
-        let w = Workload::synthetic(&spec, 5);
+        Workload::synthetic(&spec, seed)
+    }
+
+    #[test]
+    fn same_seed_same_outcome() {
+        let w = synthetic(200, 5);
         let modes = [
             Mode::Reservation,
             Mode::Batch,
@@ -1545,11 +1549,7 @@ mod tests {
 
     #[test]
     fn notebookos_knobs_do_not_move_the_baselines() {
-        let spec = crate::sim::workload::Synthetic {
-            sessions: 100,
-            ..Default::default()
-        };
-        let w = Workload::synthetic(&spec, 3);
+        let w = synthetic(100, 3);
         let modes = [Mode::Reservation, Mode::Batch];
         let tuned = Policy {
             headroom_gpus: 0,
