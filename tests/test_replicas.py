@@ -357,11 +357,55 @@ def test_remote_matplotlib_and_widget(on_peer):
         {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []}},
     )
     fe.kc.shell_channel.send(update)
-    fe.iopub_until_idle(update["header"]["msg_id"])
-    deadline = time.monotonic() + 10
-    while fe.eval("s.value") != "7":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # The next cell sees it, as with ipykernel: no waiting for the update's idle.
+    assert fe.eval("s.value") == "7"
+
+
+def moved(fe, comm_id, value):
+    """The front-end moves a slider; returns what the front-end hears back."""
+    update = fe.kc.session.msg(
+        "comm_msg",
+        {"comm_id": comm_id, "data": {"method": "update", "state": {"value": value},
+                                      "buffer_paths": []}},
+    )
+    fe.kc.shell_channel.send(update)
+    return fe.iopub_until_idle(update["header"]["msg_id"])
+
+
+def test_a_widget_works_from_every_replica(rk):
+    """A widget made on one replica: the front-end's updates reach the
+    replica holding its comm in order with the cells, every replica's next
+    cell sees them, and a cell anywhere that sets the value tells the
+    front-end and leaves the name bound to the widget the front-end talks to."""
+    fe = rk.fe
+    owner, other = rk.peers()
+    rk.steer(owner)
+    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
+    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
+                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    for value, where in enumerate([owner, rk.front(), other, owner, other, rk.front()], start=10):
+        echoed = of_type(moved(fe, comm_id, value), "comm_msg")
+        assert [m["content"]["data"]["state"]["value"] for m in echoed] == [value]
+        rk.steer(where)
+        assert fe.eval("(s.value, __import__('os').getpid())") == f"({value}, {rk.pid(where)})"
+    # A cell elsewhere sets it: the front-end hears it from that replica.
+    rk.steer(other)
+    _, msgs = fe.execute("s.value = 2")
+    [update] = of_type(msgs, "comm_msg")
+    assert update["content"]["comm_id"] == comm_id
+    assert update["content"]["data"]["state"] == {"value": 2}
+    # The owner's name still holds the live widget: the front-end's next move reaches it.
+    moved(fe, comm_id, 5)
+    rk.steer(owner)
+    assert fe.eval("s.value") == "5"
+    assert fe.eval("s is w.widgets.widget._instances[s.model_id]") == "True"
+    fe.execute("pass")
+    # No replica's copy closed the front-end's side on the way.
+    fe.flush_iopub()
+    rk.unsteer()
+    _, msgs = fe.execute("s.value")
+    assert not of_type(msgs, "comm_close")
+    rk.verify()
 
 
 # -- replication after the reply -----------------------------------------------

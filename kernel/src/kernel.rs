@@ -399,9 +399,8 @@ impl Kernel {
                     .await
             }
             "comm_open" => self.notify::<comm::CommOpen>(exec, request).await,
-            "comm_msg" | "comm_close" if self.routed_to_owner(request).await => Outcome::default(),
-            "comm_msg" => self.notify::<comm::CommMsg>(exec, request).await,
-            "comm_close" => self.notify::<comm::CommClose>(exec, request).await,
+            "comm_msg" => self.comm::<comm::CommMsg>(exec, request).await,
+            "comm_close" => self.comm::<comm::CommClose>(exec, request).await,
             "shutdown_request" => self.shutdown(request).await,
             "connect_request" => Outcome::reply(self.reply(request, &self.connect_reply())),
             other => {
@@ -525,11 +524,19 @@ impl Kernel {
     }
 
     /// A comm message for a comm another replica opened is mailed there.
-    async fn routed_to_owner(&self, request: &Message) -> bool {
-        match self.group.get() {
-            Some(Some(front)) => front.route_comm(request),
-            _ => false,
+    /// A front-end's message on an open comm: to the replica holding the
+    /// comm when there is a group (see `Front::comm`), else served here.
+    async fn comm<Req: DeserializeOwned>(&self, exec: &Executor, request: &Message) -> Outcome {
+        if let Err(e) = request.content_as::<Req>() {
+            tracing::warn!("malformed {}: {e}", request.header.msg_type);
+            return Outcome::default();
         }
+        if let Some(Some(front)) = self.group.get() {
+            if front.comm(request, self.cell_running()).await {
+                return Outcome::default();
+            }
+        }
+        self.notify::<Req>(exec, request).await
     }
 
     /// A request answered by the shim: typed on the way in and out.

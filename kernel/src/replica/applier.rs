@@ -332,13 +332,19 @@ impl Applier {
                 request,
                 lead,
                 control,
+                only,
             } => {
+                if let Some(owner) = only.filter(|r| self.state.elections.is_down(*r)) {
+                    self.finished(&mut fx, cell, CellResult::Lost { replica: owner });
+                    return fx;
+                }
                 self.state
                     .elections
-                    .open(cell.clone(), request, control.map(|c| *c));
+                    .open_for(cell.clone(), request, control.map(|c| *c), only);
                 match lead {
                     Some(replica) => self.bid(&mut fx, cell, replica, true),
-                    None if !self.is_restoring() => fx.push(Effect::Bid { cell }),
+                    None if self.is_restoring() => {}
+                    None if only.is_none_or(|r| r == self.me) => fx.push(Effect::Bid { cell }),
                     None => {}
                 }
             }
@@ -570,7 +576,7 @@ impl Applier {
     }
 
     fn bid_on_undecided(&self, fx: &mut Vec<Effect>) {
-        let undecided = self.state.elections.undecided();
+        let undecided = self.state.elections.undecided_for(self.me);
         fx.extend(undecided.into_iter().map(|cell| Effect::Bid { cell }));
     }
 }
@@ -595,6 +601,7 @@ mod tests {
             request: Frames::default(),
             lead,
             control: None,
+            only: None,
         }
     }
 
@@ -674,6 +681,39 @@ mod tests {
         // Every replica holds the same group state.
         assert_eq!(g[0].state(), g[1].state());
         assert_eq!(g[1].state(), g[2].state());
+    }
+
+    fn comm(cell: &str, owner: NodeId) -> Entry {
+        Entry::Request {
+            cell: cell.into(),
+            request: Frames::default(),
+            lead: None,
+            control: None,
+            only: Some(owner),
+        }
+    }
+
+    #[test]
+    fn a_comm_message_runs_only_on_its_owner_or_is_lost_with_it() {
+        let log = [comm("m", 2), bid("m", 1, true), bid("m", 2, true)];
+        let mut g = group();
+        let fx: Vec<_> = g.iter_mut().map(|a| run(a, 1, &log)).collect();
+        assert!(!fx[0].contains(&Effect::Bid { cell: "m".into() }));
+        assert!(fx[1].contains(&Effect::Bid { cell: "m".into() }));
+        assert!(!fx[2].contains(&Effect::Bid { cell: "m".into() }));
+        assert!(runs(&fx[0]).is_empty() && runs(&fx[2]).is_empty());
+        assert_eq!(runs(&fx[1]), vec!["m"]);
+
+        // Its owner goes down before it ran: the front hears it is lost,
+        // and so it hears of a later one for the same owner.
+        let log = [comm("n", 3), Entry::MemberDown { replica: 3 }, comm("o", 3)];
+        let fx = run(&mut group()[0], 1, &log);
+        for cell in ["n", "o"] {
+            assert!(fx.contains(&Effect::Resolve {
+                cell: cell.into(),
+                result: CellResult::Lost { replica: 3 }
+            }));
+        }
     }
 
     #[test]
@@ -805,7 +845,7 @@ mod tests {
         // Bounded: the state after 100 cells holds a few deltas and replies, not the log.
         assert_eq!(full.state().deltas.len(), RECENT_DELTAS);
         assert!(full.state().finished.len() <= RECENT_REPLIES);
-        assert!(full.state().elections.undecided() == vec!["last".to_string()]);
+        assert!(full.state().elections.undecided_for(1) == vec!["last".to_string()]);
     }
 
     #[test]

@@ -41,6 +41,37 @@ impl Core {
         lock(&self.applier).state().elections.none_open()
     }
 
+    /// Whether `cell` is open and only this replica may run it.
+    fn pinned_here(&self, cell: &str) -> bool {
+        lock(&self.applier)
+            .state()
+            .elections
+            .get(cell)
+            .is_some_and(|c| c.only == Some(self.id))
+    }
+
+    /// A cell only this replica may run (a comm message for its comm) needs
+    /// no GPU and ignores steering; it still waits for every change the log
+    /// holds, so it sees the namespace a cell would. A LEAD refused because
+    /// newer changes were committed meanwhile is sent again.
+    async fn lead_pinned(self: Arc<Self>, cell: CellId) {
+        while self.is_undecided(&cell) && !*self.stop.borrow() {
+            if self.may_lead_now() && *self.ready.borrow() {
+                let bid = Entry::Bid {
+                    cell: cell.clone(),
+                    replica: self.id,
+                    lead: true,
+                };
+                if let Err(e) = self.propose(&bid).await {
+                    tracing::warn!(error = %e, "could not bid");
+                }
+                tokio::time::sleep(REBID_INTERVAL).await;
+            } else {
+                tokio::time::sleep(SYNC_POLL).await;
+            }
+        }
+    }
+
     /// Whether `cell` is open and nobody has won it yet.
     pub(crate) fn is_undecided(&self, cell: &str) -> bool {
         lock(&self.applier)
@@ -70,6 +101,9 @@ impl Core {
         let Some(request) = self.request_of(&cell) else {
             return;
         };
+        if self.pinned_here(&cell) {
+            return self.lead_pinned(cell).await;
+        }
         // Behind a replica whose changes are still streaming: wait for them (or
         // for its loss) and then bid, rather than yield for a reason that ends
         // in milliseconds; the holder itself leads meanwhile.

@@ -10,30 +10,38 @@ use serde_json::json;
 
 use super::deltas::Outbound;
 use super::entry::{CellId, Entry, Frames, Mail};
+use raft_transport::NodeId;
+
 use super::{lock, statesync, CellResult, Core, SyncMode};
 use crate::wire::Message;
 
 impl Core {
-    /// Runs a request on whichever replica wins it; the front waits here.
+    /// Runs a request on whichever replica wins it, or on `only`; the front
+    /// waits here.
     pub async fn execute(
         self: &Arc<Self>,
         request: &Message,
         control: Option<&Message>,
+        only: Option<NodeId>,
     ) -> Result<CellResult, raft_transport::Error> {
         let _submitted = super::InFlight::new(&self.submitting);
         self.wait_ready().await;
         let cell = uuid::Uuid::new_v4().to_string();
-        tracing::debug!(cell, "proposing request");
+        tracing::debug!(cell, ?only, "proposing request");
         let (tx, rx) = tokio::sync::oneshot::channel();
         lock(&self.waiters).insert(cell.clone(), tx);
         // Leading in the request itself saves a commit when this replica can run it.
         let frames = Frames::from_message(request);
-        let lead = self.try_lead(&cell, &frames).await.then_some(self.id);
+        let lead = match only {
+            Some(_) => None,
+            None => self.try_lead(&cell, &frames).await.then_some(self.id),
+        };
         let entry = Entry::Request {
             cell: cell.clone(),
             request: frames,
             lead,
             control: control.map(|c| Box::new(Frames::from_message(c))),
+            only,
         };
         if let Err(e) = self.propose(&entry).await {
             lock(&self.waiters).remove(&cell);
@@ -230,6 +238,10 @@ impl Core {
         let shell = crate::connection::Channel::Shell;
         match self.exec.call_on(msg, shell, control).await {
             Ok(Some(json)) => json,
+            // Comm messages have no reply.
+            Ok(None) if msg.header.msg_type != "execute_request" => {
+                json!({"status": "ok"}).to_string()
+            }
             Ok(None) => error_reply("KernelError", "execute returned no reply"),
             Err(e) => error_reply("KernelError", &e.to_string()),
         }

@@ -38,6 +38,9 @@ pub struct Cell {
     /// The front's newest control request when the cell was submitted.
     pub control: Option<Frames>,
     pub winner: Option<NodeId>,
+    /// Only this replica may run it: a front-end's comm message goes to the
+    /// replica whose Python holds the comm.
+    pub only: Option<NodeId>,
     yielded: BTreeSet<NodeId>,
 }
 
@@ -103,6 +106,18 @@ impl From<Finished> for VecDeque<CellId> {
 
 impl Elections {
     pub fn open(&mut self, cell: CellId, request: Frames, control: Option<Frames>) {
+        self.open_for(cell, request, control, None);
+    }
+
+    /// Opens a cell that only `only` (if given) may win; it is lost if that
+    /// replica goes down first.
+    pub fn open_for(
+        &mut self,
+        cell: CellId,
+        request: Frames,
+        control: Option<Frames>,
+        only: Option<NodeId>,
+    ) {
         if self.finished.contains(&cell) {
             return;
         }
@@ -110,6 +125,7 @@ impl Elections {
             request,
             control,
             winner: None,
+            only,
             yielded: BTreeSet::new(),
         });
     }
@@ -137,7 +153,7 @@ impl Elections {
         let Some(c) = self.open.get_mut(cell) else {
             return BidOutcome::Ignored;
         };
-        if c.winner.is_some() {
+        if c.winner.is_some() || c.only.is_some_and(|only| only != replica) {
             return BidOutcome::Ignored;
         }
         if lead {
@@ -166,13 +182,14 @@ impl Elections {
         Some(c)
     }
 
-    /// Marks a replica down; returns the cells it was running, now lost.
+    /// Marks a replica down; returns the cells it was running, or that only
+    /// it could run, now lost.
     pub fn replica_down(&mut self, replica: NodeId) -> Vec<(CellId, Cell)> {
         self.down.insert(replica);
         let lost: Vec<CellId> = self
             .open
             .iter()
-            .filter(|(_, c)| c.winner == Some(replica))
+            .filter(|(_, c)| c.winner == Some(replica) || c.only == Some(replica))
             .map(|(id, _)| id.clone())
             .collect();
         lost.into_iter()
@@ -188,11 +205,12 @@ impl Elections {
         self.down.contains(&replica)
     }
 
-    /// Open cells still without a winner (a replica that yielded re-bids on these).
-    pub fn undecided(&self) -> Vec<CellId> {
+    /// Open cells still without a winner that `replica` may bid on (one that
+    /// yielded re-bids on these).
+    pub fn undecided_for(&self, replica: NodeId) -> Vec<CellId> {
         self.open
             .iter()
-            .filter(|(_, c)| c.winner.is_none())
+            .filter(|(_, c)| c.winner.is_none() && c.only.is_none_or(|only| only == replica))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -248,9 +266,9 @@ mod tests {
         assert_eq!(e.bid("c", 1, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("c", 2, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("c", 3, false, &voters()), BidOutcome::AllYielded);
-        assert_eq!(e.undecided(), vec!["c".to_string()]);
+        assert_eq!(e.undecided_for(1), vec!["c".to_string()]);
         assert_eq!(e.bid("c", 2, true, &voters()), BidOutcome::Won(2));
-        assert!(e.undecided().is_empty());
+        assert!(e.undecided_for(1).is_empty());
     }
 
     #[test]
@@ -300,5 +318,24 @@ mod tests {
         // With 2 down, the two live voters yielding is everyone.
         assert_eq!(e.bid("b", 1, false, &voters()), BidOutcome::Open);
         assert_eq!(e.bid("b", 3, false, &voters()), BidOutcome::AllYielded);
+    }
+
+    #[test]
+    fn a_pinned_cell_is_won_only_by_its_replica_and_lost_with_it() {
+        let mut e = Elections::default();
+        e.open_for("c".into(), frames(), None, Some(2));
+        assert!(e.undecided_for(1).is_empty(), "only 2 bids on it");
+        assert_eq!(e.undecided_for(2), vec!["c".to_string()]);
+        assert_eq!(e.bid("c", 1, true, &voters()), BidOutcome::Ignored);
+        assert_eq!(e.winner("c"), None);
+        e.open_for("d".into(), frames(), None, Some(2));
+        assert_eq!(e.bid("c", 2, true, &voters()), BidOutcome::Won(2));
+        let lost: Vec<CellId> = e.replica_down(2).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(
+            lost.len(),
+            2,
+            "the one it runs and the one only it could run"
+        );
+        assert!(e.none_open());
     }
 }

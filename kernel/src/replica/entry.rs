@@ -20,12 +20,15 @@ pub enum Entry {
     /// proposer's own LEAD bid, committed with the request (it is then the
     /// first LEAD, so it wins); without it every replica bids. `control`: the
     /// newest request the front served on control, the cell's
-    /// `get_parent("control")` wherever it runs.
+    /// `get_parent("control")` wherever it runs. `only`: the one replica that
+    /// may run it, which bids once it holds every change (a front-end's comm
+    /// message, for the replica whose Python holds the comm).
     Request {
         cell: CellId,
         request: Frames,
         lead: Option<NodeId>,
         control: Option<Box<Frames>>,
+        only: Option<NodeId>,
     },
     /// A replica's answer to a Request: it can run it now (`lead`) or not.
     Bid {
@@ -257,6 +260,7 @@ mod tests {
             request: frames.clone(),
             lead: Some(1),
             control: Some(Box::new(frames.clone())),
+            only: Some(2),
         };
         assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
         let m = frames.to_message().unwrap();
@@ -307,6 +311,7 @@ fn write_fuzz_seeds() {
                 request: frames.clone(),
                 lead: Some(1),
                 control: None,
+                only: None,
             }
             .encode(),
         ),

@@ -245,7 +245,7 @@ impl Front {
     ) -> Result<super::CellResult, raft_transport::Error> {
         let frames = Frames::from_message(request);
         self.tell_losses(&frames).await;
-        let result = self.core.execute(request, control).await;
+        let result = self.core.execute(request, control, None).await;
         self.tell_losses(&frames).await;
         result
     }
@@ -760,24 +760,40 @@ impl Front {
         Ok(())
     }
 
-    /// A comm message for a comm another replica opened is mailed there;
-    /// `false` if it is ours.
-    pub fn route_comm(&self, request: &crate::wire::Message) -> bool {
-        let Some(comm_id) = request.content.get("comm_id").and_then(|c| c.as_str()) else {
-            return false;
-        };
-        let owner = lock(&self.comm_owners).get(comm_id).copied();
-        match owner {
-            Some(owner) if owner != self.core.id => {
-                let core = self.core.clone();
-                let mail = Mail::Comm {
-                    request: Frames::from_message(request),
-                };
-                tokio::spawn(async move { core.mail(owner, &mail).await });
-                true
+    /// A front-end's message on a comm, served by the replica whose Python
+    /// holds the comm (learnt from its relayed `comm_open`; this one's own
+    /// otherwise). Between cells it goes through the log as a request only
+    /// that replica runs: in order with the cells around it, and what its
+    /// handler changes (a widget's value) replicated as a cell's changes
+    /// are. Beside a running cell, which may be awaiting it, it is mailed
+    /// at once instead; `false` means it is this replica's to serve now.
+    pub async fn comm(&self, request: &crate::wire::Message, beside_cell: bool) -> bool {
+        let owner = request
+            .content
+            .get("comm_id")
+            .and_then(|c| c.as_str())
+            .and_then(|id| lock(&self.comm_owners).get(id).copied())
+            .unwrap_or(self.core.id);
+        if beside_cell {
+            if owner == self.core.id {
+                return false;
             }
-            _ => false,
+            let mail = Mail::Comm {
+                request: Frames::from_message(request),
+            };
+            let core = self.core.clone();
+            tokio::spawn(async move { core.mail(owner, &mail).await });
+            return true;
         }
+        match self.core.execute(request, None, Some(owner)).await {
+            Ok(super::CellResult::Reply(_)) => {}
+            Ok(super::CellResult::Lost { replica }) => tracing::warn!(
+                replica,
+                "a comm message was dropped: the replica holding its comm is gone"
+            ),
+            Err(e) => tracing::warn!(error = %e, "a comm message was dropped"),
+        }
+        true
     }
 
     async fn publish_relayed(&self, from: NodeId, msgs: Vec<Frames>) {

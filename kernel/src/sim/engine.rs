@@ -829,6 +829,7 @@ impl<'w> Engine<'w> {
                 request: Frames::default(),
                 lead: first.is_some().then_some(1),
                 control: None,
+                only: None,
             },
         );
         // (replica, when its bid commits, its grant): replica 1's rides in
