@@ -79,8 +79,9 @@ def memory(pids):
             continue
         in_blob = False
         for line in text.splitlines():
+            # A mapping's line: range, perms, offset, device (major:minor), inode[, path].
             head = line.split(maxsplit=5)
-            if len(head) >= 5 and "-" in head[0] and ":" in head[2]:
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:
                 in_blob = len(head) == 6 and head[5].startswith(SHARED_BLOB)
                 if in_blob:
                     start, end = (int(x, 16) for x in head[0].split("-"))
