@@ -177,6 +177,9 @@ struct SimulateArgs {
     /// Servers kept with every GPU idle (for kernels that take a whole server).
     #[arg(long, value_name = "SERVERS")]
     idle_servers: Option<usize>,
+    /// Add a server for --idle-servers only once too few were wholly idle this long.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    idle_server_grace: Option<Duration>,
     /// Scale out when demand passes this share of capacity.
     #[arg(long, value_name = "SHARE")]
     scale_out_at: Option<f64>,
@@ -431,6 +434,9 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.idle_servers {
         policy.idle_servers = n;
+    }
+    if let Some(grace) = args.idle_server_grace {
+        policy.idle_server_grace = grace;
     }
     if let Some(share) = args.scale_out_at {
         policy.scale_out_at = share;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::client::{view, ClusterClient, ClusterError};
 use super::config::ClusterConfig;
-use super::policy::{Policy, Scale};
+use super::policy::{Policy, Pressure, Scale};
 use super::provider::Provider;
 use crate::agent::control::{ControlRequest, Inventory};
 
@@ -36,6 +36,8 @@ struct State {
     last_busy: BTreeMap<String, Instant>,
     draining: BTreeSet<String>,
     last_out: Option<Instant>,
+    /// Since when too few servers are wholly idle (`Policy::idle_short`).
+    idle_short_since: Option<Instant>,
 }
 
 pub async fn run(
@@ -84,8 +86,20 @@ async fn round(
         s.idle_for = now.saturating_duration_since(since);
         s.draining |= state.draining.contains(&s.id);
     }
-    let since_out = state.last_out.map(|t| now.saturating_duration_since(t));
-    match policy.scale(&snapshot, 0, 0, since_out) {
+    if !policy.idle_short(&snapshot) {
+        state.idle_short_since = None;
+    } else if state.idle_short_since.is_none() {
+        state.idle_short_since = Some(now);
+    }
+    let pressure = Pressure {
+        since_out: state.last_out.map(|t| now.saturating_duration_since(t)),
+        idle_short_for: state
+            .idle_short_since
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default(),
+        ..Pressure::default()
+    };
+    match policy.scale(&snapshot, pressure) {
         Scale::Hold => {}
         Scale::Out(n) => {
             if state

@@ -118,6 +118,14 @@ impl ClusterView {
     }
 }
 
+/// Servers, not draining, with every GPU idle.
+fn whole_idle(view: &ClusterView) -> usize {
+    view.servers
+        .iter()
+        .filter(|s| !s.draining && s.idle_gpus == s.gpus)
+        .count()
+}
+
 /// The knobs; defaults follow the NotebookOS paper where it gives one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -157,6 +165,25 @@ pub struct Policy {
     /// without one idle server its cell waits for a replica to move, state
     /// and all (the session trace's delay tail, `docs/simulator.md`).
     pub idle_servers: usize,
+    /// A server is added for `idle_servers` only once fewer servers than that
+    /// have been wholly idle this long: cells are short, and a server asked
+    /// for every time one briefly runs on the idle server is removed again
+    /// minutes later (most of the churn left at low load).
+    pub idle_server_grace: Duration,
+}
+
+/// What the autoscaler knows beyond the cluster's snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    /// GPUs asked for by cells waiting for one.
+    pub waiting_gpus: u32,
+    /// Servers missing to place the kernels waiting for servers.
+    pub unplaceable: usize,
+    /// Since servers were last asked for (None: never).
+    pub since_out: Option<Duration>,
+    /// How long fewer than `idle_servers` servers have been wholly idle
+    /// (zero while enough are; see [`Policy::idle_short`]).
+    pub idle_short_for: Duration,
 }
 
 impl Default for Policy {
@@ -174,15 +201,17 @@ impl Default for Policy {
             migrate_after: Duration::from_secs(2),
             pack: false,
             rebalance_moves: 4,
-            // An hour and a server of room: on the synthetic 2000-session
-            // workload servers removed fell from 1,667 to 238 for 1.1% fewer
-            // GPU-hours saved (docs/simulator.md, "Churn"). One idle server:
-            // with rebalancing, it keeps the session trace's p99 delay under
-            // 0.25 s on every seed tried, which rebalancing alone does not
-            // ("The tail").
+            // An hour, a server of room and two minutes' grace for the idle
+            // server: on the synthetic 2000-session workload servers added
+            // fell from 1,667 to 212, and on the session trace no seed tried
+            // starts fewer cells within 1 s (docs/simulator.md, "Churn").
+            // One idle server: with rebalancing, it keeps the session trace's
+            // p99 delay under 0.25 s on every seed tried, which rebalancing
+            // alone does not ("The tail").
             scale_in_cooldown: Duration::from_secs(60 * 60),
             scale_in_room: 1.0,
             idle_servers: 1,
+            idle_server_grace: Duration::from_secs(120),
         }
     }
 }
@@ -375,20 +404,25 @@ impl Policy {
             .map(|s| s.id.clone())
     }
 
+    /// Whether fewer than `idle_servers` servers have every GPU idle (the
+    /// caller times how long, for [`Pressure::idle_short_for`]).
+    pub fn idle_short(&self, view: &ClusterView) -> bool {
+        whole_idle(view) < self.idle_servers
+    }
+
     /// Committed demand against capacity: add servers when demand (plus
     /// headroom) passes `scale_out_at` of capacity, or when `unplaceable`
     /// replicas found no server; remove long-idle servers while the rest
     /// stays under `scale_in_below`. `waiting_gpus` are asked for by cells
     /// that wait for a GPU.
-    /// `since_out` is how long ago servers were last asked for (None: never);
-    /// within `scale_in_cooldown` of that nothing is removed.
-    pub fn scale(
-        &self,
-        view: &ClusterView,
-        waiting_gpus: u32,
-        unplaceable: usize,
-        since_out: Option<Duration>,
-    ) -> Scale {
+    /// Within `scale_in_cooldown` of the last scale-out nothing is removed.
+    pub fn scale(&self, view: &ClusterView, pressure: Pressure) -> Scale {
+        let Pressure {
+            waiting_gpus,
+            unplaceable,
+            since_out,
+            idle_short_for,
+        } = pressure;
         let active = view.servers.iter().filter(|s| !s.draining).count();
         let capacity = f64::from(view.capacity());
         let demand = f64::from(view.busy() + waiting_gpus + self.headroom_gpus);
@@ -400,15 +434,16 @@ impl Policy {
                 .ceil()
                 .max(1.0) as usize;
         }
-        let whole_idle = view
-            .servers
-            .iter()
-            .filter(|s| !s.draining && s.idle_gpus == s.gpus)
-            .count();
+        let whole_idle = whole_idle(view);
+        let idle_wanted = if idle_short_for >= self.idle_server_grace {
+            self.idle_servers.saturating_sub(whole_idle)
+        } else {
+            0
+        };
         out = out
             .max(unplaceable)
             .max(self.min_servers.saturating_sub(active))
-            .max(self.idle_servers.saturating_sub(whole_idle));
+            .max(idle_wanted);
         let room = self.max_servers.saturating_sub(view.servers.len());
         if out > 0 {
             return if room > 0 {
@@ -668,21 +703,57 @@ mod tests {
         for s in ["s0", "s1", "s2"] {
             v.take_gpus(s, 8);
         }
-        assert_eq!(p.scale(&v, 0, 0, None), Scale::Hold);
+        assert_eq!(p.scale(&v, Pressure::default()), Scale::Hold);
         // 24 busy + 8 waiting = 32 > 24: enough servers that 32 ≤ 0.75 × capacity.
-        assert_eq!(p.scale(&v, 8, 0, None), Scale::Out(2));
+        assert_eq!(
+            p.scale(
+                &v,
+                Pressure {
+                    waiting_gpus: 8,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Out(2)
+        );
         // Replicas that found no server count too.
-        assert_eq!(p.scale(&cluster(4, 8), 0, 3, None), Scale::Out(3));
+        assert_eq!(
+            p.scale(
+                &cluster(4, 8),
+                Pressure {
+                    unplaceable: 3,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Out(3)
+        );
         let capped = Policy {
             max_servers: 5,
             ..p.clone()
         };
-        assert_eq!(capped.scale(&v, 8, 0, None), Scale::Out(1));
+        assert_eq!(
+            capped.scale(
+                &v,
+                Pressure {
+                    waiting_gpus: 8,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Out(1)
+        );
         let full = Policy {
             max_servers: 4,
             ..p
         };
-        assert_eq!(full.scale(&v, 8, 0, None), Scale::Hold);
+        assert_eq!(
+            full.scale(
+                &v,
+                Pressure {
+                    waiting_gpus: 8,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Hold
+        );
     }
 
     #[test]
@@ -700,12 +771,12 @@ mod tests {
         v.add_replica("s2", 1);
         // 2 busy: remove idle servers, fewest replicas first, down to 3.
         assert_eq!(
-            p.scale(&v, 0, 0, None),
+            p.scale(&v, Pressure::default()),
             Scale::In(vec!["s3".into(), "s4".into(), "s5".into()])
         );
         // With no demand it never goes below max(min_servers, replicas).
         let none = cluster(3, 8);
-        assert_eq!(p.scale(&none, 0, 0, None), Scale::Hold);
+        assert_eq!(p.scale(&none, Pressure::default()), Scale::Hold);
     }
 
     #[test]
@@ -724,7 +795,10 @@ mod tests {
             v.add_replica(s, 8);
         }
         // 32 subscribed at ratio 1 needs 32 GPUs: only the empty s4 may go.
-        assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s4".into()]));
+        assert_eq!(
+            p.scale(&v, Pressure::default()),
+            Scale::In(vec!["s4".into()])
+        );
     }
 
     #[test]
@@ -744,7 +818,10 @@ mod tests {
         }
         // 32 subscribed at ratio 1 on 48 GPUs: removing s4 leaves 40, room
         // for one more server's worth; removing s5 too would leave none.
-        assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s4".into()]));
+        assert_eq!(
+            p.scale(&v, Pressure::default()),
+            Scale::In(vec!["s4".into()])
+        );
     }
 
     #[test]
@@ -758,12 +835,25 @@ mod tests {
         for s in ["s0", "s1", "s2", "s3"] {
             v.take_gpus(s, 1);
         }
-        assert_eq!(p.scale(&v, 0, 0, None), Scale::Out(1));
+        assert!(p.idle_short(&v));
+        // Only once it has lasted the grace: a short cell on the idle
+        // server would otherwise bring a server that is removed again.
+        let brief = Pressure {
+            idle_short_for: p.idle_server_grace / 2,
+            ..Pressure::default()
+        };
+        assert_eq!(p.scale(&v, brief), Scale::Hold);
+        let lasting = Pressure {
+            idle_short_for: p.idle_server_grace,
+            ..Pressure::default()
+        };
+        assert_eq!(p.scale(&v, lasting), Scale::Out(1));
         let off = Policy {
             idle_servers: 0,
             ..p.clone()
         };
-        assert_eq!(off.scale(&v, 0, 0, None), Scale::Hold);
+        assert!(!off.idle_short(&v));
+        assert_eq!(off.scale(&v, lasting), Scale::Hold);
 
         // Three long-idle servers: two go, one stays idle.
         let mut v = cluster(6, 8);
@@ -774,11 +864,11 @@ mod tests {
             v.take_gpus(s, 1);
         }
         assert_eq!(
-            p.scale(&v, 0, 0, None),
+            p.scale(&v, Pressure::default()),
             Scale::In(vec!["s3".into(), "s4".into()])
         );
         assert_eq!(
-            off.scale(&v, 0, 0, None),
+            off.scale(&v, Pressure::default()),
             Scale::In(vec!["s3".into(), "s4".into(), "s5".into()])
         );
     }
@@ -799,7 +889,10 @@ mod tests {
         for s in ["s0", "s1", "s2", "s0", "s1", "s2"] {
             v.add_replica(s, 1);
         }
-        assert_eq!(p.scale(&v, 0, 0, None), Scale::In(vec!["s3".into()]));
+        assert_eq!(
+            p.scale(&v, Pressure::default()),
+            Scale::In(vec!["s3".into()])
+        );
     }
 
     #[test]
@@ -814,12 +907,40 @@ mod tests {
             s.idle_for = Duration::from_secs(600);
         }
         let soon = Some(Duration::from_secs(600));
-        assert_eq!(p.scale(&v, 0, 0, soon), Scale::Hold);
+        assert_eq!(
+            p.scale(
+                &v,
+                Pressure {
+                    since_out: soon,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Hold
+        );
         let later = Some(Duration::from_secs(1801));
-        assert!(matches!(p.scale(&v, 0, 0, later), Scale::In(_)));
-        assert!(matches!(p.scale(&v, 0, 0, None), Scale::In(_)));
+        assert!(matches!(
+            p.scale(
+                &v,
+                Pressure {
+                    since_out: later,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::In(_)
+        ));
+        assert!(matches!(p.scale(&v, Pressure::default()), Scale::In(_)));
         // A scale-out is never held back by the cooldown.
-        assert_eq!(p.scale(&v, 40, 0, soon), Scale::Out(2));
+        assert_eq!(
+            p.scale(
+                &v,
+                Pressure {
+                    waiting_gpus: 40,
+                    since_out: soon,
+                    ..Pressure::default()
+                }
+            ),
+            Scale::Out(2)
+        );
     }
 
     #[test]

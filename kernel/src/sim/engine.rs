@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::cluster::policy::{
-    ClusterView, KernelView, Policy, PolicyError, Scale, ServerId, ServerView,
+    ClusterView, KernelView, Policy, PolicyError, Pressure, Scale, ServerId, ServerView,
 };
 use crate::cluster::provider::{InProcess, Provider};
 use crate::replica::applier::Applier;
@@ -336,6 +336,8 @@ pub struct Engine<'w> {
     /// The oracle's GPUs running cells.
     running: u32,
     last_scale_out: Option<Ms>,
+    /// Since when too few servers are wholly idle (`Policy::idle_short`).
+    idle_short_since: Option<Ms>,
     out: Outcome,
 }
 
@@ -371,6 +373,7 @@ impl<'w> Engine<'w> {
                 .collect(),
             running: 0,
             last_scale_out: None,
+            idle_short_since: None,
             out: Outcome {
                 mode: mode.name(),
                 cells: workload.cells(),
@@ -1117,7 +1120,21 @@ impl<'w> Engine<'w> {
         let since_out = self
             .last_scale_out
             .map(|t| std::time::Duration::from_millis(self.now - t));
-        match self.policy.scale(&view, waiting_gpus, short, since_out) {
+        if !self.policy.idle_short(&view) {
+            self.idle_short_since = None;
+        } else if self.idle_short_since.is_none() {
+            self.idle_short_since = Some(self.now);
+        }
+        let pressure = Pressure {
+            waiting_gpus,
+            unplaceable: short,
+            since_out,
+            idle_short_for: self
+                .idle_short_since
+                .map(|t| std::time::Duration::from_millis(self.now - t))
+                .unwrap_or_default(),
+        };
+        match self.policy.scale(&view, pressure) {
             Scale::Hold => {}
             Scale::Out(n) => {
                 self.last_scale_out = Some(self.now);
@@ -1525,6 +1542,37 @@ mod tests {
         d.sort_unstable();
         assert!(d[3] >= Costs::default().scale_out_delay, "{d:?}");
         assert!(d[..3].iter().all(|&x| x < SECOND), "{d:?}");
+    }
+
+    #[test]
+    fn a_short_cell_on_the_idle_server_brings_no_new_server() {
+        // One server, one kernel: while one of its 1-GPU cells runs no server
+        // is wholly idle, for a minute at a time.
+        let grace = Policy {
+            min_servers: 1,
+            headroom_gpus: 0,
+            ..Policy::default()
+        };
+        let eager = Policy {
+            idle_server_grace: Duration::ZERO,
+            ..grace.clone()
+        };
+        let cells: Vec<_> = (1..=5).map(|i| (i * 10 * MINUTE, MINUTE, 1)).collect();
+        let w = workload(vec![session("k", 0, 60 * MINUTE, &cells)]);
+        let mode = Mode::NotebookOs { replicas: 1 };
+        let eager = run(&w, mode, &eager);
+        assert!(eager.servers_added >= 1, "{eager:?}");
+        let o = run(&w, mode, &grace);
+        assert_eq!(o.servers_added, 0, "{o:?}");
+        assert!(totals(&o).iter().all(|&d| d < SECOND), "{o:?}");
+        // A shortage that lasts does bring one.
+        let long = vec![(MINUTE, 2 * grace.idle_server_grace.as_millis() as Ms, 1)];
+        let o = run(
+            &workload(vec![session("k", 0, 60 * MINUTE, &long)]),
+            mode,
+            &grace,
+        );
+        assert_eq!(o.servers_added, 1, "{o:?}");
     }
 
     fn synthetic(sessions: usize, seed: u64) -> Workload {
