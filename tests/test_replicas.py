@@ -408,6 +408,34 @@ def test_a_widget_works_from_every_replica(rk):
     rk.verify()
 
 
+def test_a_widgets_callbacks_fire_once_where_its_change_is_made(rk):
+    """A callback attached by a cell on another replica than the widget's
+    fires for the front-end's moves (on the widget's replica) and for a
+    cell's change on any replica, once each time, as with ipykernel."""
+    fe = rk.fe
+    owner, other = rk.peers()
+    rk.steer(owner)
+    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\nb = w.Button()\ns")
+    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
+                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    rk.steer(other)
+    fe.execute("seen = []\n"
+               "s.observe(lambda ch: print('moved to', ch['new']), 'value')\n"
+               "b.on_click(lambda _: seen.append('click'))")
+    assert "moved to 9" in stream_text(moved(fe, comm_id, 9))
+    rk.steer(rk.front())
+    _, msgs = fe.execute("s.value = 4")
+    assert stream_text(msgs) == "moved to 4\n"
+    # A click, handled on the button's replica, changes the namespace everywhere.
+    rk.steer(other)
+    button_id = fe.eval("b.model_id").strip("'")
+    click = fe.kc.session.msg("comm_msg", {"comm_id": button_id,
+                                           "data": {"method": "custom", "content": {"event": "click"}}})
+    fe.kc.shell_channel.send(click)
+    assert fe.eval("seen") == "['click']"
+    rk.verify()
+
+
 # -- replication after the reply -----------------------------------------------
 
 def slow_to_replicate(seconds):

@@ -65,13 +65,7 @@ this process already has (from an earlier delta) to the equal ones in the
 header as it loads. Unpickling runs code from the header: replicas must
 trust each other.
 
-A Jupyter widget (ipywidgets) travels as its model id and state. Where a
-widget of that id already exists (the replica whose Python holds its comm,
-so the front-end's messages reach it; and any replica that got an earlier
-copy), the state is set on that widget in place, without notifying its
-observers or the front-end (the replica that made the change did that), so
-the name keeps referring to the widget the front-end talks to. Elsewhere a
-copy is built and registered under that id.
+Jupyter widgets keep one object per process and model id: see ``widgets``.
 """
 
 import ast
@@ -82,11 +76,10 @@ import pickle
 import re
 import sys
 import types
-import warnings
 
 import cloudpickle
 
-from . import process
+from . import process, widgets
 
 SMALL = 1 << 20  # pickled size below which a value is re-checked after every cell
 OUT_OF_BAND = 64 << 10  # buffers at least this big travel next to the header
@@ -194,6 +187,13 @@ class _Pickler(cloudpickle.Pickler):
         slots = dict(slots, __globals__={})
         return (make, (code, _USER_NS, name, defaults, closure), (state, slots), *rest)
 
+    def _picklable(self, obj):
+        try:
+            _dump(obj, self._user_ns, lambda _buf: False)  # buffers by reference: no copy
+        except Exception:
+            return False
+        return True
+
     def reducer_override(self, obj):
         local = _process_local_name(obj)
         if local is not None:
@@ -210,7 +210,7 @@ class _Pickler(cloudpickle.Pickler):
             return (_lru_cached, (obj.__wrapped__, params["maxsize"], params["typed"]))
         if _by_name_in_notebook(obj):
             raise _Unpicklable("pickled by name from the notebook, not by value")
-        widget = _widget_reduce(obj)
+        widget = widgets.reduce(obj, self._picklable)
         if widget is not None:
             return widget
         torch = sys.modules.get("torch")
@@ -234,64 +234,6 @@ def namespace_digest(name_digests):
     for name, digest in sorted(name_digests.items()):
         h.update(f"{name}\0{digest}\0".encode())
     return h.hexdigest()
-
-
-def _widget_reduce(obj):
-    """A widget with a comm as (class, model id) plus its state, which
-    ``_widget_set_state`` puts on the widget of that id where there is one."""
-    ipywidgets = sys.modules.get("ipywidgets")
-    if ipywidgets is None or not isinstance(obj, ipywidgets.Widget):
-        return None
-    model_id = getattr(obj.comm, "comm_id", None)
-    if model_id is None:  # closed: an ordinary object
-        return None
-    state = obj.__getstate__()
-    # The state the front-end sees, and the comm. Private traits such as the
-    # lock ipywidgets holds while applying a front-end's update exist or not
-    # depending on what this process did, so equal widgets would differ.
-    synced = set(obj.keys) | {"comm"}
-    state["_trait_values"] = {k: v for k, v in state["_trait_values"].items() if k in synced}
-    return (_widget_shell, (type(obj), model_id), state, None, None, _widget_set_state)
-
-
-def _widget_registry():
-    from ipywidgets.widgets import widget
-
-    registry = getattr(widget, "_instances", None)  # ipywidgets 8
-    return registry if registry is not None else widget.Widget.widgets
-
-
-# Widgets built by _widget_shell whose state is still to come.
-_NEW_WIDGETS = set()
-
-
-def _widget_shell(cls, model_id):
-    live = _widget_registry().get(model_id)
-    if live is not None and type(live) is cls:
-        return live
-    obj = cls.__new__(cls)
-    _NEW_WIDGETS.add(id(obj))
-    return obj
-
-
-def _widget_set_state(obj, state):
-    if id(obj) in _NEW_WIDGETS:
-        _NEW_WIDGETS.discard(id(obj))
-        with warnings.catch_warnings():
-            # traitlets' __setstate__ reads every class attribute, ipywidgets'
-            # deprecated ones included.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            obj.__setstate__(state)
-        _widget_registry()[obj.comm.comm_id] = obj
-        if getattr(obj.comm, "_msg_callback", True) is None:
-            obj.comm.on_msg(obj._handle_msg)
-        return
-    # Straight into the trait values: a notification would run the widget's
-    # observers a second time and echo the change to the front-end.
-    values = state.get("_trait_values", {})
-    for name in obj.keys:
-        if name in values and name != "comm":
-            obj._trait_values[name] = values[name]
 
 
 def _lru_cached(func, maxsize, typed):
