@@ -523,7 +523,6 @@ impl Kernel {
         )
     }
 
-    /// A comm message for a comm another replica opened is mailed there.
     /// A front-end's message on an open comm: to the replica holding the
     /// comm when there is a group (see `Front::comm`), else served here.
     async fn comm<Req: DeserializeOwned>(&self, exec: &Executor, request: &Message) -> Outcome {

@@ -6,12 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use raft_transport::NodeId;
 use serde_json::json;
 
 use super::deltas::Outbound;
 use super::entry::{CellId, Entry, Frames, Mail};
-use raft_transport::NodeId;
-
 use super::{lock, statesync, CellResult, Core, SyncMode};
 use crate::wire::Message;
 
