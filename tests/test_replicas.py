@@ -408,6 +408,23 @@ def test_a_widget_works_from_every_replica(rk):
     rk.verify()
 
 
+def test_a_widget_outlives_the_replica_that_made_it(rk):
+    """The replica holding a widget's comm dies: the front-end's next move is
+    served by replica 1's copy instead of being lost, and nothing hangs."""
+    fe = rk.fe
+    owner = rk.peers()[0]
+    rk.steer(owner)
+    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
+    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
+                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    rk.unsteer()
+    rk.kill(owner)
+    rk.wait_members(3)
+    echoed = of_type(moved(fe, comm_id, 6), "comm_msg")
+    assert [m["content"]["data"]["state"]["value"] for m in echoed] == [6]
+    assert fe.eval("s.value") == "6"
+
+
 def test_a_widgets_callbacks_fire_once_where_its_change_is_made(rk):
     """A callback attached by a cell on another replica than the widget's
     fires for the front-end's moves (on the widget's replica) and for a
