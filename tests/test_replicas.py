@@ -346,30 +346,53 @@ def test_remote_matplotlib_and_widget(on_peer):
     reply, msgs = fe.execute("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
     [d] = [m for m in of_type(msgs, "display_data") if "image/png" in m["content"]["data"]]
     assert base64.b64decode(d["content"]["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
-    reply, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
-    assert reply["status"] == "ok", reply
-    slider = [m for m in of_type(msgs, "comm_open")
-              if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
-    comm_id = slider[0]["content"]["comm_id"]
+    comm_id = slider_made(fe)
     # The front-end moves the slider: the message goes to the replica that owns the widget.
-    update = fe.kc.session.msg(
-        "comm_msg",
-        {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []}},
-    )
-    fe.kc.shell_channel.send(update)
+    move(fe, comm_id, 7)
     # The next cell sees it, as with ipykernel: no waiting for the update's idle.
     assert fe.eval("s.value") == "7"
 
 
-def moved(fe, comm_id, value):
-    """The front-end moves a slider; returns what the front-end hears back."""
+def slider_made(fe, also=""):
+    """Runs a cell that makes the slider `s` (and runs `also`); returns its comm id."""
+    reply, msgs = fe.execute(f"import ipywidgets as w\ns = w.IntSlider(value=3)\n{also}s")
+    assert reply["status"] == "ok", reply
+    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
+                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    return comm_id
+
+
+def move(fe, comm_id, value):
+    """The front-end moves a slider; returns the message it sent."""
     update = fe.kc.session.msg(
         "comm_msg",
         {"comm_id": comm_id, "data": {"method": "update", "state": {"value": value},
                                       "buffer_paths": []}},
     )
     fe.kc.shell_channel.send(update)
-    return fe.iopub_until_idle(update["header"]["msg_id"])
+    return update
+
+
+def relayed_stream(fe, request):
+    """The stream text a request printed on a peer. Relayed output travels
+    by mail, apart from the log that ends the request, so it can trail the
+    request's idle by moments (docs/architecture.md, "Not built yet")."""
+    msg_id = request["header"]["msg_id"]
+    text = stream_text(fe.iopub_until_idle(msg_id))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            m = fe.kc.get_iopub_msg(timeout=0.2)
+        except Empty:
+            break
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream":
+            text += m["content"]["text"]
+    return text
+
+
+def moved(fe, comm_id, value):
+    """The front-end moves a slider; returns what the front-end hears back."""
+    return fe.iopub_until_idle(move(fe, comm_id, value)["header"]["msg_id"])
 
 
 def test_a_widget_works_from_every_replica(rk):
@@ -380,9 +403,7 @@ def test_a_widget_works_from_every_replica(rk):
     fe = rk.fe
     owner, other = rk.peers()
     rk.steer(owner)
-    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
-    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
-                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    comm_id = slider_made(fe)
     for value, where in enumerate([owner, rk.front(), other, owner, other, rk.front()], start=10):
         echoed = of_type(moved(fe, comm_id, value), "comm_msg")
         assert [m["content"]["data"]["state"]["value"] for m in echoed] == [value]
@@ -414,9 +435,7 @@ def test_a_widget_outlives_the_replica_that_made_it(rk):
     fe = rk.fe
     owner = rk.peers()[0]
     rk.steer(owner)
-    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
-    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
-                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    comm_id = slider_made(fe)
     rk.unsteer()
     rk.kill(owner)
     rk.wait_members(3)
@@ -432,14 +451,12 @@ def test_a_widgets_callbacks_fire_once_where_its_change_is_made(rk):
     fe = rk.fe
     owner, other = rk.peers()
     rk.steer(owner)
-    _, msgs = fe.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\nb = w.Button()\ns")
-    [comm_id] = [m["content"]["comm_id"] for m in of_type(msgs, "comm_open")
-                 if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"]
+    comm_id = slider_made(fe, also="b = w.Button()\n")
     rk.steer(other)
     fe.execute("seen = []\n"
                "s.observe(lambda ch: print('moved to', ch['new']), 'value')\n"
                "b.on_click(lambda _: seen.append('click'))")
-    assert "moved to 9" in stream_text(moved(fe, comm_id, 9))
+    assert "moved to 9" in relayed_stream(fe, move(fe, comm_id, 9))
     rk.steer(rk.front())
     _, msgs = fe.execute("s.value = 4")
     assert stream_text(msgs) == "moved to 4\n"
