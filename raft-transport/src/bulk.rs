@@ -344,8 +344,9 @@ async fn put_once(
     }
 }
 
-/// Delivers `data` to `peer`'s mailbox; returns once the peer has queued it for its
-/// application. Messages one task sends to one peer arrive in the order sent.
+/// Delivers `data` to `peer`'s mailbox; returns once the peer's application has
+/// handled it (see [`crate::mailbox`]). Messages one task sends to one peer
+/// arrive in the order sent.
 pub(crate) async fn send_message(
     transport: &Arc<Transport>,
     peer: NodeId,
@@ -397,23 +398,30 @@ pub(crate) async fn serve_message(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
-    let Ok(_permit) = transport.blob_streams.clone().acquire_owned().await else {
-        return Ok(());
-    };
-    let data = match read_sized(&mut recv, transport.max_blob_size, false).await {
-        Ok((d, _)) => d,
-        Err(WireError::TooLarge(n)) => {
-            tracing::warn!(peer, bytes = n, "refusing oversized message");
-            let _ = recv.stop(0u32.into());
-            send.write_all(&[STATUS_TOO_LARGE]).await?;
-            send.finish()?;
+    let data = {
+        let Ok(_permit) = transport.blob_streams.clone().acquire_owned().await else {
             return Ok(());
+        };
+        match read_sized(&mut recv, transport.max_blob_size, false).await {
+            Ok((d, _)) => d,
+            Err(WireError::TooLarge(n)) => {
+                tracing::warn!(peer, bytes = n, "refusing oversized message");
+                let _ = recv.stop(0u32.into());
+                send.write_all(&[STATUS_TOO_LARGE]).await?;
+                send.finish()?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     };
-    // Waiting here pushes back on the sender when the application falls behind.
-    let status = match transport.inbox.send((peer, Bytes::from(data))).await {
-        Ok(()) => rpc::STATUS_OK,
+    // Waiting here pushes back on the sender until the application has
+    // handled the message; the stream permit is not held meanwhile.
+    let (message, handled) = crate::Message::new(peer, Bytes::from(data));
+    let status = match transport.inbox.send(message).await {
+        Ok(()) => {
+            let _ = handled.await;
+            rpc::STATUS_OK
+        }
         Err(_) => rpc::STATUS_ERR,
     };
     send.write_all(&[status]).await?;

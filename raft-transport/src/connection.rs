@@ -90,7 +90,7 @@ pub(crate) struct Transport {
     pub(crate) max_blob_size: u64,
     /// Mailbox messages from peers, in arrival order per sender; taken once by the
     /// application.
-    pub(crate) inbox: tokio::sync::mpsc::Sender<(NodeId, bytes::Bytes)>,
+    pub(crate) inbox: tokio::sync::mpsc::Sender<crate::Message>,
 }
 
 impl Transport {
@@ -99,7 +99,7 @@ impl Transport {
         listen: SocketAddr,
         tuning: TransportTuning,
         max_blob_size: u64,
-        inbox: tokio::sync::mpsc::Sender<(NodeId, bytes::Bytes)>,
+        inbox: tokio::sync::mpsc::Sender<crate::Message>,
     ) -> Result<Arc<Self>> {
         let transport = Arc::new(tuning.quinn_transport()?);
         let server_crypto = QuicServerConfig::try_from(identity.server_config()?)

@@ -34,6 +34,7 @@ mod connection;
 pub mod control;
 pub mod error;
 pub mod log_store;
+pub mod mailbox;
 mod network;
 pub mod node;
 mod rpc;
@@ -47,6 +48,7 @@ pub mod types;
 pub use bulk::BlobHash;
 pub use config::{ReplicaConfig, TransportTuning};
 pub use error::{Error, Result, TlsError};
+pub use mailbox::{Message, Receipt};
 pub use node::{PendingProposal, Proposed, ReplicaMetrics, ReplicaNode, ServerState};
 /// The openraft version this crate is built on, for callers that need its types.
 pub use openraft;

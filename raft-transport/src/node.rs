@@ -83,7 +83,7 @@ pub struct ReplicaNode {
     raft: Raft,
     transport: Arc<Transport>,
     sm: StateMachineStore,
-    inbox: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(NodeId, Bytes)>>>,
+    inbox: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::Message>>>,
 }
 
 impl ReplicaNode {
@@ -323,15 +323,16 @@ impl ReplicaNode {
     }
 
     /// Sends `data` to `peer`'s mailbox ([`ReplicaNode::take_messages`] there); returns
-    /// once the peer has queued it. Messages one task sends to one peer keep their order.
+    /// once the peer's application has handled it (dropped its [`crate::Receipt`]).
+    /// Messages one task sends to one peer keep their order.
     pub async fn send_message(&self, peer: NodeId, data: impl Into<Bytes>) -> Result<()> {
         let addr = self.peer_addr(peer)?;
         bulk::send_message(&self.transport, peer, &addr, data.into()).await
     }
 
-    /// The receiving end of this replica's mailbox: `(sender, message)`. There is one;
-    /// later calls return `None`.
-    pub fn take_messages(&self) -> Option<tokio::sync::mpsc::Receiver<(NodeId, Bytes)>> {
+    /// The receiving end of this replica's mailbox. There is one; later calls
+    /// return `None`.
+    pub fn take_messages(&self) -> Option<tokio::sync::mpsc::Receiver<crate::Message>> {
         self.inbox.lock().ok()?.take()
     }
 

@@ -30,6 +30,7 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
 }
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -504,36 +505,77 @@ async fn restored_ca_signs_for_the_same_kernel_and_remote_keys_work() {
 async fn mailbox_messages_arrive_in_order_with_their_sender() {
     init_tracing();
     let ca = KernelCa::generate("t-mailbox").unwrap();
-    let nodes = cluster(&ca, 3).await;
+    let nodes = Arc::new(cluster(&ca, 3).await);
     let mut inbox = nodes[&1].take_messages().unwrap();
     assert!(
         nodes[&1].take_messages().is_none(),
         "the mailbox is taken once"
     );
-    for i in 0..200u64 {
-        nodes[&2].send_message(1, payload(i)).await.unwrap();
-    }
-    // Larger than a QUIC stream window, so it crosses in many packets.
-    let big = vec![7u8; 40 << 20];
-    nodes[&3].send_message(1, big.clone()).await.unwrap();
+    let senders = {
+        let nodes = nodes.clone();
+        tokio::spawn(async move {
+            for i in 0..200u64 {
+                nodes[&2].send_message(1, payload(i)).await.unwrap();
+            }
+            // Larger than a QUIC stream window, so it crosses in many packets.
+            nodes[&3]
+                .send_message(1, vec![7u8; 40 << 20])
+                .await
+                .unwrap();
+        })
+    };
     let mut from_2 = Vec::new();
     let mut from_3 = Vec::new();
     while from_2.len() < 200 || from_3.is_empty() {
-        let (peer, data) = tokio::time::timeout(WAIT, inbox.recv())
+        let message = tokio::time::timeout(WAIT, inbox.recv())
             .await
             .unwrap()
             .unwrap();
-        match peer {
-            2 => from_2.push(data.to_vec()),
-            3 => from_3.push(data),
+        match message.from {
+            2 => from_2.push(message.data.to_vec()),
+            3 => from_3.push(message.data),
             other => panic!("message from unexpected peer {other}"),
         }
     }
+    tokio::time::timeout(WAIT, senders).await.unwrap().unwrap();
     let expected: Vec<Vec<u8>> = (0..200).map(payload).collect();
     assert_eq!(from_2, expected);
-    assert_eq!(from_3[0].len(), big.len());
+    assert_eq!(from_3[0].len(), 40 << 20);
     assert!(from_3[0].iter().all(|b| *b == 7));
-    shutdown_all(nodes).await;
+    shutdown_all(Arc::into_inner(nodes).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_delivered_once_its_receiver_drops_the_receipt() {
+    init_tracing();
+    let ca = KernelCa::generate("t-receipt").unwrap();
+    let nodes = Arc::new(cluster(&ca, 2).await);
+    let mut inbox = nodes[&1].take_messages().unwrap();
+    let (delivered_tx, mut delivered) = tokio::sync::oneshot::channel();
+    let sender = {
+        let nodes = nodes.clone();
+        tokio::spawn(async move {
+            nodes[&2].send_message(1, payload(1)).await.unwrap();
+            let _ = delivered_tx.send(());
+        })
+    };
+    let message = tokio::time::timeout(WAIT, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Held: the sender is still waiting however long the handling takes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        delivered.try_recv().is_err(),
+        "send_message returned before the receipt was dropped"
+    );
+    drop(message.receipt);
+    tokio::time::timeout(WAIT, delivered)
+        .await
+        .unwrap()
+        .unwrap();
+    sender.await.unwrap();
+    shutdown_all(Arc::into_inner(nodes).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

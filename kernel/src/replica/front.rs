@@ -280,7 +280,14 @@ impl Front {
                 }
                 CoreEvent::ChangesLost(lost) => self.note_loss(&lost),
                 CoreEvent::Queued { cell, request } => self.report_queued(&cell, &request).await,
-                CoreEvent::Iopub { from, msgs } => self.publish_relayed(from, msgs).await,
+                CoreEvent::Iopub {
+                    from,
+                    msgs,
+                    receipt,
+                } => {
+                    self.publish_relayed(from, msgs).await;
+                    drop(receipt);
+                }
                 CoreEvent::InputRequest { from, request } => self.relay_input(from, request),
             }
         }

@@ -3,27 +3,38 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use raft_transport::NodeId;
+use raft_transport::{Message, NodeId, Receipt};
 use tokio::sync::mpsc;
 
 use super::entry::Mail;
 use super::{lock, Core, CoreEvent};
 
 impl Core {
-    pub(super) async fn mail_loop(self: Arc<Self>, mut inbox: mpsc::Receiver<(NodeId, Bytes)>) {
-        while let Some((from, data)) = inbox.recv().await {
+    pub(super) async fn mail_loop(self: Arc<Self>, mut inbox: mpsc::Receiver<Message>) {
+        while let Some(Message {
+            from,
+            data,
+            receipt,
+        }) = inbox.recv().await
+        {
             match Mail::decode(&data) {
-                Ok(mail) => self.on_mail(from, mail).await,
+                Ok(mail) => self.on_mail(from, mail, receipt).await,
                 Err(e) => tracing::warn!(from, "dropping mail: {e}"),
             }
         }
     }
 
-    pub(super) async fn on_mail(self: &Arc<Self>, from: NodeId, mail: Mail) {
+    /// Handles one mail. Its sender waits until `receipt` is dropped: relayed
+    /// output keeps it until published, so the winner reports its cell done
+    /// only after the cell's output is out.
+    async fn on_mail(self: &Arc<Self>, from: NodeId, mail: Mail, receipt: Receipt) {
         match mail {
             Mail::Iopub(msgs) => {
-                if !self.emit(CoreEvent::Iopub { from, msgs }) {
+                if !self.emit(CoreEvent::Iopub {
+                    from,
+                    msgs,
+                    receipt,
+                }) {
                     tracing::warn!(
                         from,
                         "iopub relayed to a replica that does not face Jupyter"
@@ -62,14 +73,22 @@ impl Core {
                 nonce,
                 replica,
                 digest,
-            } => {
-                let sent = lock(&self.digests)
-                    .get(&nonce)
-                    .map(|tx| tx.send((replica, digest)).is_ok());
-                if sent != Some(true) {
-                    tracing::debug!(from, "a digest arrived after its request ended");
-                }
-            }
+            } => self.digest_arrived(from, &nonce, replica, digest),
+        }
+    }
+
+    pub(super) fn digest_arrived(
+        &self,
+        from: NodeId,
+        nonce: &str,
+        replica: NodeId,
+        digest: String,
+    ) {
+        let sent = lock(&self.digests)
+            .get(nonce)
+            .map(|tx| tx.send((replica, digest)).is_ok());
+        if sent != Some(true) {
+            tracing::debug!(from, "a digest arrived after its request ended");
         }
     }
 

@@ -72,8 +72,13 @@ pub enum CoreEvent {
     ChangesLost(applier::LostChanges),
     /// Every live replica yielded on a cell.
     Queued { cell: CellId, request: Frames },
-    /// iopub messages a peer relayed, to publish.
-    Iopub { from: NodeId, msgs: Vec<Frames> },
+    /// iopub messages a peer relayed, to publish; the peer waits for the
+    /// receipt's drop, which must come after they are queued on iopub.
+    Iopub {
+        from: NodeId,
+        msgs: Vec<Frames>,
+        receipt: raft_transport::Receipt,
+    },
     /// `input()` on a peer: ask the front-end.
     InputRequest { from: NodeId, request: Frames },
 }

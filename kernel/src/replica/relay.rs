@@ -2,8 +2,10 @@
 //!
 //! The peer's iopub publisher batches streams as the front's does and hands
 //! each message to [`run`], which mails them to the front in order, several
-//! per mail when they queue up. `input()` travels the same queue, so a prompt
-//! printed before it arrives first; the answer comes back as mail.
+//! per mail when they queue up. Each mail returns once the front has published
+//! it, so a flush point completes after the front-end has been sent everything
+//! before it. `input()` travels the same queue, so a prompt printed before it
+//! arrives first; the answer comes back as mail.
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};

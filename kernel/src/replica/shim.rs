@@ -19,14 +19,16 @@ impl Core {
             Ok(d) => d,
             Err(e) => format!("error: {e}"),
         };
+        if to == self.id {
+            self.digest_arrived(self.id, &nonce, self.id, digest);
+            return;
+        }
         let mail = Mail::Digest {
             nonce,
             replica: self.id,
             digest,
         };
-        if to == self.id {
-            self.on_mail(self.id, mail).await;
-        } else if let Err(e) = self.node.send_message(to, mail.encode()).await {
+        if let Err(e) = self.node.send_message(to, mail.encode()).await {
             tracing::warn!(to, error = %e, "could not send digest");
         }
     }
