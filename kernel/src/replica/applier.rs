@@ -52,6 +52,9 @@ pub struct Unsynced {
     pub replica: NodeId,
     /// The cell's `In[n]`, to tell the user which cell it was.
     pub execution_count: Option<i64>,
+    /// A front-end's comm message (a widget moved), not a cell.
+    #[serde(default)]
+    pub comm: bool,
 }
 
 /// Changes that died with the only replica holding them (`MemberDown` at `index`).
@@ -359,15 +362,16 @@ impl Applier {
                 reply,
                 delta,
             } => {
-                if self.state.elections.finish(&cell, replica).is_none() {
+                let Some(finished) = self.state.elections.finish(&cell, replica) else {
                     return fx;
-                }
+                };
                 match delta {
                     Some(delta) => self.changes(&mut fx, index, replica, delta),
                     None => self.state.unsynced.push_back(Unsynced {
                         cell: cell.clone(),
                         replica,
                         execution_count: execution_count(&reply),
+                        comm: finished.only.is_some(),
                     }),
                 }
                 self.finished(&mut fx, cell, CellResult::Reply(reply));
@@ -714,6 +718,25 @@ mod tests {
                 result: CellResult::Lost { replica: 3 }
             }));
         }
+
+        // It ran, and its owner went down before its changes left: the loss
+        // names it as a comm message, not as a cell.
+        let log = [
+            comm("p", 2),
+            bid("p", 2, true),
+            done_later("p", 2, 0),
+            Entry::MemberDown { replica: 2 },
+        ];
+        let fx = run(&mut group()[0], 1, &log);
+        let comms: Vec<bool> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::ChangesLost(l) => Some(l.cells.iter().map(|u| u.comm)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(comms, vec![true]);
     }
 
     #[test]

@@ -897,27 +897,77 @@ fn loss_notice(lost: &super::applier::LostChanges) -> String {
     let cells: Vec<String> = lost
         .cells
         .iter()
-        .map(|u| match u.execution_count {
-            Some(n) => format!("In [{n}]"),
-            None => "a cell without an execution count".into(),
+        .map(|u| match (u.execution_count, u.comm) {
+            (_, true) => "a widget change from the front-end".into(),
+            (Some(n), false) => format!("In [{n}]"),
+            (None, false) => "a cell without an execution count".into(),
         })
         .collect();
-    let now = match lost.cells.first().and_then(|u| u.execution_count) {
+    let first = lost
+        .cells
+        .first()
+        .filter(|u| !u.comm)
+        .and_then(|u| u.execution_count);
+    let now = match first {
         Some(n) if n > 1 => format!("as it was after In [{}]", n - 1),
         Some(_) => "as it was before In [1]".into(),
-        None => "as it was before those cells".into(),
+        None => "as it was before those changes".into(),
+    };
+    let redo = match (lost.cells.iter().all(|u| u.comm), cells.len()) {
+        (true, _) => "Move those widgets again",
+        (false, 1) => "Re-run that cell",
+        (false, _) => "Re-run those cells",
     };
     format!(
         "notebookos: replica {} was lost before the changes of {} reached another replica; \
-         those changes are lost and the namespace is {now}. Re-run {} to restore them.\n",
+         those changes are lost and the namespace is {now}. {redo} to restore them.\n",
         lost.replica,
         cells.join(", "),
-        if cells.len() == 1 {
-            "that cell"
-        } else {
-            "those cells"
-        },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::applier::{LostChanges, Unsynced};
+    use super::loss_notice;
+
+    fn lost(cells: &[(Option<i64>, bool)]) -> LostChanges {
+        LostChanges {
+            index: 9,
+            replica: 2,
+            cells: cells
+                .iter()
+                .map(|&(execution_count, comm)| Unsynced {
+                    cell: "c".into(),
+                    replica: 2,
+                    execution_count,
+                    comm,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_loss_notice_names_the_cells_and_the_widget_changes_lost() {
+        assert_eq!(
+            loss_notice(&lost(&[(Some(4), false), (Some(5), false)])),
+            "notebookos: replica 2 was lost before the changes of In [4], In [5] reached another \
+             replica; those changes are lost and the namespace is as it was after In [3]. \
+             Re-run those cells to restore them.\n"
+        );
+        assert_eq!(
+            loss_notice(&lost(&[(None, true), (Some(7), false)])),
+            "notebookos: replica 2 was lost before the changes of a widget change from the \
+             front-end, In [7] reached another replica; those changes are lost and the \
+             namespace is as it was before those changes. Re-run those cells to restore them.\n"
+        );
+        assert_eq!(
+            loss_notice(&lost(&[(None, true)])),
+            "notebookos: replica 2 was lost before the changes of a widget change from the \
+             front-end reached another replica; those changes are lost and the namespace is \
+             as it was before those changes. Move those widgets again to restore them.\n"
+        );
+    }
 }
 
 /// Proposes through any reachable survivor, following leader hints.
