@@ -926,6 +926,35 @@ fn loss_notice(lost: &super::applier::LostChanges) -> String {
     )
 }
 
+/// Proposes through any reachable survivor, following leader hints.
+async fn propose_via_any(
+    node: &ReplicaNode,
+    survivors: &[Member],
+    entry: &Entry,
+) -> Result<(), FrontError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = String::from("no survivors");
+    while tokio::time::Instant::now() < deadline {
+        for m in survivors {
+            match node.propose_via(m.id, &m.addr, entry).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(FrontError::Rejoin(last))
+}
+
+fn parse_addr(id: NodeId, addr: &str) -> Result<SocketAddr, FrontError> {
+    addr.parse()
+        .map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")).into())
+}
+
+pub fn default_listen_ip() -> String {
+    std::env::var("NOTEBOOKOS_REPLICA_IP").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::applier::{LostChanges, Unsynced};
@@ -968,33 +997,4 @@ mod tests {
              as it was before those changes. Move those widgets again to restore them.\n"
         );
     }
-}
-
-/// Proposes through any reachable survivor, following leader hints.
-async fn propose_via_any(
-    node: &ReplicaNode,
-    survivors: &[Member],
-    entry: &Entry,
-) -> Result<(), FrontError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut last = String::from("no survivors");
-    while tokio::time::Instant::now() < deadline {
-        for m in survivors {
-            match node.propose_via(m.id, &m.addr, entry).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(FrontError::Rejoin(last))
-}
-
-fn parse_addr(id: NodeId, addr: &str) -> Result<SocketAddr, FrontError> {
-    addr.parse()
-        .map_err(|e| GroupError::Start(format!("replica {id} address {addr}: {e}")).into())
-}
-
-pub fn default_listen_ip() -> String {
-    std::env::var("NOTEBOOKOS_REPLICA_IP").unwrap_or_else(|_| "127.0.0.1".into())
 }
