@@ -52,7 +52,12 @@ with torch.no_grad():
 """
 CPU = "print('cpu', sum(range(10**6)))"
 NOTEBOOK = [("setup", SETUP, True), ("train 1", TRAIN, True), ("train 2", TRAIN, True),
-            ("train 3", TRAIN, True), ("evaluate", EVAL, True), ("cpu cell", CPU, False)]
+            ("train 3", TRAIN, True), ("evaluate", EVAL, True), ("cpu cell", CPU, False),
+            ("cpu cell, 2 s later", CPU, False)]
+# Seconds the user thinks before a cell, beyond waiting for the sync: "every
+# replica has it" means received, not applied, so the CPU cell right after a
+# training cell may share the host with peers still applying its changes.
+PAUSE = {"cpu cell, 2 s later": 2.0}
 # ipykernel has no %%gpus: the same cell body, run as a cell would be.
 IPY_GPUS = ("from IPython.core.magic import register_cell_magic\n"
             "@register_cell_magic\n"
@@ -124,6 +129,7 @@ def main():
             return took, printed(msgs, stream_text), stream_text(msgs, "stderr")
 
         for label, code, gpu in NOTEBOOK:
+            time.sleep(PAUSE.get(label, 0.0))
             t_ipy, p_ipy, _ = run(ipy, code, gpu)
             t_nb, p_nb, err = run(a.fe, code, gpu)
             t = time.perf_counter()
