@@ -392,6 +392,17 @@ async fn message_once(
     }
 }
 
+/// Stops reading a stream whose length is over the limit and tells its sender.
+async fn refuse_oversized(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), WireError> {
+    let _ = recv.stop(0u32.into());
+    send.write_all(&[STATUS_TOO_LARGE]).await?;
+    send.finish()?;
+    Ok(())
+}
+
 pub(crate) async fn serve_message(
     transport: &Arc<Transport>,
     peer: NodeId,
@@ -406,10 +417,7 @@ pub(crate) async fn serve_message(
             Ok((d, _)) => d,
             Err(WireError::TooLarge(n)) => {
                 tracing::warn!(peer, bytes = n, "refusing oversized message");
-                let _ = recv.stop(0u32.into());
-                send.write_all(&[STATUS_TOO_LARGE]).await?;
-                send.finish()?;
-                return Ok(());
+                return refuse_oversized(&mut send, &mut recv).await;
             }
             Err(e) => return Err(e),
         }
@@ -498,10 +506,7 @@ pub(crate) async fn serve_put(
         Ok((_, None)) => return Err(WireError::Remote("hashing failed".into())),
         Err(WireError::TooLarge(n)) => {
             tracing::warn!(peer, bytes = n, "refusing oversized blob");
-            let _ = recv.stop(0u32.into());
-            send.write_all(&[STATUS_TOO_LARGE]).await?;
-            send.finish()?;
-            return Ok(());
+            return refuse_oversized(&mut send, &mut recv).await;
         }
         Err(e) => return Err(e),
     };
