@@ -392,17 +392,6 @@ async fn message_once(
     }
 }
 
-/// Stops reading a stream whose length is over the limit and tells its sender.
-async fn refuse_oversized(
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-) -> Result<(), WireError> {
-    let _ = recv.stop(0u32.into());
-    send.write_all(&[STATUS_TOO_LARGE]).await?;
-    send.finish()?;
-    Ok(())
-}
-
 pub(crate) async fn serve_message(
     transport: &Arc<Transport>,
     peer: NodeId,
@@ -417,7 +406,10 @@ pub(crate) async fn serve_message(
             Ok((d, _)) => d,
             Err(WireError::TooLarge(n)) => {
                 tracing::warn!(peer, bytes = n, "refusing oversized message");
-                return refuse_oversized(&mut send, &mut recv).await;
+                let _ = recv.stop(0u32.into());
+                send.write_all(&[STATUS_TOO_LARGE]).await?;
+                send.finish()?;
+                return Ok(());
             }
             Err(e) => return Err(e),
         }
@@ -506,7 +498,10 @@ pub(crate) async fn serve_put(
         Ok((_, None)) => return Err(WireError::Remote("hashing failed".into())),
         Err(WireError::TooLarge(n)) => {
             tracing::warn!(peer, bytes = n, "refusing oversized blob");
-            return refuse_oversized(&mut send, &mut recv).await;
+            let _ = recv.stop(0u32.into());
+            send.write_all(&[STATUS_TOO_LARGE]).await?;
+            send.finish()?;
+            return Ok(());
         }
         Err(e) => return Err(e),
     };
