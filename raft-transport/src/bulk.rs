@@ -314,24 +314,24 @@ async fn put_once(
     // Hash on another thread while the bytes are on their way; the hash is the trailer.
     let mut hasher = StreamingHasher::new(data.len());
     hasher.update(data);
-    send.write_all(&rpc::header(StreamKind::PutBlob))
-        .await
-        .map_err(|e| wire(peer)(e.into()))?;
-    write_sized(&mut send, data).await.map_err(wire(peer))?;
-    let hash = hasher.finish().await.ok_or(Error::Protocol {
-        peer,
-        reason: "hashing failed".into(),
-    })?;
-    send.write_all(&hash.0)
-        .await
-        .map_err(|e| wire(peer)(e.into()))?;
-    send.finish().map_err(|e| wire(peer)(e.into()))?;
-    let mut status = [0u8; 1];
-    recv.read_exact(&mut status)
-        .await
-        .map_err(|e| wire(peer)(e.into()))?;
-    match status[0] {
-        rpc::STATUS_OK => Ok(hash),
+    let written = async {
+        send.write_all(&rpc::header(StreamKind::PutBlob)).await?;
+        write_sized(&mut send, data).await?;
+        let hash = hasher
+            .finish()
+            .await
+            .ok_or(WireError::Remote("hashing failed".into()))?;
+        send.write_all(&hash.0).await?;
+        send.finish()?;
+        Ok(hash)
+    }
+    .await;
+    let (status, hash) = answer(peer, written, &mut recv).await?;
+    match status {
+        rpc::STATUS_OK => hash.ok_or(Error::Protocol {
+            peer,
+            reason: "blob accepted before it was sent".into(),
+        }),
         STATUS_MISMATCH => Err(Error::BlobHashMismatch),
         STATUS_TOO_LARGE => Err(Error::BlobTooLarge {
             size: data.len() as u64,
@@ -341,6 +341,30 @@ async fn put_once(
             peer,
             reason: format!("blob refused with status {s}"),
         }),
+    }
+}
+
+/// The peer's one-byte answer to a request. A peer that refuses a request
+/// part-way (too large) stops our stream and answers at once, so our write
+/// may fail first: after a failed write the answer is read all the same, and
+/// the write's error stands only when no answer comes.
+async fn answer<T>(
+    peer: NodeId,
+    written: Result<T, WireError>,
+    recv: &mut quinn::RecvStream,
+) -> Result<(u8, Option<T>)> {
+    // Only a stream the peer stopped can have an answer waiting.
+    let written = match written {
+        Err(e) if !matches!(e, WireError::Write(_) | WireError::Closed(_)) => {
+            return Err(wire(peer)(e))
+        }
+        other => other,
+    };
+    let mut status = [0u8; 1];
+    match (recv.read_exact(&mut status).await, written) {
+        (Ok(()), written) => Ok((status[0], written.ok())),
+        (Err(_), Err(e)) => Err(wire(peer)(e)),
+        (Err(e), Ok(_)) => Err(wire(peer)(e.into())),
     }
 }
 
@@ -370,16 +394,14 @@ async fn message_once(
     mut recv: quinn::RecvStream,
     data: &Bytes,
 ) -> Result<()> {
-    send.write_all(&rpc::header(StreamKind::Message))
-        .await
-        .map_err(|e| wire(peer)(e.into()))?;
-    write_sized(&mut send, data).await.map_err(wire(peer))?;
-    send.finish().map_err(|e| wire(peer)(e.into()))?;
-    let mut status = [0u8; 1];
-    recv.read_exact(&mut status)
-        .await
-        .map_err(|e| wire(peer)(e.into()))?;
-    match status[0] {
+    let written = async {
+        send.write_all(&rpc::header(StreamKind::Message)).await?;
+        write_sized(&mut send, data).await?;
+        send.finish()?;
+        Ok(())
+    }
+    .await;
+    match answer(peer, written, &mut recv).await?.0 {
         rpc::STATUS_OK => Ok(()),
         STATUS_TOO_LARGE => Err(Error::BlobTooLarge {
             size: data.len() as u64,
@@ -390,6 +412,17 @@ async fn message_once(
             reason: format!("message refused with status {s}"),
         }),
     }
+}
+
+/// Stops reading a stream whose length is over the limit and tells its sender.
+async fn refuse_oversized(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), WireError> {
+    let _ = recv.stop(0u32.into());
+    send.write_all(&[STATUS_TOO_LARGE]).await?;
+    send.finish()?;
+    Ok(())
 }
 
 pub(crate) async fn serve_message(
@@ -406,10 +439,7 @@ pub(crate) async fn serve_message(
             Ok((d, _)) => d,
             Err(WireError::TooLarge(n)) => {
                 tracing::warn!(peer, bytes = n, "refusing oversized message");
-                let _ = recv.stop(0u32.into());
-                send.write_all(&[STATUS_TOO_LARGE]).await?;
-                send.finish()?;
-                return Ok(());
+                return refuse_oversized(&mut send, &mut recv).await;
             }
             Err(e) => return Err(e),
         }
@@ -498,10 +528,7 @@ pub(crate) async fn serve_put(
         Ok((_, None)) => return Err(WireError::Remote("hashing failed".into())),
         Err(WireError::TooLarge(n)) => {
             tracing::warn!(peer, bytes = n, "refusing oversized blob");
-            let _ = recv.stop(0u32.into());
-            send.write_all(&[STATUS_TOO_LARGE]).await?;
-            send.finish()?;
-            return Ok(());
+            return refuse_oversized(&mut send, &mut recv).await;
         }
         Err(e) => return Err(e),
     };

@@ -683,3 +683,31 @@ async fn shutdown_releases_the_port() {
         shutdown_all(nodes).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_or_blob_over_the_receivers_limit_is_refused_and_the_connection_still_serves() {
+    init_tracing();
+    let ca = KernelCa::generate("t-oversized").unwrap();
+    let nodes = cluster_with(&ca, 2, |c| c.max_blob_size = 1 << 20).await;
+    // Far over the limit, so the receiver refuses while the sender still
+    // writes: the refusal must come back as such, not as a broken stream.
+    let big = vec![1u8; 64 << 20];
+    assert!(matches!(
+        nodes[&2].send_message(1, big.clone()).await,
+        Err(Error::BlobTooLarge { .. })
+    ));
+    assert!(matches!(
+        nodes[&2].send_blob(1, big).await,
+        Err(Error::BlobTooLarge { .. })
+    ));
+    // The connection is still good for what fits.
+    let mut inbox = nodes[&1].take_messages().unwrap();
+    let (sent, received) = tokio::join!(nodes[&2].send_message(1, payload(3)), async {
+        // Only the data: the receipt drops here, which lets the send return.
+        let message = tokio::time::timeout(WAIT, inbox.recv()).await.unwrap();
+        message.unwrap().data
+    });
+    sent.unwrap();
+    assert_eq!(received.to_vec(), payload(3));
+    shutdown_all(nodes).await;
+}
