@@ -56,3 +56,73 @@ def test_the_launcher_runs_the_binary_and_its_errors_are_one_line():
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.startswith("notebookos: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+class _FakeModule:
+    """Stands in for the wheel's notebookos._kernel."""
+
+    def __init__(self, seed):
+        self.seed, self.ran = seed, None
+
+    def hash_seed(self, argv):
+        return self.seed
+
+    def main(self, argv):
+        self.ran = argv
+        return 7
+
+
+class _Execed(Exception):
+    pass
+
+
+def _no_exec(monkeypatch):
+    calls = []
+
+    def execv(path, argv):
+        calls.append((path, argv, os.environ.get("PYTHONHASHSEED")))
+        raise _Execed
+
+    monkeypatch.setattr(os, "execv", execv)
+    return calls
+
+
+def test_the_wheels_kernel_runs_in_this_python_started_with_the_groups_hash_seed(monkeypatch):
+    monkeypatch.delenv(launch.BINARY_OVERRIDE_VAR, raising=False)
+    module = _FakeModule(seed=1234)
+    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    calls = _no_exec(monkeypatch)
+    # Started with another seed: this Python starts again with the group's.
+    monkeypatch.setenv("PYTHONHASHSEED", "99")
+    with pytest.raises(_Execed):
+        launch.run_kernel(["-f", "c.json"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "notebookos", "-f", "c.json"], "1234")]
+    assert module.ran is None
+    # Started with it: the kernel runs here, and its status is the launcher's.
+    assert launch.run_kernel(["-f", "c.json"]) == 7
+    assert module.ran == [launch.BINARY, "-f", "c.json"] and len(calls) == 1
+
+
+def test_a_subcommand_runs_in_this_python_whatever_its_seed(monkeypatch):
+    monkeypatch.delenv(launch.BINARY_OVERRIDE_VAR, raising=False)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    module = _FakeModule(seed=None)
+    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    calls = _no_exec(monkeypatch)
+    assert launch.run_kernel(["agent"]) == 7 and calls == []
+
+
+def test_an_override_runs_the_named_binary_even_where_the_wheels_module_is(monkeypatch, tmp_path):
+    module = _FakeModule(seed=1)
+    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    monkeypatch.setenv(launch.BINARY_OVERRIDE_VAR, str(KERNEL_BIN))
+    seen = []
+
+    def execve(path, argv, env):
+        seen.append(path)
+        raise _Execed
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(_Execed):
+        launch.run_kernel(["-f", "c.json"])
+    assert seen == [str(KERNEL_BIN)] and module.ran is None

@@ -35,10 +35,12 @@ WHEEL="$(ls "$WORK/dist"/notebookos-*-"$TAG-$TAG"-manylinux_2_28_x86_64.whl 2>/d
 check "a $TAG manylinux_2_28 wheel is there" test -n "$WHEEL"
 [ -n "$WHEEL" ] || { echo "wheel.sh: $PASSED passed, $FAILED failed"; exit 1; }
 
-# What the binary asks of the installing host: glibc 2.28 at most, and no
-# path of this machine's (the launcher finds libpython).
+# What the kernel module asks of the installing host: glibc 2.28 at most,
+# no path of this machine's, and no libpython (it runs inside the Python
+# that imports it).
 "$PY" -m zipfile -e "$WHEEL" "$WORK/unpacked"
-BIN="$(find "$WORK/unpacked" -name notebookos-kernel -type f)"
+BIN="$(find "$WORK/unpacked" -path '*/notebookos/_kernel*.so' -type f)"
+check "the wheel carries the kernel as notebookos's extension module" test -n "$BIN"
 glibc_at_most_2_28() {
     local newest
     newest="$(objdump -T "$BIN" | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -1)"
@@ -46,10 +48,11 @@ glibc_at_most_2_28() {
     [ "$(printf '%s\n' "$newest" GLIBC_2.28 | sort -V | tail -1)" = GLIBC_2.28 ]
 }
 if command -v objdump >/dev/null && command -v readelf >/dev/null; then
-    check "the binary needs glibc 2.28 at most" glibc_at_most_2_28
-    check "the binary carries no rpath" bash -c "! readelf -d '$BIN' | grep -qE 'RPATH|RUNPATH'"
+    check "the module needs glibc 2.28 at most" glibc_at_most_2_28
+    check "the module carries no rpath and links no libpython" \
+        bash -c "! readelf -d '$BIN' | grep -qE 'RPATH|RUNPATH|libpython'"
 else
-    echo "(no binutils here: the binary's glibc versions and rpath are not checked)"
+    echo "(no binutils here: the module's glibc versions and rpath are not checked)"
 fi
 
 # A fresh environment (or the one named) on a PATH without cargo, as on a GPU host.
@@ -72,7 +75,7 @@ START=$(date +%s%N)
 run_clean "$VPY" -m pip install -q --disable-pip-version-check "$WHEEL" "nbclient>=0.10" numpy \
     >"$WORK/pip.log" 2>&1 || cat "$WORK/pip.log"
 INSTALL_MS=$((($(date +%s%N) - START) / 1000000))
-# (notebookos_shim imports the module that only the kernel binary has.)
+# (notebookos_shim imports the module that only the running kernel has.)
 check "pip installs the wheel" run_clean "$VPY" -c \
     'import importlib.util, notebookos; assert importlib.util.find_spec("notebookos_shim")'
 
@@ -101,7 +104,9 @@ nbformat.write(nb, sys.argv[1])
 PY
 }
 cp "$ROOT/docs/demo.ipynb" "$WORK/demo.ipynb"
+# A set of strings: replicas agree on it only if they hash strings alike.
 notebook env.ipynb "import os, sys
+names = {str(i) for i in range(100)}
 print('prefix', sys.prefix)
 print('ld', os.environ.get('LD_LIBRARY_PATH'))" '!echo "shell ld $LD_LIBRARY_PATH"' '%notebookos verify'
 # The user's own LD_LIBRARY_PATH (a GPU host may need its own entries too).
@@ -141,8 +146,8 @@ env_outputs_right() {
 check "cells see the venv and the user's LD_LIBRARY_PATH" env_outputs_right
 
 # The same wheel in a venv of the distribution's own Python (Debian's and
-# Ubuntu's keep libpython under the multiarch directory), where there is one
-# of this version.
+# Ubuntu's are linked statically, the case the kernel runs inside Python
+# for), where there is one of this version.
 SYS_PY="/usr/bin/python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if [ -x "$SYS_PY" ] && [ "$("$SYS_PY" -c 'import sys; print(sys.prefix)')" = /usr ] &&
         "$SYS_PY" -m venv "$WORK/sysvenv" 2>/dev/null; then
@@ -156,7 +161,7 @@ if [ -x "$SYS_PY" ] && [ "$("$SYS_PY" -c 'import sys; print(sys.prefix)')" = /us
         grep -qx "prefix $WORK/sysvenv" <<<"$text" && grep -qxF "ld $USER_LD" <<<"$text" &&
             grep -q "all 3 replicas hold the same namespace" <<<"$text" || { echo "$text"; return 1; }
     }
-    check "a venv of $SYS_PY ($("$SYS_PY" -c 'import sys; print(sys.version.split()[0])'), system libpython) runs it too" system_python_runs
+    check "a venv of $SYS_PY ($("$SYS_PY" -c 'import sys; print(sys.version.split()[0])'), the distribution's) runs it too" system_python_runs
 else
     echo "(no $SYS_PY with venv here: the system-Python case is not run)"
 fi
@@ -189,7 +194,7 @@ fi
 run_clean "$VPY" -m notebookos uninstall --sys-prefix
 check "python -m notebookos uninstall removes the spec" test ! -e "$SPEC"
 run_clean "$VPY" -m pip uninstall -q -y notebookos
-check "pip uninstall removes the binary" test ! -e "$VBIN/notebookos-kernel"
+check "pip uninstall removes the kernel" bash -c "! '$VPY' -c 'import notebookos._kernel' 2>/dev/null"
 
 SIZE_MB="$("$PY" -c 'import os, sys; print(f"{os.path.getsize(sys.argv[1]) / 1e6:.1f}")' "$WHEEL")"
 echo "wheel.sh: $(basename "$WHEEL"), $SIZE_MB MB; pip install with its dependencies took $((INSTALL_MS / 1000)).$((INSTALL_MS % 1000 / 100)) s"

@@ -1,15 +1,16 @@
 //! `notebookos-kernel -f {connection_file}`: the kernel Jupyter launches, and
-//! the subcommands of a cluster (agent, cluster, simulate).
+//! the subcommands of a cluster (agent, cluster, simulate). The program's
+//! entry, whether it runs as its own binary or inside the Python that
+//! launched it (the wheel's extension module, [`crate::extension`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use notebookos_kernel::{connection::ConnectionInfo, kernel, replica, signals};
+use crate::{connection::ConnectionInfo, kernel, replica, signals};
 
 #[derive(Parser)]
 #[command(
@@ -149,7 +150,7 @@ struct SimulateArgs {
     /// Comma-separated: oracle, reservation, batch, notebookos-N (N replicas).
     #[arg(long, value_name = "MODES", value_delimiter = ',', value_parser = mode,
           default_value = "oracle,reservation,batch,notebookos-1,notebookos-3")]
-    modes: Vec<notebookos_kernel::sim::Mode>,
+    modes: Vec<crate::sim::Mode>,
     /// Also write the results (CSV, JSON) to this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -218,8 +219,8 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
-    use notebookos_kernel::sim::Mode;
+fn mode(s: &str) -> Result<crate::sim::Mode, String> {
+    use crate::sim::Mode;
     match s.trim() {
         "oracle" => Ok(Mode::Oracle),
         "reservation" => Ok(Mode::Reservation),
@@ -235,14 +236,33 @@ fn mode(s: &str) -> Result<notebookos_kernel::sim::Mode, String> {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse_from(connection_file_first(std::env::args_os().collect()));
+/// Runs the program with `args` (the program's name first); returns its
+/// exit status.
+pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
+    let cli = Cli::parse_from(connection_file_first(args));
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("notebookos-kernel: {}", one_line(&e));
-            ExitCode::FAILURE
+            1
         }
+    }
+}
+
+/// The connection file, when `args` start a kernel with more than one replica.
+pub fn replicated_kernel(args: Vec<std::ffi::OsString>) -> Option<PathBuf> {
+    let cli = Cli::try_parse_from(connection_file_first(args)).ok()?;
+    (cli.command.is_none() && replicas().ok()? > 1).then_some(cli.launch.connection_file?)
+}
+
+/// How many replicas a kernel runs: NOTEBOOKOS_REPLICAS, 3 by default.
+fn replicas() -> anyhow::Result<usize> {
+    match std::env::var("NOTEBOOKOS_REPLICAS") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("NOTEBOOKOS_REPLICAS={v:?} is not a number")),
+        Err(_) => Ok(3),
     }
 }
 
@@ -300,7 +320,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    notebookos_kernel::libpython::hide_from_cells();
+    crate::libpython::hide_from_cells();
     // Before any thread exists, so every later thread inherits the mask.
     signals::block_sigint_in_this_thread().context("blocking SIGINT")?;
     signals::ignore_sigint();
@@ -327,7 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     match cli.command {
         Some(Command::Agent(args)) => {
-            runtime.block_on(notebookos_kernel::agent::run(agent_options(args)))?;
+            runtime.block_on(crate::agent::run(agent_options(args)))?;
         }
         Some(Command::Cluster(command)) => runtime.block_on(cluster(command))?,
         Some(Command::Replica { bootstrap }) => {
@@ -340,17 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("missing -f CONNECTION_FILE (Jupyter passes it; see --help)");
             };
             let info = ConnectionInfo::from_file(&connection_file)?;
-            let replicas = match std::env::var("NOTEBOOKOS_REPLICAS") {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("NOTEBOOKOS_REPLICAS={v:?} is not a number"))?,
-                Err(_) => 3,
-            };
             let start = kernel::StartOptions {
                 connection_file,
                 argv: cli.launch.ipython,
-                replicas,
+                replicas: replicas()?,
             };
             let code = runtime.block_on(kernel::run(info, start))?;
             // Python is never finalised from another thread: exit directly, after
@@ -361,8 +374,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_options(args: AgentArgs) -> notebookos_kernel::agent::AgentOptions {
-    use notebookos_kernel::agent::{default_socket, AgentOptions, ClusterMembership};
+fn agent_options(args: AgentArgs) -> crate::agent::AgentOptions {
+    use crate::agent::{default_socket, AgentOptions, ClusterMembership};
     AgentOptions {
         socket: args.socket.unwrap_or_else(default_socket),
         fake_gpus: args.fake_gpus,
@@ -374,12 +387,12 @@ fn agent_options(args: AgentArgs) -> notebookos_kernel::agent::AgentOptions {
             .map(|(config, name)| ClusterMembership { config, name }),
         rejoin_grace: args
             .rejoin_grace
-            .unwrap_or(notebookos_kernel::agent::reaper::REJOIN_GRACE),
+            .unwrap_or(crate::agent::reaper::REJOIN_GRACE),
     }
 }
 
 async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
-    use notebookos_kernel::cluster::{autoscale, client, config, provider::ShellProvider};
+    use crate::cluster::{autoscale, client, config, provider::ShellProvider};
     match command {
         ClusterCommand::NewCa { file } => config::write_new_ca(&file)?,
         ClusterCommand::Status { config: file, from } => {
@@ -409,8 +422,8 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    use notebookos_kernel::cluster::policy::Policy;
-    use notebookos_kernel::sim::{self, calibration::Calibration, workload::Workload, Costs};
+    use crate::cluster::policy::Policy;
+    use crate::sim::{self, calibration::Calibration, workload::Workload, Costs};
 
     let mut policy = Policy::default();
     let mut costs = match &args.calibration {
@@ -498,6 +511,28 @@ mod tests {
     }
 
     #[test]
+    fn only_a_kernel_launch_asks_for_a_hash_seed() {
+        let argv = |args: &[&str]| {
+            std::iter::once("notebookos-kernel")
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect()
+        };
+        // Replicated unless NOTEBOOKOS_REPLICAS says otherwise (the default is 3).
+        let replicated = replicas().is_ok_and(|n| n > 1);
+        assert_eq!(
+            replicated_kernel(argv(&["--profile=p", "-f", "/run/k.json"])),
+            replicated.then(|| PathBuf::from("/run/k.json"))
+        );
+        assert_eq!(
+            replicated_kernel(argv(&["agent", "--fake-gpus", "2"])),
+            None
+        );
+        assert_eq!(replicated_kernel(argv(&["--help"])), None);
+        assert_eq!(replicated_kernel(argv(&["--profile=p"])), None);
+    }
+
+    #[test]
     fn ipython_options_pass_through_around_the_connection_file() {
         let argv = |args: &[&str]| {
             let args = std::iter::once("notebookos-kernel").chain(args.iter().copied());
@@ -567,8 +602,8 @@ mod tests {
         assert_eq!(
             args.modes,
             [
-                notebookos_kernel::sim::Mode::Batch,
-                notebookos_kernel::sim::Mode::NotebookOs { replicas: 3 }
+                crate::sim::Mode::Batch,
+                crate::sim::Mode::NotebookOs { replicas: 3 }
             ]
         );
         assert_eq!(args.migrate_after, Some(Duration::from_millis(1500)));

@@ -9,11 +9,14 @@
 
 pub mod agent;
 pub mod channels;
+pub mod cli;
 pub mod cluster;
 pub mod connection;
+pub mod extension;
 pub mod gpu;
 pub mod kernel;
 pub mod libpython;
+pub mod program;
 pub mod python;
 pub mod replica;
 pub mod signals;

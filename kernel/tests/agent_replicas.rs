@@ -43,7 +43,9 @@ async fn agent_starts_and_stops_a_replica() {
         addr.ip(),
         dir.join("agent.sock"),
         dir.join("replicas"),
-        PathBuf::from(env!("CARGO_BIN_EXE_notebookos-kernel")),
+        notebookos_kernel::program::Program::binary(PathBuf::from(env!(
+            "CARGO_BIN_EXE_notebookos-kernel"
+        ))),
         Box::new(|| (2, 2)),
     ));
     tokio::spawn(server.serve(move |r| host.clone().answer(r)));

@@ -14,11 +14,10 @@ def main() -> int:
         print("python -m notebookos install|uninstall [--help]   the kernelspec\n")
         sys.stdout.flush()
     try:
-        launch.exec_kernel(args)
+        return launch.run_kernel(args)
     except (launch.LaunchError, OSError) as e:
         print(f"notebookos: {e}", file=sys.stderr)
         return 1
-    return 0  # not reached: exec_kernel replaces this process
 
 
 if __name__ == "__main__":

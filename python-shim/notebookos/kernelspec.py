@@ -58,8 +58,7 @@ def install(args: argparse.Namespace) -> Path:
 
     # Refused here rather than at the first start in a front-end, where the
     # user would see only a kernel that died.
-    launch.kernel_binary()
-    launch.libpython_dir()
+    launch.check_installed()
     env = {}
     for pair in args.env:
         key, sep, value = pair.partition("=")

@@ -1,8 +1,14 @@
-"""Starting the kernel binary with this environment's Python.
+"""Starting the kernel with this environment's Python.
 
-The binary embeds CPython but carries no path to a libpython: one wheel is
-installed into venvs, conda environments, pyenv and system Pythons alike, so
-the library is found here, at start, from the Python that runs this module
+The wheel carries the kernel as an extension module, ``notebookos._kernel``,
+and the kernel runs inside this very Python: cells run in the interpreter
+``python`` is, as under ipykernel. (An embedded libpython is not always as
+fast: Debian's and Ubuntu's Pythons are linked statically and their shared
+library runs the same code about 1.6x slower.)
+
+A source build is a binary that embeds CPython (named by
+``NOTEBOOKOS_KERNEL_BIN``): it carries no path to a libpython, so the
+library is found here, from the Python that runs this module
 (``sysconfig``), and handed to the loader through ``LD_LIBRARY_PATH``. The
 kernel takes that entry off again before any cell runs (``libpython.rs``),
 so cells and their subprocesses see the user's own ``LD_LIBRARY_PATH``.
@@ -94,6 +100,39 @@ def kernel_environment(libdir: str, environ: dict[str, str] | None = None) -> di
     previous = env.get("LD_LIBRARY_PATH")
     env["LD_LIBRARY_PATH"] = f"{libdir}:{previous}" if previous else libdir
     return env
+
+
+def kernel_module():
+    """The kernel the wheel installed as an extension module, or None (a
+    development install, which runs a binary)."""
+    try:
+        from . import _kernel
+    except ImportError:
+        return None
+    return _kernel
+
+
+def check_installed() -> None:
+    """Raises LaunchError if this Python has no kernel to start."""
+    if os.environ.get(BINARY_OVERRIDE_VAR) or kernel_module() is None:
+        kernel_binary()
+        libpython_dir()
+
+
+def run_kernel(args: list[str]) -> int:
+    """Runs the kernel with ``args``: in this Python if the wheel installed
+    its module (and no override names a binary), else by exec'ing the binary."""
+    module = None if os.environ.get(BINARY_OVERRIDE_VAR) else kernel_module()
+    if module is None:
+        exec_kernel(args)
+    argv = [BINARY, *args]
+    seed = module.hash_seed(argv)
+    if seed is not None and os.environ.get("PYTHONHASHSEED") != str(seed):
+        # Every replica must hash strings alike, and an interpreter takes
+        # its seed only as it starts: start this one again with the group's.
+        os.environ["PYTHONHASHSEED"] = str(seed)
+        os.execv(sys.executable, [sys.executable, "-m", "notebookos", *args])
+    return module.main(argv)
 
 
 def exec_kernel(args: list[str]) -> None:

@@ -182,11 +182,11 @@ impl AgentClient {
         if client.status().await.is_ok() {
             return Ok(client);
         }
-        let program = std::env::current_exe().map_err(|source| ClientError::Io {
+        let program = crate::program::Program::current().map_err(|source| ClientError::Io {
             path: path.clone(),
             source,
         })?;
-        let mut cmd = std::process::Command::new(program);
+        let mut cmd = program.command();
         cmd.arg("agent")
             .arg("--socket")
             .arg(&path)

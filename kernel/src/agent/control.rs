@@ -88,7 +88,7 @@ pub struct Host {
     /// Replicas find this agent here for their GPU grants.
     pub agent_socket: PathBuf,
     pub state_root: PathBuf,
-    pub program: PathBuf,
+    pub program: crate::program::Program,
     /// (total, idle) GPUs right now.
     pub gpus: Box<dyn Fn() -> (u32, u32) + Send + Sync>,
     hosted: Mutex<HostedReplicas>,
@@ -101,7 +101,7 @@ impl Host {
         ip: std::net::IpAddr,
         agent_socket: PathBuf,
         state_root: PathBuf,
-        program: PathBuf,
+        program: crate::program::Program,
         gpus: Box<dyn Fn() -> (u32, u32) + Send + Sync>,
     ) -> Self {
         Self {
@@ -326,7 +326,7 @@ mod tests {
             addr.ip(),
             dir.join("agent.sock"),
             dir.join("replicas"),
-            PathBuf::from("/nonexistent"),
+            crate::program::Program::binary(PathBuf::from("/nonexistent")),
             Box::new(|| (4, 3)),
         ));
         tokio::spawn(server.serve(move |r| host.clone().answer(r)));
@@ -392,7 +392,7 @@ mod tests {
             addr.ip(),
             dir.join("agent.sock"),
             dir.join("replicas"),
-            PathBuf::new(),
+            crate::program::Program::binary(PathBuf::new()),
             Box::new(|| (0, 0)),
         );
         let answer = Arc::new(raw).answer(Bytes::from_static(b"{not json")).await;

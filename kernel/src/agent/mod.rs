@@ -166,7 +166,7 @@ fn serve_cluster(
     };
     let server = raft_transport::control::ControlServer::bind(&identity, entry.agent)
         .map_err(control_err)?;
-    let program = std::env::current_exe().map_err(|e| control_err(e.into()))?;
+    let program = crate::program::Program::current().map_err(|e| control_err(e.into()))?;
     let state_root = socket
         .parent()
         .map_or_else(std::env::temp_dir, std::path::Path::to_path_buf)

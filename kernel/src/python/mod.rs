@@ -242,7 +242,10 @@ impl PythonRuntime {
         options: serde_json::Value,
         hash_seed: Option<u32>,
     ) -> Result<Self, PythonError> {
-        pyo3::append_to_inittab!(_notebookos_module);
+        let main_thread = crate::extension::take_main_thread();
+        if main_thread.is_none() {
+            pyo3::append_to_inittab!(_notebookos_module);
+        }
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
         let wakeup = Arc::new(Wakeup::new().map_err(|e| PythonError::Init(e.to_string()))?);
         let mut options = options;
@@ -250,21 +253,30 @@ impl PythonRuntime {
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let kernel = Arc::new(KernelCell::default());
         let (thread_kernel, thread_bridge) = (kernel.clone(), bridge.clone());
-        std::thread::Builder::new()
-            .name("python".into())
-            // CPython's recursion limit assumes a main-thread-sized stack.
-            .stack_size(64 << 20)
-            .spawn(move || {
-                python_main(
-                    thread_bridge,
-                    thread_kernel,
-                    options,
-                    hash_seed,
-                    ready_tx,
-                    jobs_rx,
-                )
-            })
-            .map_err(|e| PythonError::Init(e.to_string()))?;
+        let body = move || {
+            python_main(
+                thread_bridge,
+                thread_kernel,
+                options,
+                hash_seed,
+                ready_tx,
+                jobs_rx,
+            )
+        };
+        match main_thread {
+            // Inside a running Python: its main thread takes the work.
+            Some(main) => main
+                .send(Box::new(body))
+                .map_err(|_| PythonError::Init("Python's main thread is gone".into()))?,
+            None => {
+                std::thread::Builder::new()
+                    .name("python".into())
+                    // CPython's recursion limit assumes a main-thread-sized stack.
+                    .stack_size(64 << 20)
+                    .spawn(body)
+                    .map_err(|e| PythonError::Init(e.to_string()))?;
+            }
+        }
         let (interrupter, versions) = ready_rx.recv().map_err(|_| PythonError::Gone)??;
         Ok(Self {
             main: Executor {
@@ -348,8 +360,20 @@ fn python_main(
     let executable = std::env::var("NOTEBOOKOS_PYTHON")
         .ok()
         .filter(|s| !s.is_empty());
-    // SAFETY: the only interpreter initialisation in this process.
-    if let Err(e) = unsafe { init::initialize(executable.as_deref(), hash_seed) } {
+    let started = if crate::program::in_python() {
+        // Its seed, executable and paths were set when it started.
+        Python::with_gil(|py| {
+            let module = pyo3::wrap_pymodule!(_notebookos_module)(py);
+            py.import("sys")
+                .and_then(|sys| sys.getattr("modules"))
+                .and_then(|modules| modules.set_item("_notebookos", module))
+                .map_err(|e| PythonError::Init(describe(py, &e)))
+        })
+    } else {
+        // SAFETY: the only interpreter initialisation in this process.
+        unsafe { init::initialize(executable.as_deref(), hash_seed) }
+    };
+    if let Err(e) = started {
         let _ = ready.send(Err(e));
         return;
     }

@@ -50,33 +50,55 @@ pub struct Plan {
     replicas: usize,
 }
 
+/// The group this connection file's kernel left replicas of, if any is alive.
+fn surviving_group(state: &StateDir) -> Option<GroupState> {
+    match state.load() {
+        Ok(p) => p.filter(|g| {
+            g.members
+                .iter()
+                .any(|m| m.id != g.front && m.may_be_alive())
+        }),
+        Err(e) => {
+            tracing::warn!("ignoring unreadable replica state: {e}");
+            None
+        }
+    }
+}
+
+/// Every replica hashes strings alike: the survivors' seed when rejoining
+/// them, else the one this process's Python was started with, else a new one.
+fn hash_seed(prior: Option<&GroupState>) -> u32 {
+    let from_env = || std::env::var("PYTHONHASHSEED").ok()?.trim().parse().ok();
+    match prior {
+        Some(g) => g.hash_seed,
+        None => from_env().unwrap_or_else(|| {
+            u32::from_le_bytes(
+                uuid::Uuid::new_v4().as_bytes()[..4]
+                    .try_into()
+                    .unwrap_or([0; 4]),
+            )
+        }),
+    }
+}
+
+/// The hash seed a kernel started with this connection file will give its
+/// replicas, read before anything starts: a Python that runs the kernel
+/// inside itself must have been started with it (see `python -m notebookos`).
+pub fn hash_seed_for(connection_file: &Path) -> Result<u32, FrontError> {
+    let state = StateDir::for_connection(connection_file)?;
+    Ok(hash_seed(surviving_group(&state).as_ref()))
+}
+
 impl Plan {
     pub fn new(connection_file: &Path, replicas: usize) -> Result<Self, FrontError> {
         let state = StateDir::for_connection(connection_file)?;
-        let prior = match state.load() {
-            Ok(p) => p.filter(|g| {
-                g.members
-                    .iter()
-                    .any(|m| m.id != g.front && m.may_be_alive())
-            }),
-            Err(e) => {
-                tracing::warn!("ignoring unreadable replica state: {e}");
-                None
-            }
-        };
+        let prior = surviving_group(&state);
         if prior.is_none() {
             // Stale state from a kernel whose replicas are all gone.
             state.remove();
         }
         let state = StateDir::for_connection(connection_file)?;
-        let hash_seed = match &prior {
-            Some(g) => g.hash_seed,
-            None => u32::from_le_bytes(
-                uuid::Uuid::new_v4().as_bytes()[..4]
-                    .try_into()
-                    .unwrap_or([0; 4]),
-            ),
-        };
+        let hash_seed = hash_seed(prior.as_ref());
         Ok(Self {
             state,
             prior,
@@ -127,7 +149,8 @@ pub struct Front {
 impl Front {
     /// Forms the group (or rejoins the survivors).
     pub async fn start(plan: Plan, opts: FrontOptions) -> Result<Arc<Self>, FrontError> {
-        let program = std::env::current_exe().map_err(|e| GroupError::Start(e.to_string()))?;
+        let program =
+            crate::program::Program::current().map_err(|e| GroupError::Start(e.to_string()))?;
         let (ca, mut gstate) = match &plan.prior {
             Some(g) => (
                 KernelCa::from_pem(&g.kernel_id, &g.ca_pem).map_err(GroupError::from)?,

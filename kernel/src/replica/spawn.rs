@@ -1,7 +1,6 @@
 //! Starting replicas as local processes of this binary (the embedded
 //! default, and what an agent does for a cluster: see `remote.rs`).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 
 use raft_transport::NodeId;
@@ -29,7 +28,7 @@ pub trait Spawner: Send + Sync {
 /// Jupyter killing replica 1's process group leaves them to be rejoined.
 pub struct LocalSpawner {
     pub state: StateDir,
-    pub program: PathBuf,
+    pub program: crate::program::Program,
     pub hash_seed: u32,
     /// Added to the replica's environment (an agent points replicas at itself).
     pub env: Vec<(String, String)>,
@@ -93,7 +92,7 @@ impl Spawner for LocalSpawner {
         let file = self.state.bootstrap_file(bootstrap.id);
         let data = serde_json::to_vec(bootstrap).unwrap_or_default();
         group::write_private(&file, &data)?;
-        let mut cmd = std::process::Command::new(&self.program);
+        let mut cmd = self.program.command();
         cmd.arg("replica").arg("--bootstrap").arg(&file);
         if let Some(env) = &bootstrap.env {
             cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
@@ -122,8 +121,7 @@ impl Spawner for LocalSpawner {
         let child = cmd.spawn().map_err(|e| {
             GroupError::Start(format!(
                 "cannot start replica {} ({}): {e}",
-                bootstrap.id,
-                self.program.display()
+                bootstrap.id, self.program
             ))
         })?;
         tracing::info!(id = bootstrap.id, pid = child.id(), "replica started");
