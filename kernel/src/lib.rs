@@ -1,5 +1,6 @@
-//! notebookos: a Jupyter kernel in Rust that runs Python cells in an
-//! embedded CPython (pyo3) through IPython's shell.
+//! notebookos: a Jupyter kernel in Rust that runs Python cells in CPython
+//! (pyo3) through IPython's shell: embedded in its own binary, or, from the
+//! wheel, inside the Python that launched it ([`extension`]).
 //!
 //! The tokio side owns every socket (a module per channel in [`channels`]),
 //! so heartbeats, interrupts and kernel_info are answered while a cell holds
