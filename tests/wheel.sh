@@ -145,6 +145,32 @@ env_outputs_right() {
 }
 check "cells see the venv and the user's LD_LIBRARY_PATH" env_outputs_right
 
+# The kernel runs inside this Python: a cell runs on its main thread, and an
+# interrupt (the spec's message mode, and a signal) stops a running cell.
+interrupts_reach_the_cell() {
+    run_clean "$VPY" - <<'PY'
+import threading, time
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name="notebookos", startup_timeout=120)
+quiet = {"output_hook": lambda msg: None}
+try:
+    for mode in ("message", "signal"):
+        km.kernel_spec.interrupt_mode = mode
+        reply = kc.execute_interactive(
+            "import threading\nassert threading.current_thread() is threading.main_thread()",
+            timeout=60, **quiet)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        threading.Timer(2.0, km.interrupt_kernel).start()
+        reply = kc.execute_interactive("import time\ntime.sleep(60)", timeout=50, **quiet)
+        assert reply["content"].get("ename") == "KeyboardInterrupt", (mode, reply["content"])
+        assert kc.execute_interactive("1", timeout=30, **quiet)["content"]["status"] == "ok"
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+PY
+}
+check "cells run on the Python's main thread and both interrupt modes stop one" interrupts_reach_the_cell
+
 # The same wheel in a venv of the distribution's own Python (Debian's and
 # Ubuntu's are linked statically, the case the kernel runs inside Python
 # for), where there is one of this version.
