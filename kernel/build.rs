@@ -1,7 +1,7 @@
 //! Links the kernel against the Python it was built for. A source build
 //! records where that libpython lives (rpath), so the binary runs without
-//! LD_LIBRARY_PATH; a wheel's binary records nothing, and its launcher
-//! (`python -m notebookos`) names the installing environment's libpython.
+//! LD_LIBRARY_PATH; the wheel's extension module records nothing (it links
+//! no libpython: the Python that imports it is its interpreter).
 
 fn main() {
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");

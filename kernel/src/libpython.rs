@@ -1,8 +1,9 @@
 //! The launcher's libpython entry on `LD_LIBRARY_PATH`.
 //!
-//! A wheel's binary carries no path to libpython: `python -m notebookos`
-//! finds the installing environment's and starts the binary with that
-//! directory first on `LD_LIBRARY_PATH`, named again in [`DIR_VAR`]. Cells
+//! A binary that `python -m notebookos` starts (a source build named by
+//! `NOTEBOOKOS_KERNEL_BIN`; the wheel runs in Python instead) gets the
+//! environment's libpython directory first on `LD_LIBRARY_PATH`, named
+//! again in [`DIR_VAR`]. Cells
 //! must not inherit it (a conda environment's `lib/` would shadow the
 //! system's libraries for every `!command`), so the kernel takes it off at
 //! start and puts it back only for the processes it starts from its own
