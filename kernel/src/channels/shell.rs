@@ -63,7 +63,7 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
         let parent = request.header.clone();
         // From before busy: an interrupt the client sends once it sees busy
         // finds the cell, started or not.
-        let _serving = kernel.serving(&request);
+        let serving = kernel.serving(&request);
         kernel
             .iopub
             .status(Some(&parent), ExecutionState::Busy)
@@ -89,6 +89,10 @@ pub async fn serve(kernel: Arc<Kernel>, exec: Executor, mut requests: mpsc::Rece
             let mut sink = kernel.shell_sink.lock().await;
             router::send("shell", &mut sink, &kernel.session, reply).await;
         }
+        // Served before idle: a comm message the front-end sends once it sees
+        // idle must go after this cell (through the log, with replicas), not
+        // beside it, where it would overtake this cell's replicated changes.
+        drop(serving);
         kernel
             .iopub
             .status(Some(&parent), ExecutionState::Idle)
