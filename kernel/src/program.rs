@@ -16,12 +16,6 @@ pub fn set_running_in(executable: PathBuf) {
     let _ = IN_PYTHON.set(executable);
 }
 
-/// Whether the program runs inside a Python that was already started
-/// (so the interpreter is not ours to initialise).
-pub fn in_python() -> bool {
-    IN_PYTHON.get().is_some()
-}
-
 /// The command line prefix that runs this program again.
 #[derive(Debug, Clone)]
 pub struct Program {

@@ -242,10 +242,15 @@ impl PythonRuntime {
         options: serde_json::Value,
         hash_seed: Option<u32>,
     ) -> Result<Self, PythonError> {
+        // Inside a running Python, its main thread waits to take the work.
         let main_thread = crate::extension::take_main_thread();
-        if main_thread.is_none() {
-            pyo3::append_to_inittab!(_notebookos_module);
-        }
+        let interpreter = match main_thread {
+            Some(_) => Interpreter::Running,
+            None => {
+                pyo3::append_to_inittab!(_notebookos_module);
+                Interpreter::Start { hash_seed }
+            }
+        };
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
         let wakeup = Arc::new(Wakeup::new().map_err(|e| PythonError::Init(e.to_string()))?);
         let mut options = options;
@@ -258,13 +263,12 @@ impl PythonRuntime {
                 thread_bridge,
                 thread_kernel,
                 options,
-                hash_seed,
+                interpreter,
                 ready_tx,
                 jobs_rx,
             )
         };
         match main_thread {
-            // Inside a running Python: its main thread takes the work.
             Some(main) => main
                 .send(Box::new(body))
                 .map_err(|_| PythonError::Init("Python's main thread is gone".into()))?,
@@ -346,32 +350,41 @@ impl PythonRuntime {
 // The inittab entry must have a `'static` name visible to the macro.
 use bridge::_notebookos as _notebookos_module;
 
+/// Whose interpreter the Python thread runs on.
+enum Interpreter {
+    /// One this thread starts (the binary): `hash_seed` fixes string hashing.
+    Start { hash_seed: Option<u32> },
+    /// The Python this program was imported into, already started.
+    Running,
+}
+
 fn python_main(
     bridge: Arc<Bridge>,
     kernel_cell: Arc<KernelCell>,
     options: serde_json::Value,
-    hash_seed: Option<u32>,
+    interpreter: Interpreter,
     ready: std_mpsc::Sender<Result<(ThreadInterrupter, Versions), PythonError>>,
     jobs: std_mpsc::Receiver<Job>,
 ) {
     if let Err(e) = signals::unblock_sigint_in_this_thread() {
         tracing::warn!("cannot unblock SIGINT on the Python thread: {e}");
     }
-    let executable = std::env::var("NOTEBOOKOS_PYTHON")
-        .ok()
-        .filter(|s| !s.is_empty());
-    let started = if crate::program::in_python() {
+    let started = match interpreter {
         // Its seed, executable and paths were set when it started.
-        Python::with_gil(|py| {
+        Interpreter::Running => Python::with_gil(|py| {
             let module = pyo3::wrap_pymodule!(_notebookos_module)(py);
             py.import("sys")
                 .and_then(|sys| sys.getattr("modules"))
                 .and_then(|modules| modules.set_item("_notebookos", module))
                 .map_err(|e| PythonError::Init(describe(py, &e)))
-        })
-    } else {
-        // SAFETY: the only interpreter initialisation in this process.
-        unsafe { init::initialize(executable.as_deref(), hash_seed) }
+        }),
+        Interpreter::Start { hash_seed } => {
+            let executable = std::env::var("NOTEBOOKOS_PYTHON")
+                .ok()
+                .filter(|s| !s.is_empty());
+            // SAFETY: the only interpreter initialisation in this process.
+            unsafe { init::initialize(executable.as_deref(), hash_seed) }
+        }
     };
     if let Err(e) = started {
         let _ = ready.send(Err(e));
