@@ -505,6 +505,14 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    /// A command line: the program's name, then `args`.
+    fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
+        std::iter::once("notebookos-kernel")
+            .chain(args.iter().copied())
+            .map(Into::into)
+            .collect()
+    }
+
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
@@ -512,12 +520,6 @@ mod tests {
 
     #[test]
     fn only_a_kernel_launch_asks_for_a_hash_seed() {
-        let argv = |args: &[&str]| {
-            std::iter::once("notebookos-kernel")
-                .chain(args.iter().copied())
-                .map(Into::into)
-                .collect()
-        };
         // Replicated unless NOTEBOOKOS_REPLICAS says otherwise (the default is 3).
         let replicated = replicas().is_ok_and(|n| n > 1);
         assert_eq!(
@@ -534,11 +536,8 @@ mod tests {
 
     #[test]
     fn ipython_options_pass_through_around_the_connection_file() {
-        let argv = |args: &[&str]| {
-            let args = std::iter::once("notebookos-kernel").chain(args.iter().copied());
-            connection_file_first(args.map(Into::into).collect())
-        };
-        let cli = Cli::try_parse_from(argv(&[
+        let launched = |args: &[&str]| connection_file_first(argv(args));
+        let cli = Cli::try_parse_from(launched(&[
             "--HistoryManager.hist_file=:memory:",
             "--f=/run/k.json",
             "--some-unknown-flag",
@@ -558,11 +557,11 @@ mod tests {
                 "--profile=p"
             ]
         );
-        let cli = Cli::try_parse_from(argv(&["--matplotlib=inline", "-f", "k.json"])).unwrap();
+        let cli = Cli::try_parse_from(launched(&["--matplotlib=inline", "-f", "k.json"])).unwrap();
         assert_eq!(cli.launch.connection_file, Some(PathBuf::from("k.json")));
         assert_eq!(cli.launch.ipython, ["--matplotlib=inline"]);
         // A subcommand's arguments stay where they are.
-        let parsed = Cli::try_parse_from(argv(&["simulate", "--synthetic", "1", "-f", "x"]));
+        let parsed = Cli::try_parse_from(launched(&["simulate", "--synthetic", "1", "-f", "x"]));
         assert!(parsed.is_err());
     }
 
@@ -582,8 +581,7 @@ mod tests {
             &["simulate", "--synthetic", "2", "--migrate-after", "0"],
             &["cluster", "autoscale", "c.json", "--add", "x"],
         ] {
-            let argv = std::iter::once("notebookos-kernel").chain(bad.iter().copied());
-            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
+            assert!(Cli::try_parse_from(argv(bad)).is_err(), "{bad:?} parsed");
         }
         let cli = Cli::try_parse_from([
             "notebookos-kernel",
