@@ -90,7 +90,7 @@ def _no_exec(monkeypatch):
 def test_the_wheels_kernel_runs_in_this_python_started_with_the_groups_hash_seed(monkeypatch):
     monkeypatch.delenv(launch.BINARY_OVERRIDE_VAR, raising=False)
     module = _FakeModule(seed=1234)
-    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    monkeypatch.setattr(launch, "_installed_module", lambda: module)
     calls = _no_exec(monkeypatch)
     # Started with another seed: this Python starts again with the group's.
     monkeypatch.setenv("PYTHONHASHSEED", "99")
@@ -107,14 +107,14 @@ def test_a_subcommand_runs_in_this_python_whatever_its_seed(monkeypatch):
     monkeypatch.delenv(launch.BINARY_OVERRIDE_VAR, raising=False)
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     module = _FakeModule(seed=None)
-    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    monkeypatch.setattr(launch, "_installed_module", lambda: module)
     calls = _no_exec(monkeypatch)
     assert launch.run_kernel(["agent"]) == 7 and calls == []
 
 
 def test_an_override_runs_the_named_binary_even_where_the_wheels_module_is(monkeypatch, tmp_path):
     module = _FakeModule(seed=1)
-    monkeypatch.setattr(launch, "kernel_module", lambda: module)
+    monkeypatch.setattr(launch, "_installed_module", lambda: module)
     monkeypatch.setenv(launch.BINARY_OVERRIDE_VAR, str(KERNEL_BIN))
     seen = []
 

@@ -102,9 +102,9 @@ def kernel_environment(libdir: str, environ: dict[str, str] | None = None) -> di
     return env
 
 
-def kernel_module():
+def _installed_module():
     """The kernel the wheel installed as an extension module, or None (a
-    development install, which runs a binary)."""
+    development install)."""
     try:
         from . import _kernel
     except ImportError:
@@ -112,9 +112,15 @@ def kernel_module():
     return _kernel
 
 
+def kernel_module():
+    """The kernel module to run in this Python, or None when a binary runs
+    instead: no module is installed, or an override names a binary."""
+    return None if os.environ.get(BINARY_OVERRIDE_VAR) else _installed_module()
+
+
 def check_installed() -> None:
     """Raises LaunchError if this Python has no kernel to start."""
-    if os.environ.get(BINARY_OVERRIDE_VAR) or kernel_module() is None:
+    if kernel_module() is None:
         kernel_binary()
         libpython_dir()
 
@@ -122,7 +128,7 @@ def check_installed() -> None:
 def run_kernel(args: list[str]) -> int:
     """Runs the kernel with ``args``: in this Python if the wheel installed
     its module (and no override names a binary), else by exec'ing the binary."""
-    module = None if os.environ.get(BINARY_OVERRIDE_VAR) else kernel_module()
+    module = kernel_module()
     if module is None:
         exec_kernel(args)
     argv = [BINARY, *args]
