@@ -109,6 +109,23 @@ def test_kill_each_replica_in_turn_loses_nothing(rk, ipykernel_outputs):
     rk.verify()
 
 
+def test_replicas_that_cannot_start_are_told_under_the_first_cell(tmp_path):
+    """Asked for replicas it cannot start, the kernel still runs cells, alone,
+    and says so once, under the first cell: not only in a log."""
+    env = {**os.environ, "NOTEBOOKOS_STATE_DIR": str(tmp_path / "state"),
+           "NOTEBOOKOS_REPLICAS": "3", "NOTEBOOKOS_REPLICA_IP": "not an address"}
+    fe = Frontend(kernel_name="notebookos", env=env)
+    try:
+        reply, msgs = fe.execute("x = 41\nx + 1")
+        assert reply["status"] == "ok" and reply["execution_count"] == 1, reply
+        told = stream_text(msgs, "stderr")
+        assert "replicas could not start" in told and "runs as a single replica" in told, told
+        reply, msgs = fe.execute("x + 2")
+        assert reply["status"] == "ok" and stream_text(msgs, "stderr") == ""
+    finally:
+        fe.close()
+
+
 def test_notebookos_magic_lists_the_group(rk):
     text = rk.placement()
     assert text.startswith("notebookos: 3 replicas"), text

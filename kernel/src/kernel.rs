@@ -93,6 +93,9 @@ pub struct Kernel {
     /// The newest request served on control: cells see it as their
     /// `get_parent("control")`, on whichever replica they run.
     last_control: Mutex<Option<Message>>,
+    /// Why replicas were asked for and this kernel runs alone: told under
+    /// the first cell, since a log line is not where a user looks.
+    alone_because: Mutex<Option<String>>,
 }
 
 /// How the kernel was started: the connection file and the options meant
@@ -120,12 +123,14 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     let (control_sink, control_recv) =
         router::bind("control", &info.endpoint(Channel::Control), &backends).await?;
 
+    let mut alone_because = None;
     let plan = match start.replicas {
         0 | 1 => None,
         n => match replica::front::Plan::new(&start.connection_file, n) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::error!("cannot prepare replicas, running as a single replica: {e}");
+                alone_because = Some(alone_notice(&e.to_string(), false));
                 None
             }
         },
@@ -164,6 +169,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
         shell_cell: Mutex::new(None),
         control_exec: std::sync::OnceLock::new(),
         last_control: Mutex::new(None),
+        alone_because: Mutex::new(alone_because),
     });
     iopub.status(None, ExecutionState::Starting).await;
     if let Some((read, write)) = wakeup {
@@ -196,6 +202,7 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                     argv,
                     listen_ip: replica::front::default_listen_ip(),
                 };
+                let rejoining = plan.rejoins();
                 let front = match replica::Front::start(plan, opts).await {
                     Ok(front) => {
                         bridge.set_group(front.clone());
@@ -205,6 +212,8 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
                         tracing::error!(
                             "replicas could not start; running as a single replica: {e}"
                         );
+                        *lock(&kernel.alone_because) =
+                            Some(alone_notice(&e.to_string(), rejoining));
                         None
                     }
                 };
@@ -253,6 +262,21 @@ pub async fn run(info: ConnectionInfo, start: StartOptions) -> Result<i32, Kerne
     }
     iopub.flush().await;
     Ok(0)
+}
+
+/// What the user is told when the replicas they asked for are not there.
+fn alone_notice(error: &str, rejoining: bool) -> String {
+    match rejoining {
+        true => format!(
+            "notebookos: this kernel restarted but could not rejoin its surviving replicas \
+             ({error}). It runs as a single replica with a new, empty namespace: the \
+             variables they held are not here. Re-run the cells you need.\n"
+        ),
+        false => format!(
+            "notebookos: the kernel's replicas could not start ({error}). It runs as a \
+             single replica: cells run as usual, but nothing is replicated.\n"
+        ),
+    }
 }
 
 /// A kernel whose launcher died (Jupyter killed -9) would run forever with
@@ -427,6 +451,13 @@ impl Kernel {
             Route::Control => (Channel::Control, None),
             _ => (Channel::Shell, lock(&self.last_control).clone()),
         };
+        if matches!(route, Route::Group) {
+            let notice = lock(&self.alone_because).take();
+            if let Some(text) = notice {
+                let parent = Some(request.header.clone());
+                self.iopub.stream(parent, "stderr", &text).await;
+            }
+        }
         let json = match group {
             Some(front) => match front.execute(request, control.as_ref()).await {
                 Ok(CellResult::Reply(json)) => Ok(Some(json)),

@@ -66,6 +66,18 @@ impl Iopub {
         }
     }
 
+    /// Stream text, coalesced with the rest of its stream as `print`'s is.
+    pub async fn stream(&self, parent: Option<Header>, name: &str, text: &str) {
+        let event = Event::Stream {
+            parent,
+            name: name.to_owned(),
+            text: text.to_owned(),
+        };
+        if self.tx.send(event).await.is_err() {
+            publisher_gone();
+        }
+    }
+
     pub fn blocking_stream(&self, parent: Option<Header>, name: String, text: String) {
         if self
             .tx

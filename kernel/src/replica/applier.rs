@@ -98,6 +98,9 @@ pub struct GroupState {
     pub joining: BTreeMap<NodeId, Joiner>,
     /// Replicas whose checkpoint is in the log: ready to vote.
     pub checkpointed: BTreeSet<NodeId>,
+    /// Replicas whose checkpoint is in the log but not yet their `Restored`: their
+    /// namespace may still be empty, so they make no checkpoint for anyone.
+    pub restoring: BTreeSet<NodeId>,
     pub checkpoint: Option<CheckpointRef>,
     /// The last [`RECENT_DELTAS`] deltas, oldest first.
     pub deltas: VecDeque<DeltaRef>,
@@ -398,6 +401,7 @@ impl Applier {
                 }
                 self.lose_unsynced(&mut fx, index, replica);
                 self.state.joining.remove(&replica);
+                self.state.restoring.remove(&replica);
                 if replica == self.me {
                     fx.push(Effect::Stop { shutdown: false });
                 } else {
@@ -440,6 +444,7 @@ impl Applier {
                     upto,
                 };
                 self.state.checkpointed.insert(replica);
+                self.state.restoring.insert(replica);
                 self.state.joining.remove(&replica);
                 self.state.checkpoint = Some(checkpoint.clone());
                 if replica == self.me {
@@ -448,6 +453,9 @@ impl Applier {
                     // Its maker keeps it a while for a joiner whose push was lost.
                     fx.push(Effect::DropBlob { blob });
                 }
+            }
+            Entry::Restored { replica } => {
+                self.state.restoring.remove(&replica);
             }
             Entry::Verify { nonce, from } => {
                 if from != self.me && !self.is_restoring() {
@@ -837,6 +845,29 @@ mod tests {
         assert!(fx2.contains(&Effect::DropBlob { blob: [7; 32] }));
         assert_eq!(g[1].state().checkpointed, BTreeSet::from([4]));
         assert!(g[1].state().joining.is_empty());
+        // Until it says its checkpoint is restored, its namespace may be empty.
+        assert_eq!(g[1].state().restoring, BTreeSet::from([4]));
+        let restored = run(
+            &mut g[1],
+            1 + log.len() as u64,
+            &[Entry::Restored { replica: 4 }],
+        );
+        assert!(restored.is_empty());
+        assert!(g[1].state().restoring.is_empty());
+    }
+
+    #[test]
+    fn a_joiner_that_dies_restoring_is_no_longer_restoring() {
+        let mut a = Applier::new(1, 1, false);
+        a.membership(BTreeSet::from([1, 2, 3]));
+        let checkpoint = Entry::Checkpoint {
+            replica: 4,
+            from: 1,
+            blob: [7; 32],
+            upto: 1,
+        };
+        run(&mut a, 1, &[checkpoint, Entry::MemberDown { replica: 4 }]);
+        assert!(a.state().restoring.is_empty());
     }
 
     /// A replica that installs a snapshot and then the tail ends in the same group state,

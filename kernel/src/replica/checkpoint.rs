@@ -6,6 +6,7 @@ use std::sync::Arc;
 use raft_transport::BlobHash;
 
 use super::applier::{CheckpointRef, DeltaRef};
+use super::entry::Entry;
 use super::{statesync, Core};
 
 impl Core {
@@ -39,5 +40,12 @@ impl Core {
             self.apply_delta(delta).await;
         }
         tracing::info!(id = self.id, "caught up from checkpoint");
+        // Not awaited here: the commit is applied through this effect loop.
+        let core = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = core.propose(&Entry::Restored { replica: core.id }).await {
+                tracing::warn!(error = %e, "could not announce the restored checkpoint");
+            }
+        });
     }
 }

@@ -69,6 +69,9 @@ pub enum Entry {
         blob: [u8; 32],
         upto: u64,
     },
+    /// `replica` has restored its checkpoint (and replayed what followed it):
+    /// its namespace is the group's, so it may make checkpoints for others.
+    Restored { replica: NodeId },
     /// Every replica computes its namespace digest and mails it to `from`.
     Verify { nonce: String, from: NodeId },
     /// The kernel is shutting down: every replica exits.
@@ -218,6 +221,7 @@ impl Entry {
             Entry::MemberDown { .. } => "MemberDown",
             Entry::MemberJoin { .. } => "MemberJoin",
             Entry::Checkpoint { .. } => "Checkpoint",
+            Entry::Restored { .. } => "Restored",
             Entry::Verify { .. } => "Verify",
             Entry::Shutdown => "Shutdown",
             Entry::Steer { .. } => "Steer",

@@ -19,8 +19,6 @@ use super::{lock, Core, CoreConfig};
 use crate::channels::iopub::Iopub;
 use crate::channels::Session;
 use crate::python::{Executor, InputChannel};
-use crate::wire::stream::Stream;
-use crate::wire::Outgoing;
 
 /// How long a starting replica may take to listen (Python and IPython load first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,6 +26,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// A replica process this replica started, and its id.
 type Launched = (NodeId, Box<dyn ReplicaProcess>);
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a restarted front keeps asking the survivors to take it back:
+/// they first elect a leader among themselves, slowly on a loaded host.
+const REJOIN_PATIENCE: Duration = Duration::from_secs(60);
 /// How often a kernel between cells checks that one of its servers could
 /// run its next cell now (`Front::rebalance`).
 const REBALANCE_EVERY: Duration = Duration::from_secs(5);
@@ -90,6 +91,11 @@ pub fn hash_seed_for(connection_file: &Path) -> Result<u32, FrontError> {
 }
 
 impl Plan {
+    /// Whether this kernel rejoins replicas a previous one left running.
+    pub fn rejoins(&self) -> bool {
+        self.prior.is_some()
+    }
+
     pub fn new(connection_file: &Path, replicas: usize) -> Result<Self, FrontError> {
         let state = StateDir::for_connection(connection_file)?;
         let prior = surviving_group(&state);
@@ -621,18 +627,7 @@ impl Front {
     /// A line on stderr under the cell's request.
     async fn tell(&self, request: &Frames, text: &str) {
         let parent = request.to_message().ok().map(|m| m.header);
-        let content = Stream {
-            name: "stderr".into(),
-            text: text.into(),
-        };
-        self.iopub
-            .publish(Outgoing::typed(
-                "stream",
-                &self.session.id,
-                parent.as_ref(),
-                &content,
-            ))
-            .await;
+        self.iopub.stream(parent, "stderr", text).await;
     }
 
     /// Moves one replica to the server the policy picks (idle GPUs, room),
@@ -955,7 +950,7 @@ async fn propose_via_any(
     survivors: &[Member],
     entry: &Entry,
 ) -> Result<(), FrontError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + REJOIN_PATIENCE;
     let mut last = String::from("no survivors");
     while tokio::time::Instant::now() < deadline {
         for m in survivors {

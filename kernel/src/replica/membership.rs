@@ -135,6 +135,13 @@ impl Core {
         if !self.add_learner(replica, sock).await {
             return;
         }
+        if lock(&self.applier).state().restoring.contains(&self.id) {
+            // Our own checkpoint is still on its way in: ours would hand the
+            // joiner an empty namespace. The reconciler admits it once we are
+            // restored, or whichever replica leads after us.
+            tracing::info!(replica, "not restored yet; admission waits");
+            return;
+        }
         // A checkpoint holding changes the log does not have yet would give the
         // joiner a cell the others lose if their holder dies.
         if !self.wait_synced(JOIN_SYNC_PATIENCE).await {

@@ -15,9 +15,14 @@ use crate::python::Group;
 
 impl Core {
     pub(super) async fn answer_verify(self: Arc<Self>, nonce: String, to: NodeId) {
-        let digest = match statesync::digest(&self.exec).await {
-            Ok(d) => d,
-            Err(e) => format!("error: {e}"),
+        let digest = if !*self.ready.borrow() {
+            // Its checkpoint failed to restore: the namespace is not the group's.
+            "left the group (its checkpoint did not restore)".to_string()
+        } else {
+            match statesync::digest(&self.exec).await {
+                Ok(d) => d,
+                Err(e) => format!("error: {e}"),
+            }
         };
         if to == self.id {
             self.digest_arrived(self.id, &nonce, self.id, digest);
@@ -77,10 +82,15 @@ impl Core {
     pub(super) fn placement_with(&self, places: &HashMap<NodeId, Place>) -> String {
         let m = self.node.metrics();
         let front = self.front_id();
+        let restoring = lock(&self.applier).state().restoring.clone();
         let replicas: Vec<_> = m
             .voters
             .iter()
-            .map(|id| (id, "voter"))
+            .map(|id| match restoring.contains(id) {
+                // Votes (the log is whole there) but its namespace is not yet.
+                true => (id, "voter, catching up"),
+                false => (id, "voter"),
+            })
             .chain(m.learners.iter().map(|id| (id, "catching up")))
             .map(|(id, state)| {
                 json!({
