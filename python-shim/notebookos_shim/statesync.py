@@ -27,9 +27,13 @@ cell, a name is re-pickled ("checked") when
 * it appears as an identifier in the cell (an ``ast.Name``, which covers
   attribute bases like ``df`` in ``df.x = 1``, names inside functions the
   cell defines, and identifiers inside ``%magic`` arguments);
+* a notebook function or class the cell names refers to it as a global,
+  directly or through other notebook functions (``train()`` stepping the
+  global ``model``; ``trainer.fit()`` whose class's methods do);
 * its pickled size was below ``SMALL`` (1 MiB) last time, so in-place
-  mutation through a function call (``f()`` appending to a global list) is
-  caught for everything cheap to re-pickle;
+  mutation through anything else (a library callback appending to a global
+  list) is caught for everything cheap to re-pickle; a GPU tensor's size is
+  its bytes on the GPU, so a model is not re-digested after every cell;
 * it could not be pickled last time;
 * it is bound to the same object as another checked name (aliases);
 
@@ -39,9 +43,10 @@ access (``globals()``, ``vars()``, ``locals()``, ``exec``, ``eval``,
 is checked.
 
 Known limit: a large object (>= 1 MiB pickled) that is neither rebound nor
-named in the cell is assumed unchanged, so in-place mutation of it through
-a function call, an alias stored elsewhere (``d = {"a": big}``, a numpy view)
-or ``%run -i`` style code that does not name it is not replicated. Checking
+reached from the cell's names as above is assumed unchanged, so in-place
+mutation of it through an alias stored elsewhere (``d = {"a": big}``, a numpy
+view), a function imported from a module, or ``%run -i`` style code that does
+not name it is not replicated. Checking
 a large object costs one pickle plus a hash of its buffers (xxh3 on every core,
 GIL released: several GB/s), no copy; a GPU tensor by a digest computed on the GPU
 (``device_digest``), never copied to the host to be compared. Objects shared between names sent in different cells become separate
@@ -307,31 +312,37 @@ def _on_host(torch, tensor):
     return host
 
 
+def _same_class_form(obj, reduced):
+    """A notebook class's reduction with what does not make it a different
+    class left out, so it pickles alike in any process and before and after
+    an instance of it was pickled."""
+    if not (isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2):
+        return reduced
+    make, args, state, *rest = reduced
+    if isinstance(args, tuple) and len(args) == 6:
+        # (metaclass, name, bases, type kwargs, tracker id, None): the tracker
+        # id is random per class and process.
+        args = (*args[:4], None, args[5])
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        # Attribute order follows how the class was built here; __module__
+        # travels in the type kwargs too; the __slotnames__ cache exists only
+        # once this process pickled an instance.
+        skip = ("__slotnames__", "__module__")
+        clsdict = {k: v for k, v in sorted(state[0].items()) if k not in skip}
+        state = (clsdict, *state[1:])
+    return (make, args, state, *rest)
+
+
 class _CanonicalPickler(_Pickler):
     """The form ``digest`` hashes, the same for equal values in any process:
     sets in sorted order (their order follows the process's string hash
     seed), numpy dtypes by name, unmemoized (whether two arrays share a
     dtype object does not survive a pickle round trip), strings by value
     (never as a reference to an equal one seen before), and notebook classes
-    with their attributes sorted and without the ``__slotnames__`` cache."""
+    in their same form (``_same_class_form``)."""
 
     def reducer_override(self, obj):
-        reduced = super().reducer_override(obj)
-        if not (isinstance(obj, type) and isinstance(reduced, tuple) and len(reduced) > 2):
-            return reduced
-        make, args, state, *rest = reduced
-        if isinstance(args, tuple) and len(args) == 6:
-            # (metaclass, name, bases, type kwargs, tracker id, None): the tracker
-            # id is random per class and process.
-            args = (*args[:4], None, args[5])
-        if isinstance(state, tuple) and state and isinstance(state[0], dict):
-            # Attribute order follows how the class was built here; __module__
-            # travels in the type kwargs too; the __slotnames__ cache exists only
-            # once this process pickled an instance.
-            skip = ("__slotnames__", "__module__")
-            clsdict = {k: v for k, v in sorted(state[0].items()) if k not in skip}
-            state = (clsdict, *state[1:])
-        return (make, args, state, *rest)
+        return _same_class_form(obj, super().reducer_override(obj))
 
     def persistent_id(self, obj):
         if type(obj) is str:
@@ -358,9 +369,15 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _dump(obj, user_ns, buffer_callback=None, pickler=_Pickler):
+    return _dump_with(obj, user_ns, buffer_callback, pickler)[0]
+
+
+def _dump_with(obj, user_ns, buffer_callback, pickler):
+    """The pickle, and the pickler that made it."""
     f = io.BytesIO()
-    pickler(f, user_ns, buffer_callback=buffer_callback).dump(obj)
-    return f.getvalue()
+    p = pickler(f, user_ns, buffer_callback=buffer_callback)
+    p.dump(obj)
+    return f.getvalue(), p
 
 
 class _ChangePickler(_Pickler):
@@ -368,17 +385,26 @@ class _ChangePickler(_Pickler):
     of its contents computed on the GPU (see ``device_digest``), so a model is
     never copied to the host just to learn it did not change. Never unpickled.
     (Version counters would be cheaper but are not bumped by fused or foreach
-    optimizer steps.) CPU tensors are hashed as bytes, like any buffer."""
+    optimizer steps.) CPU tensors are hashed as bytes, like any buffer; notebook
+    classes in their same form, so that pickling an instance (which caches
+    ``__slotnames__`` on its class) does not make the class look changed."""
+
+    def __init__(self, file, user_ns, buffer_callback=None):
+        super().__init__(file, user_ns, buffer_callback)
+        # What the tokens stand for: a model is as large as its weights, so that
+        # it is re-checked only when a cell may have changed it (see ``_stale``).
+        self.device_bytes = 0
 
     def reducer_override(self, obj):
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor) and obj.is_cuda:
             digest = device_digest(torch, obj)
             if digest is not None:
+                self.device_bytes += digest[0]
                 token = (type(obj).__qualname__, str(obj.device), str(obj.dtype), tuple(obj.shape),
                          obj.requires_grad, digest)
                 return (_tensor_token, token)
-        return super().reducer_override(obj)
+        return _same_class_form(obj, super().reducer_override(obj))
 
 
 def _tensor_token(*token):
@@ -445,9 +471,10 @@ def _fingerprint(value, user_ns, pickler=_ChangePickler):
             return True
         return False
 
-    inband = _dump(value, user_ns, keep, pickler)
+    inband, used = _dump_with(value, user_ns, keep, pickler)
     _device_copies_done()
-    return len(inband) + sum(v.nbytes for v in views), _hash_parts([inband, *views])
+    size = len(inband) + sum(v.nbytes for v in views) + getattr(used, "device_bytes", 0)
+    return size, _hash_parts([inband, *views])
 
 
 def _value_digest(value, user_ns):
@@ -494,6 +521,70 @@ def _mentioned_names(code, shell):
     return None if names & _DYNAMIC else names
 
 
+def _reached_names(mentioned, names, user_ns):
+    """``mentioned`` and, transitively, the global names that the notebook's
+    functions and classes among them refer to: ``train()`` may change the
+    ``model`` it reads as a global without the cell naming it."""
+    reached, todo, seen = set(), list(mentioned), set()
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        if name not in names:
+            continue
+        for code in _notebook_code(names[name], user_ns):
+            todo.extend(n for n in _code_names(code, seen) if n in names and n not in reached)
+    return reached
+
+
+def _notebook_code(value, user_ns):
+    """The code objects of the notebook functions a value is or holds: a
+    function defined in the notebook (or a method or wrapper of one), and the
+    methods of a notebook class or of an instance's notebook class."""
+    pending, seen, out = [value], set(), []
+    while pending and len(seen) < 10_000:
+        v = pending.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, types.FunctionType):
+            if v.__globals__ is user_ns:
+                out.append(v.__code__)
+        elif isinstance(v, (types.MethodType, staticmethod, classmethod)):
+            pending.append(v.__func__)
+        elif isinstance(v, functools.partial):
+            pending.append(v.func)
+        elif isinstance(v, functools._lru_cache_wrapper):
+            pending.append(v.__wrapped__)
+        elif isinstance(v, property):
+            pending.extend(f for f in (v.fget, v.fset, v.fdel) if f is not None)
+        else:
+            cls = v if isinstance(v, type) else type(v)
+            for klass in cls.__mro__:
+                members = klass.__dict__
+                if members.get("__module__") == "__main__":
+                    pending.extend(m for m in members.values() if isinstance(m, _METHODS))
+    return out
+
+
+_METHODS = (types.FunctionType, staticmethod, classmethod, property, functools.partial,
+            functools._lru_cache_wrapper)
+
+
+def _code_names(code, seen):
+    """The global names a code object and those nested in it may read or bind
+    (``co_names`` also holds attribute names: more names checked, never fewer)."""
+    if code in seen:
+        return set()
+    seen.add(code)
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _code_names(const, seen)
+    return found
+
+
 class _Entry:
     """What the baseline knows about a name: ``digest`` None = not replicated."""
 
@@ -530,6 +621,8 @@ class StateSync:
     def capture(self, code):
         names = self._user_names()
         mentioned = _mentioned_names(code, self.shell)
+        if mentioned is not None:
+            mentioned = _reached_names(mentioned, names, self.shell.user_ns)
         check = {
             name for name, value in names.items()
             if mentioned is None or name in mentioned or self._stale(name, value)
