@@ -288,6 +288,45 @@ def test_a_large_global_changed_by_a_notebook_function_the_cell_calls_is_seen():
             assert list(sent["big"][:4]) == head, code
 
 
+def test_globals_reached_through_decorators_closures_and_bound_methods_are_seen():
+    winner = Replica()
+    winner.run(
+        "import functools\nimport numpy as np\n"
+        "big = np.zeros(1 << 18)\n"
+        "def logged(f):\n    @functools.wraps(f)\n    def wrapper(*a):\n        return f(*a)\n"
+        "    return wrapper\n"
+        "@logged\ndef poke():\n    big[5] = 5\n"
+        "class Stepper:\n    def step(self):\n        big[6] = 6\n"
+        "step = Stepper().step"
+    )
+    for code, at in [("poke()", 5), ("step()", 6)]:
+        header, buffers = winner.run(code)
+        sent = payload(header, received(buffers))["set"]
+        assert set(sent) == {"big"}, code
+        assert sent["big"][at] == at
+
+
+def test_when_what_a_cell_reaches_cannot_be_told_every_name_is_checked(monkeypatch):
+    winner = Replica()
+    winner.run("import numpy as np\nbig = np.zeros(1 << 18)\ndef f():\n    pass")
+    winner.ns["big"][0] = 9  # changed by nothing the next cell reaches
+
+    def fails(value, user_ns):
+        raise RuntimeError("a value whose attributes raise")
+
+    monkeypatch.setattr(statesync, "_notebook_code", fails)
+    header, buffers = winner.run("f()")
+    assert "big" in payload(header, received(buffers))["set"]
+
+
+def test_a_class_is_not_sent_again_once_an_instance_of_it_was_pickled():
+    winner = Replica()
+    winner.run("class C:\n    pass")
+    winner.run("c = C()")  # pickling c caches __slotnames__ on C
+    header, buffers = winner.run("n = 1")
+    assert set(payload(header, buffers)["set"]) == {"n"}
+
+
 def test_large_object_mutated_through_an_alias_the_cell_does_not_reach_is_not_seen():
     # The documented limit of the change-detection rule: `big` is reached only
     # through `holder`, which is sent, but `big` itself is not re-checked.
@@ -560,6 +599,31 @@ def cuda_torch():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_optimizer_step_alone_replicates_the_model_it_changes(device):
+    """`opt.step()` names only `opt`; `model` holds the same parameters, so
+    it is checked too (it is large: it would not be otherwise)."""
+    torch = pytest.importorskip("torch") if device == "cpu" else cuda_torch()
+    winner, other = Replica(), Replica()
+    header, buffers = winner.run(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        f"model = torch.nn.Linear(1024, 512).to({device!r})\n"  # 2 MiB of weights
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        f"x = torch.randn(8, 1024, device={device!r})\n"
+    )
+    other.sync.apply(header, received(buffers))
+    for code, sent in [("model(x).pow(2).mean().backward()", set()), ("opt.step()", {"model", "opt"})]:
+        header, buffers = winner.run(code)
+        assert set(payload(header, received(buffers))["set"]) >= sent, code
+        other.sync.apply(header, received(buffers))
+    assert torch.equal(other.ns["model"].weight.detach().cpu(), winner.ns["model"].weight.detach().cpu())
+    # The receiver learned which tensors its values share, for when it runs the next step.
+    other.run("model(x).pow(2).mean().backward()")
+    header, buffers = other.run("opt.step()")
+    assert "model" in payload(header, received(buffers))["set"]
 
 
 @pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])

@@ -451,7 +451,8 @@ impl Kernel {
             Route::Control => (Channel::Control, None),
             _ => (Channel::Shell, lock(&self.last_control).clone()),
         };
-        if matches!(route, Route::Group) {
+        // Not under a silent cell (a front-end's own, whose output nobody sees).
+        if matches!(route, Route::Group) && !parsed.silent {
             let notice = lock(&self.alone_because).take();
             if let Some(text) = notice {
                 let parent = Some(request.header.clone());

@@ -394,17 +394,56 @@ class _ChangePickler(_Pickler):
         # What the tokens stand for: a model is as large as its weights, so that
         # it is re-checked only when a cell may have changed it (see ``_stale``).
         self.device_bytes = 0
+        # The tensors the value holds (by id): a change to one shows in every
+        # name that holds it (see ``StateSync._check``).
+        self.tensors = set()
 
     def reducer_override(self, obj):
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor) and obj.is_cuda:
-            digest = device_digest(torch, obj)
-            if digest is not None:
-                self.device_bytes += digest[0]
-                token = (type(obj).__qualname__, str(obj.device), str(obj.dtype), tuple(obj.shape),
-                         obj.requires_grad, digest)
-                return (_tensor_token, token)
+        if torch is not None and isinstance(obj, torch.Tensor):
+            self.tensors.add(id(obj))
+            if obj.is_cuda:
+                digest = device_digest(torch, obj)
+                if digest is not None:
+                    self.device_bytes += digest[0]
+                    token = (type(obj).__qualname__, str(obj.device), str(obj.dtype),
+                             tuple(obj.shape), obj.requires_grad, digest)
+                    return (_tensor_token, token)
         return _same_class_form(obj, super().reducer_override(obj))
+
+
+class _TensorFinder(_Pickler):
+    """Walks a value as a pickle would, only to learn which tensors it holds,
+    copying and reading none of their data (a receiver learns this of the
+    values a delta brought)."""
+
+    def __init__(self, user_ns):
+        super().__init__(_Discard(), user_ns, buffer_callback=lambda _buf: False)
+        self.tensors = set()
+
+    def reducer_override(self, obj):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            self.tensors.add(id(obj))
+            return (_tensor_token, ())
+        return super().reducer_override(obj)
+
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+
+def _tensors_of(value, user_ns):
+    """The ids of the tensors a value holds; empty where torch is not loaded."""
+    if "torch" not in sys.modules:
+        return frozenset()
+    finder = _TensorFinder(user_ns)
+    try:
+        finder.dump(value)
+    except Exception:
+        pass  # what was found before the failure still counts
+    return frozenset(finder.tensors)
 
 
 def _tensor_token(*token):
@@ -461,7 +500,8 @@ def _hash_parts(parts):
 
 
 def _fingerprint(value, user_ns, pickler=_ChangePickler):
-    """(pickled size, digest) of a value, hashing its buffers in place."""
+    """(pickled size, digest, ids of the tensors it holds) of a value, hashing
+    its buffers in place."""
     views = []
 
     def keep(buf):
@@ -474,7 +514,7 @@ def _fingerprint(value, user_ns, pickler=_ChangePickler):
     inband, used = _dump_with(value, user_ns, keep, pickler)
     _device_copies_done()
     size = len(inband) + sum(v.nbytes for v in views) + getattr(used, "device_bytes", 0)
-    return size, _hash_parts([inband, *views])
+    return size, _hash_parts([inband, *views]), frozenset(getattr(used, "tensors", ()))
 
 
 def _value_digest(value, user_ns):
@@ -523,53 +563,87 @@ def _mentioned_names(code, shell):
 
 def _reached_names(mentioned, names, user_ns):
     """``mentioned`` and, transitively, the global names that the notebook's
-    functions and classes among them refer to: ``train()`` may change the
-    ``model`` it reads as a global without the cell naming it."""
+    functions and classes among them refer to (``train()`` may change the
+    ``model`` it reads as a global without the cell naming it); None, as for a
+    cell using ``globals()``, when that cannot be told."""
     reached, todo, seen = set(), list(mentioned), set()
-    while todo:
-        name = todo.pop()
-        if name in reached:
-            continue
-        reached.add(name)
-        if name not in names:
-            continue
-        for code in _notebook_code(names[name], user_ns):
-            todo.extend(n for n in _code_names(code, seen) if n in names and n not in reached)
+    try:
+        while todo:
+            name = todo.pop()
+            if name in reached:
+                continue
+            reached.add(name)
+            if name not in names:
+                continue
+            codes = _notebook_code(names[name], user_ns)
+            if codes is None:
+                return None
+            for code in codes:
+                found = _code_names(code, seen)
+                if found & _DYNAMIC:
+                    return None
+                todo.extend(n for n in found if n in names and n not in reached)
+    except Exception:  # a value whose type or attributes raise: check everything
+        return None
     return reached
+
+
+_WALK_LIMIT = 10_000  # objects looked at per name before giving up (check everything)
 
 
 def _notebook_code(value, user_ns):
     """The code objects of the notebook functions a value is or holds: a
-    function defined in the notebook (or a method or wrapper of one), and the
-    methods of a notebook class or of an instance's notebook class."""
+    function defined in the notebook, what it wraps or closes over (a
+    decorator's wrapper), a method, partial or cache of one, and the methods
+    of a notebook class, of an instance's, and of a bound method's object.
+    None past ``_WALK_LIMIT`` objects. Types are read with ``type()``, never
+    ``isinstance``, which would ask a proxy's ``__class__``."""
     pending, seen, out = [value], set(), []
-    while pending and len(seen) < 10_000:
+    while pending:
+        if len(seen) >= _WALK_LIMIT:
+            return None
         v = pending.pop()
         if id(v) in seen:
             continue
         seen.add(id(v))
-        if isinstance(v, types.FunctionType):
+        kind = type(v)
+        if kind is types.FunctionType:
             if v.__globals__ is user_ns:
                 out.append(v.__code__)
-        elif isinstance(v, (types.MethodType, staticmethod, classmethod)):
+            pending.extend(c.cell_contents for c in v.__closure__ or () if _filled(c))
+            pending.extend(w for w in (v.__dict__.get("__wrapped__"),) if w is not None)
+        elif kind is types.MethodType:
+            pending.extend((v.__func__, type(v.__self__)))
+        elif kind in (staticmethod, classmethod):
             pending.append(v.__func__)
-        elif isinstance(v, functools.partial):
+        elif kind is functools.partial:
             pending.append(v.func)
-        elif isinstance(v, functools._lru_cache_wrapper):
+        elif kind is functools._lru_cache_wrapper:
             pending.append(v.__wrapped__)
-        elif isinstance(v, property):
+        elif kind is property:
             pending.extend(f for f in (v.fget, v.fset, v.fdel) if f is not None)
+        elif kind is functools.cached_property:
+            pending.append(v.func)
         else:
-            cls = v if isinstance(v, type) else type(v)
-            for klass in cls.__mro__:
-                members = klass.__dict__
-                if members.get("__module__") == "__main__":
-                    pending.extend(m for m in members.values() if isinstance(m, _METHODS))
+            classes = (v, kind) if issubclass(kind, type) else (kind,)
+            for cls in classes:
+                for klass in type.__dict__["__mro__"].__get__(cls):
+                    members = type.__dict__["__dict__"].__get__(klass)
+                    if members.get("__module__") == "__main__":
+                        pending.extend(m for m in members.values() if type(m) in _METHODS)
     return out
 
 
-_METHODS = (types.FunctionType, staticmethod, classmethod, property, functools.partial,
-            functools._lru_cache_wrapper)
+def _filled(cell):
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not bound yet
+        return False
+    return True
+
+
+_METHODS = frozenset({types.FunctionType, staticmethod, classmethod, property, functools.partial,
+                      functools._lru_cache_wrapper, functools.cached_property})
 
 
 def _code_names(code, seen):
@@ -586,12 +660,13 @@ def _code_names(code, seen):
 
 
 class _Entry:
-    """What the baseline knows about a name: ``digest`` None = not replicated."""
+    """What the baseline knows about a name: ``digest`` None = not replicated;
+    ``tensors``, the ids of the tensors its value holds."""
 
-    __slots__ = ("oid", "size", "digest")
+    __slots__ = ("oid", "size", "digest", "tensors")
 
-    def __init__(self, oid, size, digest):
-        self.oid, self.size, self.digest = oid, size, digest
+    def __init__(self, oid, size, digest, tensors=frozenset()):
+        self.oid, self.size, self.digest, self.tensors = oid, size, digest, tensors
 
 
 class StateSync:
@@ -712,22 +787,33 @@ class StateSync:
                 or entry.size < SMALL)
 
     def _check(self, names, check, old):
-        """Fingerprint the names in ``check``; returns the new baseline, the
-        values to send and the names that could not be pickled."""
+        """Fingerprint the names in ``check``, then every other name holding a
+        tensor that a changed value holds (``opt.step()`` changes ``model``'s
+        parameters without naming it); returns the new baseline, the values to
+        send and the names that could not be pickled."""
         baseline = {n: e for n, e in old.items() if n in names and n not in check}
         changed, unpicklable = {}, []
-        for name in sorted(check):
-            value = names[name]
-            try:
-                size, digest = _fingerprint(value, self.shell.user_ns)
-            except Exception as exc:
-                unpicklable.append((name, _reason(exc)))
-                baseline[name] = _Entry(id(value), 0, None)
-                continue
-            entry = old.get(name)
-            if entry is None or entry.oid != id(value) or entry.digest != digest:
-                changed[name] = value
-            baseline[name] = _Entry(id(value), size, digest)
+        todo, checked = sorted(check), set(check)
+        while todo:
+            for name in todo:
+                value = names[name]
+                try:
+                    size, digest, tensors = _fingerprint(value, self.shell.user_ns)
+                except Exception as exc:
+                    unpicklable.append((name, _reason(exc)))
+                    baseline[name] = _Entry(id(value), 0, None)
+                    continue
+                entry = old.get(name)
+                if entry is None or entry.oid != id(value) or entry.digest != digest:
+                    changed[name] = value
+                baseline[name] = _Entry(id(value), size, digest, tensors)
+            touched = set()
+            for name in todo:
+                if name in changed:
+                    touched |= baseline[name].tensors
+            todo = sorted(n for n, e in baseline.items()
+                          if n not in checked and not touched.isdisjoint(e.tensors))
+            checked.update(todo)
         return baseline, changed, unpicklable
 
     def _pack(self, kind, values, baseline, deleted, count, code, history_line, unpicklable,
@@ -785,7 +871,8 @@ class StateSync:
     def _rebase(self, payload):
         ns = self.shell.user_ns
         for name, (size, digest) in payload["meta"].items():
-            self._baseline[name] = _Entry(id(ns[name]), size, digest)
+            self._baseline[name] = _Entry(id(ns[name]), size, digest,
+                                          _tensors_of(ns[name], ns))
         self.shell.execution_count = self._count = payload["execution_count"]
 
     def _store_history(self, line, code):

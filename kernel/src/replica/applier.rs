@@ -98,9 +98,6 @@ pub struct GroupState {
     pub joining: BTreeMap<NodeId, Joiner>,
     /// Replicas whose checkpoint is in the log: ready to vote.
     pub checkpointed: BTreeSet<NodeId>,
-    /// Replicas whose checkpoint is in the log but not yet their `Restored`: their
-    /// namespace may still be empty, so they make no checkpoint for anyone.
-    pub restoring: BTreeSet<NodeId>,
     pub checkpoint: Option<CheckpointRef>,
     /// The last [`RECENT_DELTAS`] deltas, oldest first.
     pub deltas: VecDeque<DeltaRef>,
@@ -117,6 +114,10 @@ pub struct GroupState {
     pub unsynced: VecDeque<Unsynced>,
     /// The last [`RECENT_LOSSES`] losses of unsynced changes.
     pub lost: VecDeque<LostChanges>,
+    /// Replicas whose checkpoint is in the log but not yet their `Restored`: their
+    /// namespace may still be empty, so they make no checkpoint for anyone.
+    /// (Fields are positional in a snapshot: new ones go last.)
+    pub restoring: BTreeSet<NodeId>,
 }
 
 impl GroupState {
@@ -293,6 +294,11 @@ impl Applier {
                 );
             }
             Local::Joining { joined, buffered } => {
+                let own = self
+                    .state
+                    .checkpoint
+                    .clone()
+                    .filter(|c| c.replica == self.me);
                 if let Some(joiner) = self.state.joining.get(&self.me) {
                     *joined = true;
                     for d in self.state.deltas.iter().filter(|d| d.index > joiner.at) {
@@ -300,6 +306,32 @@ impl Applier {
                             buffered.push(d.clone());
                         }
                     }
+                } else if let Some(checkpoint) = own
+                    .clone()
+                    .filter(|c| self.state.deltas_forgotten_upto <= c.upto)
+                {
+                    // Our own Checkpoint is inside the snapshot: restore it now,
+                    // then what the snapshot lists after it.
+                    let mut replay: Vec<DeltaRef> = std::mem::take(buffered);
+                    for d in &self.state.deltas {
+                        if !replay.iter().any(|b| b.index == d.index) {
+                            replay.push(d.clone());
+                        }
+                    }
+                    replay.retain(|d| d.index > checkpoint.upto);
+                    replay.sort_by_key(|d| d.index);
+                    self.local = Local::Current;
+                    fx.push(Effect::Restore { checkpoint, replay });
+                } else if own.is_some() || self.state.checkpointed.contains(&self.me) {
+                    // Our checkpoint was overwritten by a later one, or deltas after
+                    // it fell out of the snapshot: this replica cannot catch up.
+                    let reason = format!(
+                        "joined by a snapshot at log index {index} that no longer holds \
+                         this replica's checkpoint and the deltas after it"
+                    );
+                    self.local = Local::Left;
+                    fx.push(Effect::Leave { reason });
+                    return Ok(fx);
                 }
             }
             Local::Left => return Ok(fx),
@@ -443,8 +475,12 @@ impl Applier {
                     blob,
                     upto,
                 };
-                self.state.checkpointed.insert(replica);
-                self.state.restoring.insert(replica);
+                // Only its first: a second (two leaders admitting it) must not
+                // undo its Restored; a dead replica restores nothing.
+                if self.state.checkpointed.insert(replica) && !self.state.elections.is_down(replica)
+                {
+                    self.state.restoring.insert(replica);
+                }
                 self.state.joining.remove(&replica);
                 self.state.checkpoint = Some(checkpoint.clone());
                 if replica == self.me {
@@ -958,6 +994,73 @@ mod tests {
             replay.unwrap().iter().map(|d| d.index).collect::<Vec<_>>(),
             vec![3]
         );
+    }
+
+    #[test]
+    fn a_joiner_whose_own_checkpoint_is_inside_the_snapshot_restores_it_or_leaves() {
+        let checkpoint = Entry::Checkpoint {
+            replica: 4,
+            from: 1,
+            blob: [1; 32],
+            upto: 2,
+        };
+        let join = Entry::MemberJoin {
+            replica: 4,
+            addr: "a".into(),
+            front: false,
+        };
+        let log = [
+            join,
+            checkpoint.clone(),
+            request("a", Some(1)),
+            done("a", 1, b"a"),
+        ];
+        let mut leader = group().remove(0);
+        run(&mut leader, 1, &log);
+        let mut joiner = Applier::new(4, 1, true);
+        let fx = joiner.install(4, &leader.snapshot()).unwrap();
+        let replay = fx.iter().find_map(|e| match e {
+            Effect::Restore { checkpoint, replay } => Some((checkpoint.upto, replay.clone())),
+            _ => None,
+        });
+        let (upto, replay) = replay.expect("restores its checkpoint");
+        assert_eq!(upto, 2);
+        assert_eq!(replay.iter().map(|d| d.index).collect::<Vec<_>>(), vec![4]);
+        assert!(!joiner.is_restoring());
+
+        // A later checkpoint (someone else's) overwrote ours: we cannot catch up.
+        let other = Entry::Checkpoint {
+            replica: 5,
+            from: 1,
+            blob: [2; 32],
+            upto: 4,
+        };
+        run(&mut leader, 5, &[other]);
+        let mut late = Applier::new(4, 1, true);
+        let fx = late.install(5, &leader.snapshot()).unwrap();
+        assert!(matches!(fx.as_slice(), [Effect::Leave { .. }]), "{fx:?}");
+        assert!(late.is_restoring());
+    }
+
+    #[test]
+    fn a_second_checkpoint_for_a_restored_replica_does_not_make_it_restoring_again() {
+        let checkpoint = Entry::Checkpoint {
+            replica: 4,
+            from: 1,
+            blob: [1; 32],
+            upto: 1,
+        };
+        let mut a = group().remove(0);
+        run(
+            &mut a,
+            1,
+            &[
+                checkpoint.clone(),
+                Entry::Restored { replica: 4 },
+                checkpoint,
+            ],
+        );
+        assert!(a.state().restoring.is_empty());
     }
 
     #[test]

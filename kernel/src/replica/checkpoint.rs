@@ -7,9 +7,22 @@ use raft_transport::BlobHash;
 
 use super::applier::{CheckpointRef, DeltaRef};
 use super::entry::Entry;
-use super::{statesync, Core};
+use super::{lock, statesync, Core};
 
 impl Core {
+    /// Tells the group this replica's namespace is whole (see `Entry::Restored`).
+    pub(super) async fn announce_restored(self: Arc<Self>) {
+        if let Err(e) = self.propose(&Entry::Restored { replica: self.id }).await {
+            tracing::warn!(error = %e, "could not announce the restored checkpoint; will retry");
+        }
+    }
+
+    /// Restored here but not yet in the log (an announcement was lost).
+    pub(super) fn restored_unannounced(&self) -> bool {
+        self.restored.load(std::sync::atomic::Ordering::Acquire)
+            && lock(&self.applier).state().restoring.contains(&self.id)
+    }
+
     pub(super) async fn restore_from(
         self: &Arc<Self>,
         checkpoint: CheckpointRef,
@@ -39,13 +52,14 @@ impl Core {
         for delta in replay {
             self.apply_delta(delta).await;
         }
+        if !*self.ready.borrow() {
+            return; // a replayed delta failed: it left instead
+        }
         tracing::info!(id = self.id, "caught up from checkpoint");
-        // Not awaited here: the commit is applied through this effect loop.
-        let core = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = core.propose(&Entry::Restored { replica: core.id }).await {
-                tracing::warn!(error = %e, "could not announce the restored checkpoint");
-            }
-        });
+        self.restored
+            .store(true, std::sync::atomic::Ordering::Release);
+        // Spawned: the effects queued behind this one need not wait a commit's
+        // round trip. If it is lost, the reconciler proposes it again.
+        tokio::spawn(self.clone().announce_restored());
     }
 }

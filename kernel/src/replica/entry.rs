@@ -69,9 +69,6 @@ pub enum Entry {
         blob: [u8; 32],
         upto: u64,
     },
-    /// `replica` has restored its checkpoint (and replayed what followed it):
-    /// its namespace is the group's, so it may make checkpoints for others.
-    Restored { replica: NodeId },
     /// Every replica computes its namespace digest and mails it to `from`.
     Verify { nonce: String, from: NodeId },
     /// The kernel is shutting down: every replica exits.
@@ -79,6 +76,10 @@ pub enum Entry {
     /// From now on these replicas yield every cell (tests and drills steer
     /// cells with it; see `wire::steer`).
     Steer { yielding: BTreeSet<NodeId> },
+    /// `replica` has restored its checkpoint (and replayed what followed it):
+    /// its namespace is the group's, so it may make checkpoints for others.
+    /// (Variants are numbered by position on the wire: new ones go last.)
+    Restored { replica: NodeId },
 }
 
 /// Namespace changes of one cell: small ones inline, large ones as a blob each
@@ -272,6 +273,15 @@ mod tests {
         assert_eq!(m.identities, vec![Bytes::from_static(b"id")]);
         assert!(m.parent_header.is_none());
         assert_eq!(m.header.msg_type, "execute_request");
+    }
+
+    #[test]
+    fn variants_keep_their_wire_numbers() {
+        // A group may mix builds (a restarted front, a server's agent): a new
+        // variant inserted mid-enum would make an old replica read Verify as Shutdown.
+        assert_eq!(Entry::MemberDown { replica: 1 }.encode(), vec![4, 1]);
+        assert_eq!(Entry::Shutdown.encode(), vec![8]);
+        assert_eq!(Entry::Restored { replica: 1 }.encode(), vec![10, 1]);
     }
 
     #[test]

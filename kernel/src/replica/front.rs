@@ -26,8 +26,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// A replica process this replica started, and its id.
 type Launched = (NodeId, Box<dyn ReplicaProcess>);
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a restarted front keeps asking the survivors to take it back:
-/// they first elect a leader among themselves, slowly on a loaded host.
+/// How long a restarted front keeps asking the survivors to take each of its
+/// two entries (the old front down, itself in): they may first have to elect a
+/// leader among themselves, which is slow on a loaded host.
 const REJOIN_PATIENCE: Duration = Duration::from_secs(60);
 /// How often a kernel between cells checks that one of its servers could
 /// run its next cell now (`Front::rebalance`).

@@ -27,6 +27,9 @@ impl Core {
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            if self.restored_unannounced() {
+                self.clone().announce_restored().await;
+            }
             if !self.is_leader() {
                 continue;
             }
@@ -132,14 +135,14 @@ impl Core {
             tracing::warn!(replica, addr, "new replica has an unusable address");
             return;
         };
-        if !self.add_learner(replica, sock).await {
+        if !*self.ready.borrow() || lock(&self.applier).state().restoring.contains(&self.id) {
+            // Our own checkpoint is still on its way in (or we left): ours would
+            // hand the joiner an empty or diverged namespace. The reconciler
+            // admits it once we are restored, or whichever replica leads after us.
+            tracing::debug!(replica, "not restored here yet; admission waits");
             return;
         }
-        if lock(&self.applier).state().restoring.contains(&self.id) {
-            // Our own checkpoint is still on its way in: ours would hand the
-            // joiner an empty namespace. The reconciler admits it once we are
-            // restored, or whichever replica leads after us.
-            tracing::info!(replica, "not restored yet; admission waits");
+        if !self.add_learner(replica, sock).await {
             return;
         }
         // A checkpoint holding changes the log does not have yet would give the

@@ -156,6 +156,9 @@ pub struct Core {
     effects: Mutex<Option<mpsc::UnboundedReceiver<Batch>>>,
     /// Holds the current namespace (a joiner: once its checkpoint is restored).
     ready: watch::Sender<bool>,
+    /// A joiner whose checkpoint and replay are done here: it says so in the
+    /// log (`Entry::Restored`) until the log has it.
+    restored: std::sync::atomic::AtomicBool,
     /// Cells the front is waiting for.
     waiters: Mutex<HashMap<CellId, oneshot::Sender<CellResult>>>,
     /// Cells submitted here whose result has not come back yet (including
@@ -229,6 +232,7 @@ impl Core {
             applier: cfg.app.applier,
             effects: Mutex::new(Some(cfg.app.effects)),
             ready,
+            restored: std::sync::atomic::AtomicBool::new(false),
             waiters: Mutex::new(HashMap::new()),
             submitting: std::sync::atomic::AtomicUsize::new(0),
             digests: Mutex::new(HashMap::new()),

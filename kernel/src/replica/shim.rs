@@ -16,8 +16,9 @@ use crate::python::Group;
 impl Core {
     pub(super) async fn answer_verify(self: Arc<Self>, nonce: String, to: NodeId) {
         let digest = if !*self.ready.borrow() {
-            // Its checkpoint failed to restore: the namespace is not the group's.
-            "left the group (its checkpoint did not restore)".to_string()
+            // It left (a checkpoint or delta that did not apply): its namespace
+            // is not the group's, and a digest of it would read as a difference.
+            "left the group: its namespace is not the group's".to_string()
         } else {
             match statesync::digest(&self.exec).await {
                 Ok(d) => d,
