@@ -36,6 +36,9 @@ cell, a name is re-pickled ("checked") when
   its bytes on the GPU, so a model is not re-digested after every cell;
 * it could not be pickled last time;
 * it is bound to the same object as another checked name (aliases);
+* it holds a torch tensor that a changed value holds too (``opt.step()``
+  names only ``opt``, whose parameters are ``model``'s; a receiver learns
+  which tensors its values hold as it applies them);
 
 and is sent when its hash differs. When the cell uses dynamic namespace
 access (``globals()``, ``vars()``, ``locals()``, ``exec``, ``eval``,
@@ -44,9 +47,9 @@ is checked.
 
 Known limit: a large object (>= 1 MiB pickled) that is neither rebound nor
 reached from the cell's names as above is assumed unchanged, so in-place
-mutation of it through an alias stored elsewhere (``d = {"a": big}``, a numpy
-view), a function imported from a module, or ``%run -i`` style code that does
-not name it is not replicated. Checking
+mutation of it through an alias stored elsewhere (``d = {"a": big}`` for a
+numpy array, a numpy view), a function imported from a module, or ``%run -i``
+style code that does not name it is not replicated. Checking
 a large object costs one pickle plus a hash of its buffers (xxh3 on every core,
 GIL released: several GB/s), no copy; a GPU tensor by a digest computed on the GPU
 (``device_digest``), never copied to the host to be compared. Objects shared between names sent in different cells become separate
