@@ -264,6 +264,7 @@ impl Applier {
     pub fn install(&mut self, index: u64, data: &[u8]) -> Result<Vec<Effect>, SnapshotError> {
         let state: GroupState = postcard::from_bytes(data)?;
         let before = self.applied;
+        let mut restore_now = None;
         let mut fx: Vec<Effect> = state
             .lost
             .iter()
@@ -301,27 +302,19 @@ impl Applier {
                     .filter(|c| c.replica == self.me);
                 if let Some(joiner) = self.state.joining.get(&self.me) {
                     *joined = true;
-                    for d in self.state.deltas.iter().filter(|d| d.index > joiner.at) {
-                        if !buffered.iter().any(|b| b.index == d.index) {
-                            buffered.push(d.clone());
-                        }
-                    }
+                    buffer_new(
+                        buffered,
+                        self.state.deltas.iter().filter(|d| d.index > joiner.at),
+                    );
                 } else if let Some(checkpoint) = own
                     .clone()
                     .filter(|c| self.state.deltas_forgotten_upto <= c.upto)
                 {
                     // Our own Checkpoint is inside the snapshot: restore it now,
                     // then what the snapshot lists after it.
-                    let mut replay: Vec<DeltaRef> = std::mem::take(buffered);
-                    for d in &self.state.deltas {
-                        if !replay.iter().any(|b| b.index == d.index) {
-                            replay.push(d.clone());
-                        }
-                    }
-                    replay.retain(|d| d.index > checkpoint.upto);
-                    replay.sort_by_key(|d| d.index);
-                    self.local = Local::Current;
-                    fx.push(Effect::Restore { checkpoint, replay });
+                    buffer_new(buffered, self.state.deltas.iter());
+                    buffered.sort_by_key(|d| d.index);
+                    restore_now = Some(checkpoint);
                 } else if own.is_some() || self.state.checkpointed.contains(&self.me) {
                     // Our checkpoint was overwritten by a later one, or deltas after
                     // it fell out of the snapshot: this replica cannot catch up.
@@ -335,6 +328,9 @@ impl Applier {
                 }
             }
             Local::Left => return Ok(fx),
+        }
+        if let Some(checkpoint) = restore_now {
+            self.start_restore(&mut fx, checkpoint);
         }
         if self.is_restoring() {
             return Ok(fx);
@@ -610,8 +606,17 @@ impl Applier {
     }
 
     fn restore(&mut self, fx: &mut Vec<Effect>, checkpoint: CheckpointRef) {
+        if self.start_restore(fx, checkpoint) {
+            // Cells that were waiting for bids while we caught up.
+            self.bid_on_undecided(fx);
+        }
+    }
+
+    /// Joining to current: restore `checkpoint`, then replay the deltas buffered
+    /// after it. False if this replica was not joining.
+    fn start_restore(&mut self, fx: &mut Vec<Effect>, checkpoint: CheckpointRef) -> bool {
         let Local::Joining { buffered, .. } = &mut self.local else {
-            return;
+            return false;
         };
         let replay: Vec<DeltaRef> = std::mem::take(buffered)
             .into_iter()
@@ -619,13 +624,21 @@ impl Applier {
             .collect();
         self.local = Local::Current;
         fx.push(Effect::Restore { checkpoint, replay });
-        // Cells that were waiting for bids while we caught up.
-        self.bid_on_undecided(fx);
+        true
     }
 
     fn bid_on_undecided(&self, fx: &mut Vec<Effect>) {
         let undecided = self.state.elections.undecided_for(self.me);
         fx.extend(undecided.into_iter().map(|cell| Effect::Bid { cell }));
+    }
+}
+
+/// Appends the deltas `buffered` does not hold yet.
+fn buffer_new<'a>(buffered: &mut Vec<DeltaRef>, deltas: impl Iterator<Item = &'a DeltaRef>) {
+    for d in deltas {
+        if !buffered.iter().any(|b| b.index == d.index) {
+            buffered.push(d.clone());
+        }
     }
 }
 
