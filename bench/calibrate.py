@@ -2,9 +2,10 @@
 
     python bench/calibrate.py --raft RAFT_BENCH.txt --out calibration.json [RESULT_DIR ...]
 
-Each number comes from the newest result that has it, looked for in the
-RESULT_DIRs in order (default: bench/results, then docs/evidence and its
-sub-folders), and its source is written next to it:
+Each number comes from the newest results that have it, looked for in the
+RESULT_DIRs (default: bench/results, then docs/evidence and its
+sub-folders); results carry a day, so the GPU host's runs of the newest day
+are pooled (medians). Each number's source is written next to it:
 
 - commit_us: raft-transport's bench, median commit of a 100-byte entry
   among 3 voters (`--raft`, measured by bench/simulate.sh in the same run).
@@ -24,6 +25,7 @@ sub-folders), and its source is written next to it:
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -46,6 +48,14 @@ def shown(path):
 
 def newest(dirs, name):
     """(path, parsed JSON) of the newest `name` under dirs, by its "date"."""
+    runs = newest_runs(dirs, name)
+    return runs[0] if runs else (None, None)
+
+
+def newest_runs(dirs, name):
+    """[(path, parsed JSON)] of every `name` under dirs that carries the
+    newest "date": results record a day, not a time, so runs of one day are
+    peers and their numbers are pooled rather than one picked by path."""
     found = []
     for d in dirs:
         for path in sorted(Path(d).rglob(name)) if Path(d).is_dir() else []:
@@ -55,9 +65,17 @@ def newest(dirs, name):
                 continue
             found.append((str(data.get("date", "")), shown(path), data))
     if not found:
-        return None, None
-    found.sort(key=lambda f: f[0], reverse=True)
-    return found[0][1], found[0][2]
+        return []
+    day = max(f[0] for f in found)
+    return [(path, data) for date, path, data in found if date == day]
+
+
+def runs_shown(runs):
+    """The runs' paths, shortened to their common folder when there are several."""
+    if len(runs) <= 1:
+        return runs[0][0] if runs else None
+    common = os.path.commonpath([p for p, _ in runs])
+    return f"{len(runs)} runs under {common}"
 
 
 def line_fit(points):
@@ -103,31 +121,34 @@ def main():
     cal["commit_us"] = commit_us(raft.read_text())
     cal["sources"]["commit_us"] = f"{shown(raft)} (3 voters, median), measured in this run"
 
-    gpu_path, gpu = newest(dirs, "gpu_interactive.json")
+    gpu_runs = newest_runs(dirs, "gpu_interactive.json")
+    gpu = gpu_runs[0][1] if gpu_runs else None
+    gpu_path = runs_shown(gpu_runs)
     inter_path, inter = newest(dirs, "interactive*.json")
     points = []
-    if gpu:
-        state = gpu.get("reclaim", {}).get("state_bytes")
-        for c in gpu.get("cells", []):
+    for _, run in gpu_runs:
+        state = run.get("reclaim", {}).get("state_bytes")
+        for c in run.get("cells", []):
             if state and c["cell"].startswith("train") and "then_until_every_replica_has_it_s" in c:
                 points.append((float(state), c["then_until_every_replica_has_it_s"]))
-        if points:
-            # Training cells all change the same bytes: the fixed part comes
-            # from this machine's small cells, the rate from the GPU host's.
-            small = [c["notebookos-3_all_replicas_s"] - c["notebookos-3_s"]
-                     for c in (inter or {}).get("cells", [])
-                     if c.get("changed_bytes", None if c["cell"] not in UNCHANGING else 0) == 0]
-            fixed = statistics.median(small) if small else 0.0
-            secs = statistics.median(y for _, y in points)
-            cal["delta_fixed_s"] = max(fixed, 0.0)
-            cal["delta_bytes_per_s"] = points[0][0] / max(secs - fixed, 1e-9)
-            cal["sources"]["delta_bytes_per_s"] = (
-                f"{gpu_path} ({gpu.get('date')}): {len(points)} training cells of {points[0][0] / 1e9:.2f} GB, "
-                f"median {secs:.2f} s until every replica has them")
-            cal["sources"]["delta_fixed_s"] = (
-                f"{inter_path} ({inter.get('date')}): median after-reply sync of cells that change nothing"
-                if small else "no small cells measured: 0")
-            dates.append(gpu.get("date", ""))
+    if points:
+        # Training cells change their whole state: the fixed part comes from
+        # this machine's small cells, the rate from the GPU host's.
+        small = [c["notebookos-3_all_replicas_s"] - c["notebookos-3_s"]
+                 for c in (inter or {}).get("cells", [])
+                 if c.get("changed_bytes", None if c["cell"] not in UNCHANGING else 0) == 0]
+        fixed = max(statistics.median(small) if small else 0.0, 0.0)
+        cal["delta_fixed_s"] = fixed
+        cal["delta_bytes_per_s"] = statistics.median(n / max(y - fixed, 1e-9) for n, y in points)
+        gbs = sorted({round(n / 1e9, 2) for n, _ in points})
+        cal["sources"]["delta_bytes_per_s"] = (
+            f"{gpu_path} ({gpu.get('date')}): {len(points)} training cells of "
+            f"{' or '.join(f'{g:.2f}' for g in gbs)} GB, median "
+            f"{statistics.median(y for _, y in points):.2f} s until every replica has them")
+        cal["sources"]["delta_fixed_s"] = (
+            f"{inter_path} ({inter.get('date')}): median after-reply sync of cells that change nothing"
+            if small else "no small cells measured: 0")
+        dates.append(gpu.get("date", ""))
     if "delta_bytes_per_s" not in cal:
         if not inter:
             sys.exit("no bench/interactive.py or bench/gpu_interactive.py result to fit replication to")
@@ -146,12 +167,16 @@ def main():
     if inter:
         dates.append(inter.get("date", ""))
 
-    if gpu and transfers(gpu.get("offload_reports", [])) and transfers(gpu.get("restore_reports", [])):
+    measured = [run for _, run in gpu_runs
+                if transfers(run.get("offload_reports", [])) and transfers(run.get("restore_reports", []))]
+    if measured:
         for key, reports in (("gpu_offload_bytes_per_s", "offload_reports"),
                              ("gpu_restore_bytes_per_s", "restore_reports")):
-            n, secs = transfers(gpu[reports])
-            cal[key] = n / secs
-            cal["sources"][key] = f"{gpu_path} ({gpu.get('date')}): {n / 1e9:.2f} GB in {secs:.3f} s"
+            moves = sorted((n / secs, n, secs) for n, secs in (transfers(run[reports]) for run in measured))
+            rate, n, secs = moves[(len(moves) - 1) // 2]
+            cal[key] = rate
+            median = f"median of {len(moves)} runs, " if len(moves) > 1 else ""
+            cal["sources"][key] = f"{gpu_path} ({gpu.get('date')}): {median}{n / 1e9:.2f} GB in {secs:.3f} s"
     else:
         sys.exit("no bench/gpu_interactive.py result with offload and restore reports")
 

@@ -1204,7 +1204,8 @@ impl<'w> Engine<'w> {
     }
 
     /// Moves every replica off `id` (each to a server the policy picks),
-    /// then removes it; if one cannot move, the server stays.
+    /// then removes it; if one cannot move, the server stays. A moved
+    /// replica leads only once it has started and restored its checkpoint.
     fn drain(&mut self, id: &ServerId) {
         if let Some(s) = self.servers.get_mut(id) {
             s.draining = true;
@@ -1225,7 +1226,22 @@ impl<'w> Engine<'w> {
                     self.uncache(session, Some(replica), Some(id));
                     self.subscribe(&to, gpus);
                     self.unsubscribe(id, gpus);
-                    self.sessions[session].hosts[replica] = to;
+                    // Like a rebalancing move: the replica starts there and
+                    // restores a checkpoint, yielding until it has.
+                    let bytes = self.workload.sessions[session]
+                        .cells
+                        .get(self.sessions[session].ended)
+                        .map_or(0, |c| c.state_bytes);
+                    let ready = self.now
+                        + self.costs.replica_start
+                        + Costs::bytes_ms(bytes, self.costs.delta_bytes_per_s);
+                    let st = &mut self.sessions[session];
+                    st.hosts[replica] = to;
+                    // One move is tracked per kernel; one still under way
+                    // keeps its replica yielding until it lands.
+                    if st.moving.is_none_or(|(_, at)| at <= self.now) {
+                        st.moving = Some((replica, ready));
+                    }
                     self.out.drain_moves += 1;
                 }
                 Err(_) => {
@@ -1542,6 +1558,38 @@ mod tests {
         d.sort_unstable();
         assert!(d[3] >= Costs::default().scale_out_delay, "{d:?}");
         assert!(d[..3].iter().all(|&x| x < SECOND), "{d:?}");
+    }
+
+    #[test]
+    fn a_drained_replica_yields_until_its_checkpoint_is_restored() {
+        // One replica each, 1-GPU servers: b's first cell finds s0 busy with
+        // a's and migrates to a new server; once both are idle, that server
+        // is drained and b's replica moves back with 200 GB of state (1,000 s
+        // at 200 MB/s). b's second cell, submitted while it moves, waits.
+        let policy = Policy {
+            gpus_per_server: 1,
+            min_servers: 1,
+            headroom_gpus: 0,
+            idle_servers: 0,
+            scale_in_room: 0.0,
+            scale_in_cooldown: Duration::ZERO,
+            ..Policy::default()
+        };
+        let mut w = workload(vec![
+            session("a", 0, 60 * MINUTE, &[(MINUTE, 10 * MINUTE, 1)]),
+            session(
+                "b",
+                0,
+                60 * MINUTE,
+                &[(2 * MINUTE, MINUTE, 1), (20 * MINUTE, MINUTE, 1)],
+            ),
+        ]);
+        w.sessions[1].cells[1].state_bytes = 200 * GB;
+        let o = run(&w, Mode::NotebookOs { replicas: 1 }, &policy);
+        assert_eq!(o.drain_moves, 1, "{o:?}");
+        let moved = o.delays[2];
+        assert!(moved.sync >= 5 * MINUTE, "{moved:?}");
+        assert!(moved.total() < 1_000 * SECOND, "{moved:?}");
     }
 
     #[test]
