@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use notebookos_kernel::agent::control::{ControlRequest, ControlResponse, Host};
+use notebookos_kernel::agent::control::{ControlRequest, ControlResponse, GpuReport, Host};
 use notebookos_kernel::cluster::client::ClusterClient;
 use notebookos_kernel::cluster::config::{write_new_ca, ClusterConfig};
 use notebookos_kernel::replica::group::{pid_alive, Bootstrap};
@@ -46,7 +46,11 @@ async fn agent_starts_and_stops_a_replica() {
         notebookos_kernel::program::Program::binary(PathBuf::from(env!(
             "CARGO_BIN_EXE_notebookos-kernel"
         ))),
-        Box::new(|| (2, 2)),
+        Box::new(|| GpuReport {
+            total: 2,
+            idle: 2,
+            ..GpuReport::default()
+        }),
     ));
     tokio::spawn(server.serve(move |r| host.clone().answer(r)));
     let client = ClusterClient::new(

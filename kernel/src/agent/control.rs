@@ -66,6 +66,20 @@ pub struct Inventory {
     pub idle_gpus: u32,
     pub replicas: Vec<Hosted>,
     pub draining: bool,
+    /// Kernels whose cells this server refused GPUs within the last second,
+    /// with how many each asked for: cells waiting for GPUs right now.
+    #[serde(default)]
+    pub waiting: BTreeMap<String, u32>,
+}
+
+/// The agent's GPUs as the control service reports them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuReport {
+    pub total: u32,
+    /// GPUs no running cell holds.
+    pub idle: u32,
+    /// See [`Inventory::waiting`].
+    pub waiting: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,8 +103,8 @@ pub struct Host {
     pub agent_socket: PathBuf,
     pub state_root: PathBuf,
     pub program: crate::program::Program,
-    /// (total, idle) GPUs right now.
-    pub gpus: Box<dyn Fn() -> (u32, u32) + Send + Sync>,
+    /// The GPUs right now.
+    pub gpus: Box<dyn Fn() -> GpuReport + Send + Sync>,
     hosted: Mutex<HostedReplicas>,
     draining: std::sync::atomic::AtomicBool,
 }
@@ -102,7 +116,7 @@ impl Host {
         agent_socket: PathBuf,
         state_root: PathBuf,
         program: crate::program::Program,
-        gpus: Box<dyn Fn() -> (u32, u32) + Send + Sync>,
+        gpus: Box<dyn Fn() -> GpuReport + Send + Sync>,
     ) -> Self {
         Self {
             name,
@@ -213,15 +227,16 @@ impl Host {
     }
 
     fn inventory(&self) -> Inventory {
-        let (gpus, idle_gpus) = (self.gpus)();
+        let gpus = (self.gpus)();
         let mut hosted = self.hosted();
         hosted.retain(|_, (_, p)| p.alive());
         Inventory {
             name: self.name.clone(),
-            gpus,
-            idle_gpus,
+            gpus: gpus.total,
+            idle_gpus: gpus.idle,
             replicas: hosted.values().map(|(h, _)| h.clone()).collect(),
             draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
+            waiting: gpus.waiting,
         }
     }
 
@@ -327,7 +342,11 @@ mod tests {
             dir.join("agent.sock"),
             dir.join("replicas"),
             crate::program::Program::binary(PathBuf::from("/nonexistent")),
-            Box::new(|| (4, 3)),
+            Box::new(|| GpuReport {
+                total: 4,
+                idle: 3,
+                waiting: BTreeMap::from([("k".to_owned(), 2)]),
+            }),
         ));
         tokio::spawn(server.serve(move |r| host.clone().answer(r)));
 
@@ -338,6 +357,7 @@ mod tests {
             (inv[0].gpus, inv[0].idle_gpus, inv[0].draining),
             (4, 3, false)
         );
+        assert_eq!(inv[0].waiting, BTreeMap::from([("k".to_owned(), 2)]));
 
         client
             .call("a", &ControlRequest::Drain { draining: true })
@@ -393,7 +413,7 @@ mod tests {
             dir.join("agent.sock"),
             dir.join("replicas"),
             crate::program::Program::binary(PathBuf::new()),
-            Box::new(|| (0, 0)),
+            Box::new(GpuReport::default),
         );
         let answer = Arc::new(raw).answer(Bytes::from_static(b"{not json")).await;
         assert!(String::from_utf8_lossy(&answer).contains("bad request"));

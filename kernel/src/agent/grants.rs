@@ -9,6 +9,11 @@
 //! revocable: when another replica asks for GPUs that are not free, enough
 //! cached grants are revoked (oldest first) and the asker is told to wait; the
 //! holders learn it at their next renewal, move their state off and release.
+//!
+//! A request that neither free nor cached GPUs can meet is remembered for a
+//! moment as *waiting* demand: a replica that yielded asks again every
+//! fraction of a second, so the kernels refused within [`WAITING_FRESH`] are
+//! those whose cell waits for GPUs now (the autoscaler's committed demand).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -16,6 +21,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub type GrantId = u64;
+
+/// A refusal this recent still counts as a cell waiting: yielded replicas ask
+/// again every 200 ms (`replica::bidding`), so a cell that got its GPUs
+/// elsewhere, or was decided, drops out within this.
+pub const WAITING_FRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Grant {
@@ -94,6 +104,9 @@ pub struct Grants {
     leases: BTreeMap<GrantId, Lease>,
     next: GrantId,
     usage: BTreeMap<String, Usage>,
+    /// Kernels refused GPUs that even revoking cached grants would not free:
+    /// how many they asked for, and when last.
+    refused: BTreeMap<String, (u32, Instant)>,
 }
 
 impl Grants {
@@ -103,6 +116,7 @@ impl Grants {
             leases: BTreeMap::new(),
             next: 1,
             usage: BTreeMap::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -138,6 +152,7 @@ impl Grants {
                 && l.grant.gpus.len() == n as usize
         });
         if let Some(l) = own {
+            self.refused.remove(kernel);
             l.phase = Phase::Running;
             l.expires = now + lease;
             l.lease = lease;
@@ -147,8 +162,13 @@ impl Grants {
         let busy = self.busy();
         let free: Vec<u32> = (0..self.total).filter(|g| !busy.contains(g)).collect();
         if free.len() < n as usize {
-            return Err(self.reclaim(n, free.len()));
+            let e = self.reclaim(n, free.len());
+            if matches!(e, GrantError::Busy { .. }) {
+                self.refused.insert(kernel.to_owned(), (n, now));
+            }
+            return Err(e);
         }
+        self.refused.remove(kernel);
         let grant = Grant {
             id: self.next,
             kernel: kernel.to_owned(),
@@ -294,6 +314,17 @@ impl Grants {
         out
     }
 
+    /// Kernels refused GPUs within [`WAITING_FRESH`] of `now`, with how many
+    /// each asked for: cells waiting here for GPUs that are not idle.
+    pub fn waiting(&mut self, now: Instant) -> BTreeMap<String, u32> {
+        self.refused
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= WAITING_FRESH);
+        self.refused
+            .iter()
+            .map(|(k, (n, _))| (k.clone(), *n))
+            .collect()
+    }
+
     pub fn active(&self) -> Vec<Grant> {
         self.leases.values().map(|l| l.grant.clone()).collect()
     }
@@ -422,6 +453,34 @@ mod tests {
         assert_ne!(g.grant("k1", 2, 1, LEASE, t0 + secs(2)).unwrap().id, a.id);
         assert_eq!(g.grant("k1", 1, 1, LEASE, t0 + secs(2)).unwrap(), a);
         assert_eq!(g.usage(t0 + secs(2))["k1"].reused, 1);
+    }
+
+    #[test]
+    fn a_kernel_refused_gpus_waits_until_granted_or_no_longer_asking() {
+        let t0 = Instant::now();
+        let mut g = Grants::new(2);
+        let a = g.grant("k1", 1, 2, LEASE, t0).unwrap();
+        assert!(matches!(
+            g.grant("k2", 1, 1, LEASE, t0),
+            Err(GrantError::Busy { .. })
+        ));
+        assert_eq!(g.waiting(t0), BTreeMap::from([("k2".to_owned(), 1)]));
+        // It stopped asking (its cell ran on another server): stale.
+        assert!(g.waiting(t0 + WAITING_FRESH + secs(1)).is_empty());
+        let t1 = t0 + secs(3);
+        assert!(g.grant("k2", 1, 1, LEASE, t1).is_err());
+        g.release(a.id, secs(1), Duration::ZERO, t1).unwrap();
+        g.grant("k2", 1, 1, LEASE, t1).unwrap();
+        assert!(g.waiting(t1).is_empty());
+        // GPUs on their way back from a cached grant are no shortage.
+        let mut g = Grants::new(1);
+        let b = g.grant("k1", 1, 1, LEASE, t0).unwrap();
+        g.cache(b.id, secs(1), t0).unwrap();
+        assert!(matches!(
+            g.grant("k2", 1, 1, LEASE, t0),
+            Err(GrantError::Reclaiming { .. })
+        ));
+        assert!(g.waiting(t0).is_empty());
     }
 
     #[test]

@@ -177,7 +177,7 @@ fn serve_cluster(
         socket.to_owned(),
         state_root,
         program,
-        Box::new(move || agent.gpu_counts()),
+        Box::new(move || agent.gpu_report()),
     ));
     let local = std::net::SocketAddr::new(entry.agent.ip(), 0);
     let cluster = crate::cluster::client::ClusterClient::new(config, local)?;
@@ -307,15 +307,20 @@ impl Agent {
         }
     }
 
-    /// (GPUs, GPUs free for a new cell). Cached grants count as free: the
-    /// agent revokes them on demand, and moving their state off takes a
-    /// fraction of a second (docs/gpu.md), far less than a scale-out.
-    fn gpu_counts(&self) -> (u32, u32) {
+    /// GPUs, those free for a new cell, and the kernels waiting for some.
+    /// Cached grants count as free: the agent revokes them on demand, and
+    /// moving their state off takes a fraction of a second (docs/gpu.md),
+    /// far less than a scale-out.
+    fn gpu_report(&self) -> control::GpuReport {
         let total = self.gpus.len() as u32;
-        let g = self.lock();
+        let mut g = self.lock();
         let held: usize = g.active().iter().map(|g| g.gpus.len()).sum();
         let running = held.saturating_sub(g.cached_gpus());
-        (total, total.saturating_sub(running as u32))
+        control::GpuReport {
+            total,
+            idle: total.saturating_sub(running as u32),
+            waiting: g.waiting(Instant::now()),
+        }
     }
 
     fn status(&self) -> Status {

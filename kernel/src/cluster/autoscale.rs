@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::client::{view, ClusterClient, ClusterError};
+use super::client::{view, waiting_gpus, ClusterClient, ClusterError};
 use super::config::ClusterConfig;
 use super::policy::{Policy, Pressure, Scale};
 use super::provider::Provider;
@@ -92,6 +92,7 @@ async fn round(
         state.idle_short_since = Some(now);
     }
     let pressure = Pressure {
+        waiting_gpus: waiting_gpus(&inventories),
         since_out: state.last_out.map(|t| now.saturating_duration_since(t)),
         idle_short_for: state
             .idle_short_since

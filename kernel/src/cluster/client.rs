@@ -124,3 +124,47 @@ pub fn view(inventories: &[Inventory]) -> ClusterView {
             .collect(),
     }
 }
+
+/// GPUs that cells waiting for them ask for ([`Inventory::waiting`]). Each
+/// replica of a kernel asks its own server, so a kernel refused on several
+/// counts once, at the most it asked for.
+pub fn waiting_gpus(inventories: &[Inventory]) -> u32 {
+    let mut kernels = std::collections::BTreeMap::<&str, u32>::new();
+    for (kernel, &gpus) in inventories.iter().flat_map(|inv| &inv.waiting) {
+        let n = kernels.entry(kernel).or_default();
+        *n = (*n).max(gpus);
+    }
+    kernels.values().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn inventory(name: &str, waiting: &[(&str, u32)]) -> Inventory {
+        Inventory {
+            name: name.into(),
+            gpus: 8,
+            idle_gpus: 0,
+            replicas: Vec::new(),
+            draining: false,
+            waiting: waiting.iter().map(|&(k, n)| (k.to_owned(), n)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_waiting_on_several_servers_counts_once() {
+        let servers = [
+            inventory("h1", &[("k1", 8), ("k2", 1)]),
+            inventory("h2", &[("k1", 8)]),
+            inventory("h3", &[("k1", 8), ("k3", 4)]),
+        ];
+        assert_eq!(waiting_gpus(&servers), 8 + 1 + 4);
+        assert_eq!(waiting_gpus(&[inventory("h1", &[])]), 0);
+        // An agent of an older release sends no `waiting`.
+        let old = r#"{"name":"h1","gpus":8,"idle_gpus":8,"replicas":[],"draining":false}"#;
+        let inv: Inventory = serde_json::from_str(old).unwrap();
+        assert_eq!(inv.waiting, BTreeMap::new());
+    }
+}

@@ -481,7 +481,7 @@ impl<'w> Engine<'w> {
                     id: id.clone(),
                     gpus: s.gpus,
                     // As the agents report it: cached grants are revocable,
-                    // so they count as free (`agent::Agent::gpu_counts`).
+                    // so they count as free (`agent::Agent::gpu_report`).
                     idle_gpus: s.idle + s.cached_gpus(),
                     subscribed: s.subscribed,
                     replicas: s.replicas,
@@ -1188,19 +1188,25 @@ impl<'w> Engine<'w> {
                 continue;
             };
             let kernel_gpus = self.workload.sessions[session].gpus();
-            let state_bytes =
-                self.workload.sessions[session].cells[self.sessions[session].ended].state_bytes;
             self.uncache(session, Some(replica), None);
             self.subscribe(&m.to, kernel_gpus);
             self.unsubscribe(&m.from, kernel_gpus);
-            let ready = self.now
-                + self.costs.replica_start
-                + Costs::bytes_ms(state_bytes, self.costs.delta_bytes_per_s);
+            let ready = self.moved_ready(session);
             let st = &mut self.sessions[session];
             st.hosts[replica] = m.to;
             st.moving = Some((replica, ready));
             self.out.rebalance_moves += 1;
         }
+    }
+
+    /// When a replica of `session` moved now has started and restored a
+    /// checkpoint of the state its next cell works on.
+    fn moved_ready(&self, session: usize) -> Ms {
+        let bytes = self.workload.sessions[session]
+            .cells
+            .get(self.sessions[session].ended)
+            .map_or(0, |c| c.state_bytes);
+        self.now + self.costs.replica_start + Costs::bytes_ms(bytes, self.costs.delta_bytes_per_s)
     }
 
     /// Moves every replica off `id` (each to a server the policy picks),
@@ -1226,15 +1232,7 @@ impl<'w> Engine<'w> {
                     self.uncache(session, Some(replica), Some(id));
                     self.subscribe(&to, gpus);
                     self.unsubscribe(id, gpus);
-                    // Like a rebalancing move: the replica starts there and
-                    // restores a checkpoint, yielding until it has.
-                    let bytes = self.workload.sessions[session]
-                        .cells
-                        .get(self.sessions[session].ended)
-                        .map_or(0, |c| c.state_bytes);
-                    let ready = self.now
-                        + self.costs.replica_start
-                        + Costs::bytes_ms(bytes, self.costs.delta_bytes_per_s);
+                    let ready = self.moved_ready(session);
                     let st = &mut self.sessions[session];
                     st.hosts[replica] = to;
                     // One move is tracked per kernel; one still under way
