@@ -295,6 +295,8 @@ impl Grants {
 
     /// Frees the GPUs of leases nobody renewed; returns them.
     pub fn expire(&mut self, now: Instant) -> Vec<Grant> {
+        self.refused
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= WAITING_FRESH);
         let dead: Vec<GrantId> = self
             .leases
             .iter()
@@ -316,11 +318,10 @@ impl Grants {
 
     /// Kernels refused GPUs within [`WAITING_FRESH`] of `now`, with how many
     /// each asked for: cells waiting here for GPUs that are not idle.
-    pub fn waiting(&mut self, now: Instant) -> BTreeMap<String, u32> {
-        self.refused
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= WAITING_FRESH);
+    pub fn waiting(&self, now: Instant) -> BTreeMap<String, u32> {
         self.refused
             .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) <= WAITING_FRESH)
             .map(|(k, (n, _))| (k.clone(), *n))
             .collect()
     }

@@ -313,7 +313,7 @@ impl Agent {
     /// far less than a scale-out.
     fn gpu_report(&self) -> control::GpuReport {
         let total = self.gpus.len() as u32;
-        let mut g = self.lock();
+        let g = self.lock();
         let held: usize = g.active().iter().map(|g| g.gpus.len()).sum();
         let running = held.saturating_sub(g.cached_gpus());
         control::GpuReport {
