@@ -295,27 +295,24 @@ impl Applier {
                 );
             }
             Local::Joining { joined, buffered } => {
-                let own = self
-                    .state
-                    .checkpoint
-                    .clone()
-                    .filter(|c| c.replica == self.me);
+                // Our own Checkpoint, if the snapshot still lists every delta after it.
+                let own =
+                    self.state.checkpoint.clone().filter(|c| {
+                        c.replica == self.me && self.state.deltas_forgotten_upto <= c.upto
+                    });
                 if let Some(joiner) = self.state.joining.get(&self.me) {
                     *joined = true;
                     buffer_new(
                         buffered,
                         self.state.deltas.iter().filter(|d| d.index > joiner.at),
                     );
-                } else if let Some(checkpoint) = own
-                    .clone()
-                    .filter(|c| self.state.deltas_forgotten_upto <= c.upto)
-                {
+                } else if let Some(checkpoint) = own {
                     // Our own Checkpoint is inside the snapshot: restore it now,
                     // then what the snapshot lists after it.
                     buffer_new(buffered, self.state.deltas.iter());
                     buffered.sort_by_key(|d| d.index);
                     restore_now = Some(checkpoint);
-                } else if own.is_some() || self.state.checkpointed.contains(&self.me) {
+                } else if self.state.checkpointed.contains(&self.me) {
                     // Our checkpoint was overwritten by a later one, or deltas after
                     // it fell out of the snapshot: this replica cannot catch up.
                     let reason = format!(
