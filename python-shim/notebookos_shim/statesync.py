@@ -664,7 +664,8 @@ def _code_names(code, seen):
 
 class _Entry:
     """What the baseline knows about a name: ``digest`` None = not replicated;
-    ``tensors``, the ids of the tensors its value holds."""
+    ``tensors``, the ids of the tensors its value holds (None: not looked at
+    yet, see ``StateSync._tensors_held``)."""
 
     __slots__ = ("oid", "size", "digest", "tensors")
 
@@ -815,9 +816,18 @@ class StateSync:
                 if name in changed:
                     touched |= baseline[name].tensors
             todo = sorted(n for n, e in baseline.items()
-                          if n not in checked and not touched.isdisjoint(e.tensors))
+                          if touched and n not in checked
+                          and not touched.isdisjoint(self._tensors_held(e, names[n])))
             checked.update(todo)
         return baseline, changed, unpicklable
+
+    def _tensors_held(self, entry, value):
+        """The entry's tensors, found on first need: a receiver's entries come
+        from a delta (``_rebase``), and walking every value it brought would
+        cost each replica a pass over every changed model after every cell."""
+        if entry.tensors is None:
+            entry.tensors = _tensors_of(value, self.shell.user_ns)
+        return entry.tensors
 
     def _pack(self, kind, values, baseline, deleted, count, code, history_line, unpicklable,
               process_change):
@@ -874,8 +884,7 @@ class StateSync:
     def _rebase(self, payload):
         ns = self.shell.user_ns
         for name, (size, digest) in payload["meta"].items():
-            self._baseline[name] = _Entry(id(ns[name]), size, digest,
-                                          _tensors_of(ns[name], ns))
+            self._baseline[name] = _Entry(id(ns[name]), size, digest, None)
         self.shell.execution_count = self._count = payload["execution_count"]
 
     def _store_history(self, line, code):
