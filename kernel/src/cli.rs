@@ -53,7 +53,7 @@ enum Command {
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Replays a workload through the placement policy and its baselines.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
     /// A peer replica (started by replica 1 or an agent, never by hand).
     #[command(hide = true)]
     Replica {
@@ -193,6 +193,10 @@ struct SimulateArgs {
     /// Remove nothing this soon after a scale-out.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     scale_in_cooldown: Option<Duration>,
+    /// Remove nothing this soon after a scale-out for kernels that found no
+    /// server with room.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    placement_cooldown: Option<Duration>,
     /// Replica moves per autoscaler round ahead of cells (0: none).
     #[arg(long, value_name = "N")]
     rebalance_moves: Option<usize>,
@@ -337,7 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
 
     if let Some(Command::Simulate(args)) = cli.command {
-        return simulate(args);
+        return simulate(*args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -462,6 +466,9 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     if let Some(cooldown) = args.scale_in_cooldown {
         policy.scale_in_cooldown = cooldown;
+    }
+    if let Some(cooldown) = args.placement_cooldown {
+        policy.placement_cooldown = cooldown;
     }
     if let Some(n) = args.rebalance_moves {
         policy.rebalance_moves = n;

@@ -98,6 +98,9 @@ async fn round(
             .idle_short_since
             .map(|t| now.saturating_duration_since(t))
             .unwrap_or_default(),
+        // `unplaceable`, and so `since_placement_out`, stay unset: a front
+        // whose replicas find no server runs alone and tells no agent
+        // (docs/simulator.md, "What is the live code").
         ..Pressure::default()
     };
     match policy.scale(&snapshot, pressure) {

@@ -336,6 +336,8 @@ pub struct Engine<'w> {
     /// The oracle's GPUs running cells.
     running: u32,
     last_scale_out: Option<Ms>,
+    /// The last scale-out asked for while kernels waited for servers.
+    last_placement_out: Option<Ms>,
     /// Since when too few servers are wholly idle (`Policy::idle_short`).
     idle_short_since: Option<Ms>,
     out: Outcome,
@@ -373,6 +375,7 @@ impl<'w> Engine<'w> {
                 .collect(),
             running: 0,
             last_scale_out: None,
+            last_placement_out: None,
             idle_short_since: None,
             out: Outcome {
                 mode: mode.name(),
@@ -1117,9 +1120,9 @@ impl<'w> Engine<'w> {
             )
             .max()
             .unwrap_or(0);
-        let since_out = self
-            .last_scale_out
-            .map(|t| std::time::Duration::from_millis(self.now - t));
+        let since = |t: Ms| std::time::Duration::from_millis(self.now - t);
+        let since_out = self.last_scale_out.map(since);
+        let since_placement_out = self.last_placement_out.map(since);
         if !self.policy.idle_short(&view) {
             self.idle_short_since = None;
         } else if self.idle_short_since.is_none() {
@@ -1129,6 +1132,7 @@ impl<'w> Engine<'w> {
             waiting_gpus,
             unplaceable: short,
             since_out,
+            since_placement_out,
             idle_short_for: self
                 .idle_short_since
                 .map(|t| std::time::Duration::from_millis(self.now - t))
@@ -1138,6 +1142,9 @@ impl<'w> Engine<'w> {
             Scale::Hold => {}
             Scale::Out(n) => {
                 self.last_scale_out = Some(self.now);
+                if short > 0 {
+                    self.last_placement_out = Some(self.now);
+                }
                 self.out.servers_added +=
                     self.add_servers(n, self.now + self.costs.scale_out_delay);
             }
@@ -1619,6 +1626,42 @@ mod tests {
             &grace,
         );
         assert_eq!(o.servers_added, 1, "{o:?}");
+    }
+
+    #[test]
+    fn servers_added_to_place_a_kernel_stay_for_the_placement_cooldown() {
+        // Ratio 1: a's replicas fill the three servers' subscriptions, so b
+        // waits for three more. b ends at 30 minutes; its servers go after
+        // the ordinary hour's cool-down, or after the placement one.
+        let policy = Policy {
+            gpus_per_server: 8,
+            min_servers: 3,
+            subscription_ratio: 1.0,
+            headroom_gpus: 0,
+            idle_servers: 0,
+            scale_in_room: 0.0,
+            ..Policy::default()
+        };
+        let quick = Policy {
+            placement_cooldown: Duration::ZERO,
+            ..policy.clone()
+        };
+        let w = workload(vec![
+            session("a", 0, 360 * MINUTE, &[(MINUTE, MINUTE, 8)]),
+            session("b", 2 * MINUTE, 30 * MINUTE, &[(3 * MINUTE, MINUTE, 8)]),
+        ]);
+        // When the cluster was back to its three servers.
+        let shrunk = |o: &Outcome| {
+            let last_big = o.timeline.iter().rposition(|&(_, gpus, _)| gpus > 24);
+            o.timeline[last_big.expect("servers were added") + 1].0
+        };
+        let mode = Mode::NotebookOs { replicas: 3 };
+        let o = run(&w, mode, &quick);
+        assert_eq!((o.servers_added, o.servers_removed), (3, 3), "{o:?}");
+        assert!(shrunk(&o) < 120 * MINUTE, "{}", shrunk(&o));
+        let o = run(&w, mode, &policy);
+        assert_eq!((o.servers_added, o.servers_removed), (3, 3), "{o:?}");
+        assert!(shrunk(&o) >= 242 * MINUTE, "{}", shrunk(&o));
     }
 
     fn synthetic(sessions: usize, seed: u64) -> Workload {
