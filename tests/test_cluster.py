@@ -103,8 +103,9 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     replicas replaced on a server the kernel did not use, state intact; a
     kernel whose servers are all full migrates a replica and runs its cell;
     between cells, the same kernel moves a replica ahead of its next cell;
-    the autoscaler drains and removes an idle server and asks for one when
-    every GPU is taken."""
+    the autoscaler drains and removes an idle server, asks for the servers a
+    kernel with no room waits for, and asks for one when every GPU is
+    taken."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("needs root and iproute2 for network namespaces")
     report_file = tmp_path / "report.json"
@@ -145,7 +146,14 @@ def test_replicas_on_distinct_servers_and_a_cut_off_server_is_replaced(tmp_path)
     for hosts in a["hosts_after_drain"]:
         assert gone not in hosts and len(hosts) == 3 and "h1" in hosts, a
     assert a["verify"].startswith("all 3 replicas") and a["value"] == "84", a
-    assert a["added"] == ["1"], a
+    assert a["added"][-1] == "1", a
+    # A kernel no server had room for (3 GPUs each, servers of 2): its
+    # agent listed it while it waited, the autoscaler asked for the two
+    # servers it lacked, and after `place_wait_s` it ran alone, saying so.
+    w = a["no_room"]
+    assert [(u["gpus"], u["missing"], u["hosts"]) for u in w["listed"]] == [(3, 2, ["h1"])], w
+    assert "2" in w["asked"], w
+    assert w["status"] == "ok" and "runs as a single replica" in w["stderr"], w
     # A kernel whose replica 1 died for good: the agents stopped its replicas.
     assert len(report["orphans"]["peers"]) == 2, report["orphans"]
     # And nothing of either kernel outlives the run.

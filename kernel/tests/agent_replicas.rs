@@ -29,6 +29,7 @@ async fn agent_starts_and_stops_a_replica() {
         servers: vec![],
         subscription_ratio: None,
         replicas: None,
+        place_wait_s: None,
     };
     let server =
         ControlServer::bind(&probe.identity(1).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();

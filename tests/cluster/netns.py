@@ -34,6 +34,9 @@ SERVERS = 5
 # Short, so the test sees orphans stopped; long enough for a front to register
 # after its peers start, or to come back after a restart.
 REJOIN_GRACE = 20
+# How long a kernel with no room waits for servers (cluster.json's
+# `place_wait_s`): long enough for the autoscaler to hear of it.
+PLACE_WAIT = 20
 
 
 def sh(*args, check=True):
@@ -116,6 +119,8 @@ def cluster(tmp):
     config = tmp / "cluster.json"
     config.write_text(json.dumps({
         "ca": "ca.pem",
+        # A kernel that finds no room waits this long for servers.
+        "place_wait_s": PLACE_WAIT,
         "servers": [{"name": f"h{n}", "agent": f"10.79.0.{n}:7400"}
                     for n in range(1, SERVERS + 1)],
     }))
@@ -311,7 +316,7 @@ def autoscale(args, tmp, kernels):
         [str(KERNEL_BIN), "cluster", "autoscale", str(tmp / "cluster.json"),
          "--add", f"echo $NOTEBOOKOS_SCALE_OUT >> {added}; echo h6",
          "--remove", f"echo $NOTEBOOKOS_SERVER >> {removed}",
-         "--every", "1", "--cooldown", "600", "--headroom", "0", "--scale-in-after", "3",
+         "--every", "1", "--cooldown", "5", "--headroom", "0", "--scale-in-after", "3",
          "--from", "10.79.0.1"],
         stderr=open(tmp / "autoscale.log", "w"))
     out = {}
@@ -327,11 +332,13 @@ def autoscale(args, tmp, kernels):
                                     for k in kernels]
         out["verify"] = kernels[0].verify()
         out["value"] = kernels[0].eval("migrated")
+        out["no_room"] = no_room(tmp, added)
+        added.write_text("")
         # Every GPU of the servers still up is taken: demand crosses the threshold.
         up = [f"h{n}" for n in range(1, SERVERS + 1) if f"h{n}" != args.cut]
         grants = {h: hog(tmp / h / "agent.sock", 2) for h in up}
         deadline = time.monotonic() + 60
-        while not (added.exists() and added.read_text().strip()):
+        while "1" not in added.read_text().split():
             assert time.monotonic() < deadline, (tmp / "autoscale.log").read_text()[-3000:]
             time.sleep(0.5)
         out["added"] = added.read_text().split()
@@ -340,6 +347,47 @@ def autoscale(args, tmp, kernels):
     finally:
         scaler.terminate()
         scaler.wait(timeout=10)
+    return out
+
+
+def no_room(tmp, added):
+    """A kernel whose replicas ask for 3 GPUs, more than any server has: its
+    front waits for servers and its agent lists it, so the autoscaler asks
+    for two; after `place_wait_s` it runs as a single replica and says so."""
+    from conftest import KERNEL_BIN
+    from frontend import Frontend
+
+    env = {**os.environ, "NOTEBOOKOS_CLUSTER": str(tmp / "cluster.json"),
+           "NOTEBOOKOS_SERVER": "h1", "NOTEBOOKOS_AGENT_SOCKET": str(tmp / "h1" / "agent.sock"),
+           "NOTEBOOKOS_STATE_DIR": str(tmp / "k-big"), "NOTEBOOKOS_REPLICAS": "3",
+           "NOTEBOOKOS_KERNEL_GPUS": "3"}
+    fe = Frontend(env=env)
+    out = {}
+    try:
+        msg_id = fe.kc.execute("print('ran')")
+        deadline = time.monotonic() + 60
+        listed = []
+        while not listed:
+            assert time.monotonic() < deadline, "h1's agent never listed the waiting kernel"
+            status = subprocess.run([str(KERNEL_BIN), "cluster", "status", str(tmp / "cluster.json"),
+                                     "--from", "10.79.0.1"], capture_output=True, text=True)
+            listed = [u for inv in json.loads(status.stdout or "[]") if inv["name"] == "h1"
+                      for u in inv.get("unplaced", [])]
+            time.sleep(0.5)
+        out["listed"] = listed
+        while not (added.exists() and added.read_text().strip()):
+            assert time.monotonic() < deadline, (tmp / "autoscale.log").read_text()[-3000:]
+            time.sleep(0.5)
+        out["asked"] = added.read_text().split()
+        reply = fe.shell_reply(msg_id, PLACE_WAIT + 60)
+        msgs = fe.iopub_until_idle(msg_id, 30)
+        out["status"] = reply["content"]["status"]
+        out["stderr"] = "".join(m["content"]["text"] for m in msgs
+                                if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+    finally:
+        fe.close()
+    # Its agent no longer lists it; give a round in flight time to finish.
+    time.sleep(3)
     return out
 
 

@@ -19,6 +19,10 @@ use crate::replica::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, 
 /// How long a replica may take to listen (Python and IPython load first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A kernel waiting for servers asks again every few seconds
+/// (`replica::remote::PLACE_RETRY`); one silent this long has stopped waiting.
+pub const UNPLACED_FRESH: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
@@ -45,6 +49,19 @@ pub enum ControlRequest {
     Drain {
         draining: bool,
     },
+    /// A kernel whose front runs here found no server for some of its
+    /// replicas and waits for the autoscaler; `missing: 0` says it stopped.
+    Unplaced(Unplaced),
+}
+
+/// A kernel waiting for servers with room for `missing` more replicas of
+/// `gpus` GPUs, none of them on `hosts` (its servers now).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unplaced {
+    pub kernel_id: String,
+    pub gpus: u32,
+    pub missing: usize,
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +87,9 @@ pub struct Inventory {
     /// with how many each asked for: cells waiting for GPUs right now.
     #[serde(default)]
     pub waiting: BTreeMap<String, u32>,
+    /// Kernels whose fronts run here and wait for servers.
+    #[serde(default)]
+    pub unplaced: Vec<Unplaced>,
 }
 
 /// The agent's GPUs as the control service reports them.
@@ -107,6 +127,8 @@ pub struct Host {
     pub gpus: Box<dyn Fn() -> GpuReport + Send + Sync>,
     hosted: Mutex<HostedReplicas>,
     draining: std::sync::atomic::AtomicBool,
+    /// By kernel, with when its front last asked.
+    unplaced: Mutex<BTreeMap<String, (Unplaced, std::time::Instant)>>,
 }
 
 impl Host {
@@ -127,6 +149,7 @@ impl Host {
             gpus,
             hosted: Mutex::new(BTreeMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            unplaced: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -196,6 +219,15 @@ impl Host {
                     },
                 }
             }
+            ControlRequest::Unplaced(u) => {
+                let mut unplaced = self.unplaced.lock().unwrap_or_else(|e| e.into_inner());
+                if u.missing == 0 {
+                    unplaced.remove(&u.kernel_id);
+                } else {
+                    unplaced.insert(u.kernel_id.clone(), (u, std::time::Instant::now()));
+                }
+                ControlResponse::Ok
+            }
             ControlRequest::Register {
                 kernel_id,
                 replica,
@@ -226,10 +258,12 @@ impl Host {
         }
     }
 
-    fn inventory(&self) -> Inventory {
+    pub(crate) fn inventory(&self) -> Inventory {
         let gpus = (self.gpus)();
         let mut hosted = self.hosted();
         hosted.retain(|_, (_, p)| p.alive());
+        let mut unplaced = self.unplaced.lock().unwrap_or_else(|e| e.into_inner());
+        unplaced.retain(|_, (_, at)| at.elapsed() < UNPLACED_FRESH);
         Inventory {
             name: self.name.clone(),
             gpus: gpus.total,
@@ -237,6 +271,7 @@ impl Host {
             replicas: hosted.values().map(|(h, _)| h.clone()).collect(),
             draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
             waiting: gpus.waiting,
+            unplaced: unplaced.values().map(|(u, _)| u.clone()).collect(),
         }
     }
 
@@ -325,6 +360,7 @@ mod tests {
             servers: vec![],
             subscription_ratio: None,
             replicas: None,
+            place_wait_s: None,
         };
         let server =
             ControlServer::bind(&probe.identity(1).unwrap(), "127.0.0.1:0".parse().unwrap())
@@ -358,6 +394,19 @@ mod tests {
             (4, 3, false)
         );
         assert_eq!(inv[0].waiting, BTreeMap::from([("k".to_owned(), 2)]));
+
+        // A kernel that waits for servers is listed until it says it stopped.
+        let waits = |missing| Unplaced {
+            kernel_id: "k9".into(),
+            gpus: 2,
+            missing,
+            hosts: vec!["a".into()],
+        };
+        let tell = |missing| ControlRequest::Unplaced(waits(missing));
+        client.call("a", &tell(2)).await.unwrap();
+        assert_eq!(client.inventories().await[0].unplaced, vec![waits(2)]);
+        client.call("a", &tell(0)).await.unwrap();
+        assert!(client.inventories().await[0].unplaced.is_empty());
 
         client
             .call("a", &ControlRequest::Drain { draining: true })

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::client::{view, waiting_gpus, ClusterClient, ClusterError};
+use super::client::{servers_missing, view, waiting_gpus, ClusterClient, ClusterError};
 use super::config::ClusterConfig;
 use super::policy::{Policy, Pressure, Scale};
 use super::provider::Provider;
@@ -36,6 +36,8 @@ struct State {
     last_busy: BTreeMap<String, Instant>,
     draining: BTreeSet<String>,
     last_out: Option<Instant>,
+    /// The last scale-out asked for while kernels waited for servers.
+    last_placement_out: Option<Instant>,
     /// Since when too few servers are wholly idle (`Policy::idle_short`).
     idle_short_since: Option<Instant>,
 }
@@ -91,17 +93,17 @@ async fn round(
     } else if state.idle_short_since.is_none() {
         state.idle_short_since = Some(now);
     }
+    let unplaceable = servers_missing(&policy, &snapshot, &inventories);
+    let since = |t: Instant| now.saturating_duration_since(t);
     let pressure = Pressure {
         waiting_gpus: waiting_gpus(&inventories),
-        since_out: state.last_out.map(|t| now.saturating_duration_since(t)),
+        unplaceable,
+        since_out: state.last_out.map(since),
+        since_placement_out: state.last_placement_out.map(since),
         idle_short_for: state
             .idle_short_since
             .map(|t| now.saturating_duration_since(t))
             .unwrap_or_default(),
-        // `unplaceable`, and so `since_placement_out`, stay unset: a front
-        // whose replicas find no server runs alone and tells no agent
-        // (docs/simulator.md, "What is the live code").
-        ..Pressure::default()
     };
     match policy.scale(&snapshot, pressure) {
         Scale::Hold => {}
@@ -113,7 +115,10 @@ async fn round(
                 return Ok(());
             }
             state.last_out = Some(now);
-            tracing::info!(servers = n, "scaling out");
+            if unplaceable > 0 {
+                state.last_placement_out = Some(now);
+            }
+            tracing::info!(servers = n, unplaceable, "scaling out");
             match provider.add(n) {
                 Ok(names) => tracing::info!(?names, "servers asked for"),
                 Err(e) => tracing::warn!("scale-out failed: {e}"),

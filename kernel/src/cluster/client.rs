@@ -7,7 +7,7 @@ use std::time::Duration;
 use raft_transport::control::ControlClient;
 
 use super::config::{ClusterConfig, ConfigError, CALLER_ID};
-use super::policy::{ClusterView, ServerView};
+use super::policy::{ClusterView, Policy, ServerView};
 use crate::agent::control::{ControlRequest, ControlResponse, Inventory};
 
 /// An agent that does not answer within this is treated as gone.
@@ -137,6 +137,18 @@ pub fn waiting_gpus(inventories: &[Inventory]) -> u32 {
     kernels.values().sum()
 }
 
+/// Servers missing for the kernels waiting to place replicas
+/// ([`Inventory::unplaced`]): the most any one of them lacks, as the
+/// simulator counts `Pressure::unplaceable`.
+pub fn servers_missing(policy: &Policy, view: &ClusterView, inventories: &[Inventory]) -> usize {
+    inventories
+        .iter()
+        .flat_map(|inv| &inv.unplaced)
+        .map(|u| policy.servers_missing(view, u.gpus, u.missing, &u.hosts))
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,7 +162,33 @@ mod tests {
             replicas: Vec::new(),
             draining: false,
             waiting: waiting.iter().map(|&(k, n)| (k.to_owned(), n)).collect(),
+            unplaced: Vec::new(),
         }
+    }
+
+    #[test]
+    fn servers_missing_for_the_neediest_waiting_kernel() {
+        use crate::agent::control::Unplaced;
+        let policy = Policy::default();
+        let mut servers = vec![inventory("h1", &[]), inventory("h2", &[])];
+        let unplaced = |kernel: &str, missing, hosts: &[&str]| Unplaced {
+            kernel_id: kernel.into(),
+            gpus: 8,
+            missing,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        };
+        assert_eq!(servers_missing(&policy, &view(&servers), &servers), 0);
+        // k1 runs on h1 and lacks two replicas: only h2 can take one.
+        servers[0].unplaced.push(unplaced("k1", 2, &["h1"]));
+        assert_eq!(servers_missing(&policy, &view(&servers), &servers), 1);
+        // k2 lacks three: it needs a third server, once for both.
+        servers[1].unplaced.push(unplaced("k2", 3, &[]));
+        assert_eq!(servers_missing(&policy, &view(&servers), &servers), 1);
+        servers[1].unplaced[0].missing = 4;
+        assert_eq!(servers_missing(&policy, &view(&servers), &servers), 2);
+        let old = r#"{"name":"h1","gpus":8,"idle_gpus":8,"replicas":[],"draining":false}"#;
+        let inv: Inventory = serde_json::from_str(old).unwrap();
+        assert!(inv.unplaced.is_empty());
     }
 
     #[test]

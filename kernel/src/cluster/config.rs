@@ -63,7 +63,16 @@ pub struct ClusterConfig {
     pub subscription_ratio: Option<f64>,
     #[serde(default)]
     pub replicas: Option<usize>,
+    /// How long a new kernel whose replicas find no server with room waits
+    /// for the autoscaler to add servers before it runs alone (default
+    /// [`DEFAULT_PLACE_WAIT_S`]; 0 for a cluster that is never scaled).
+    #[serde(default)]
+    pub place_wait_s: Option<u64>,
 }
+
+/// Servers take about 90 s to come (`docs/simulator.md`), and the autoscaler
+/// asks within a round of hearing of the kernel.
+pub const DEFAULT_PLACE_WAIT_S: u64 = 180;
 
 /// The certificate id of whoever calls agents (kernels, the autoscaler);
 /// agents check only that a caller's certificate is the cluster's.
@@ -131,6 +140,10 @@ impl ClusterConfig {
             path: self.ca.clone(),
             message: e.to_string(),
         })
+    }
+
+    pub fn place_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.place_wait_s.unwrap_or(DEFAULT_PLACE_WAIT_S))
     }
 
     /// The shared policy with this cluster's overrides.

@@ -300,6 +300,22 @@ impl Policy {
         Ok(chosen.remove(0))
     }
 
+    /// Servers to add before a kernel asking for `gpus` can place `missing`
+    /// more replicas outside `hosts` ([`Pressure::unplaceable`]).
+    pub fn servers_missing(
+        &self,
+        view: &ClusterView,
+        gpus: u32,
+        missing: usize,
+        hosts: &[ServerId],
+    ) -> usize {
+        let exclude: BTreeSet<&str> = hosts.iter().map(String::as_str).collect();
+        match self.place_n(view, gpus, missing, &exclude) {
+            Err(PolicyError::NotEnoughServers { wanted, found, .. }) => wanted - found,
+            _ => 0,
+        }
+    }
+
     fn place_n(
         &self,
         view: &ClusterView,
@@ -959,6 +975,25 @@ mod tests {
             ),
             Scale::Out(2)
         );
+    }
+
+    #[test]
+    fn servers_missing_counts_servers_with_room_outside_the_kernel_s() {
+        let p = Policy::default();
+        let mut v = cluster(4, 8);
+        assert_eq!(p.servers_missing(&v, 8, 3, &[]), 0);
+        // s0 and s1 are subscribed to the ratio: two servers can take one.
+        for s in ["s0", "s1"] {
+            for _ in 0..7 {
+                v.add_replica(s, 8);
+            }
+        }
+        assert_eq!(p.servers_missing(&v, 8, 3, &[]), 1);
+        assert_eq!(p.servers_missing(&v, 1, 3, &[]), 1);
+        // The kernel already on s2 needs its two others elsewhere.
+        assert_eq!(p.servers_missing(&v, 8, 2, &["s2".into()]), 1);
+        assert_eq!(p.servers_missing(&v, 8, 1, &["s2".into()]), 0);
+        assert_eq!(p.servers_missing(&v, 8, 0, &[]), 0);
     }
 
     #[test]

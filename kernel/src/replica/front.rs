@@ -348,6 +348,11 @@ impl Front {
         );
         if let Some(cluster) = &self.cluster {
             let mut in_use = vec![cluster.me.clone()];
+            let kernel_id = lock(&self.group).kernel_id.clone();
+            // If it still lacks room, the start below says so.
+            cluster
+                .wait_for_room(&kernel_id, &in_use, self.replicas.saturating_sub(1))
+                .await;
             for _ in 1..self.replicas {
                 let (id, bootstrap) = self.bootstrap(ca, false)?;
                 let (server, process, addr) = cluster.start(bootstrap, &in_use).await?;

@@ -7,15 +7,16 @@
 //! answering, is dead to the front, which then replaces it elsewhere.
 
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use raft_transport::NodeId;
 
 use super::group::{Bootstrap, GroupError};
 use super::spawn::ReplicaProcess;
-use crate::agent::control::{ControlRequest, ControlResponse};
+use crate::agent::control::{ControlRequest, ControlResponse, Unplaced};
 use crate::cluster::client::{self, ClusterClient, ClusterError};
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::policy::{ClusterView, KernelView, Migration, Policy, ServerId};
@@ -24,10 +25,42 @@ use crate::cluster::policy::{ClusterView, KernelView, Migration, Policy, ServerI
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// Unanswered checks in a row after which the replica counts as lost.
 const MISSES: u32 = 4;
+/// How often a kernel waiting for servers looks again, and tells its agent
+/// it still waits (within `agent::control::UNPLACED_FRESH`).
+pub const PLACE_RETRY: Duration = Duration::from_secs(2);
+
+/// The client for the servers the cluster's config lists now: the
+/// autoscaler's provider adds servers to it while kernels run.
+struct Clients {
+    path: PathBuf,
+    ip: std::net::IpAddr,
+    current: Mutex<(Arc<ClusterClient>, Option<SystemTime>)>,
+}
+
+impl Clients {
+    fn get(&self) -> Arc<ClusterClient> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut current = super::lock(&self.current);
+        if modified.is_some() && modified != current.1 {
+            let fresh = ClusterConfig::load(&self.path)
+                .map_err(ClusterError::from)
+                .and_then(|c| ClusterClient::new(c, std::net::SocketAddr::new(self.ip, 0)));
+            match fresh {
+                Ok(c) => *current = (Arc::new(c), modified),
+                Err(e) => tracing::warn!("keeping the cluster's old server list: {e}"),
+            }
+        }
+        current.0.clone()
+    }
+}
 
 pub struct ClusterPlacement {
-    client: Arc<ClusterClient>,
+    clients: Clients,
     policy: Policy,
+    /// How long a new kernel waits for servers with room for its replicas.
+    place_wait: Duration,
     /// The server this process (the front) runs on.
     pub me: ServerId,
     /// GPUs this kernel's replicas may ask for: what each subscribes.
@@ -52,23 +85,35 @@ impl ClusterPlacement {
             })?,
             Err(_) => 1,
         };
+        Self::open(Path::new(&path), me, gpus, hash_seed).map(Some)
+    }
+
+    /// The cluster the config at `path` lists, for a front on server `me`.
+    pub fn open(path: &Path, me: ServerId, gpus: u32, hash_seed: u32) -> Result<Self, GroupError> {
         let start = |e: ClusterError| GroupError::Start(e.to_string());
-        let config = ClusterConfig::load(Path::new(&path)).map_err(|e| start(e.into()))?;
+        let config = ClusterConfig::load(path).map_err(|e| start(e.into()))?;
         let ip = config.server(&me).map_err(|e| start(e.into()))?.agent.ip();
-        let policy = config.policy();
+        let (policy, place_wait) = (config.policy(), config.place_wait());
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let client = ClusterClient::new(config, std::net::SocketAddr::new(ip, 0)).map_err(start)?;
-        Ok(Some(Self {
-            client: Arc::new(client),
+        Ok(Self {
+            clients: Clients {
+                path: path.to_owned(),
+                ip,
+                current: Mutex::new((Arc::new(client), modified)),
+            },
             policy,
+            place_wait,
             me,
             gpus,
             hash_seed,
-        }))
+        })
     }
 
     /// This server's address: where the front's own replica listens.
     pub fn ip(&self) -> Result<std::net::IpAddr, GroupError> {
-        self.client
+        self.clients
+            .get()
             .config
             .server(&self.me)
             .map(|s| s.agent.ip())
@@ -86,7 +131,7 @@ impl ClusterPlacement {
         bootstrap: Bootstrap,
         in_use: &[ServerId],
     ) -> Result<(ServerId, Box<dyn ReplicaProcess>, String), GroupError> {
-        let view = client::view(&self.client.inventories().await);
+        let view = client::view(&self.clients.get().inventories().await);
         let server = self
             .policy
             .replace(&view, self.gpus, in_use)
@@ -103,7 +148,7 @@ impl ClusterPlacement {
         hosts: &[(NodeId, ServerId)],
         movable: &[ServerId],
     ) -> Result<Migration, GroupError> {
-        let view = client::view(&self.client.inventories().await);
+        let view = client::view(&self.clients.get().inventories().await);
         let all: Vec<ServerId> = hosts.iter().map(|(_, h)| h.clone()).collect();
         let plan = self
             .policy
@@ -120,7 +165,7 @@ impl ClusterPlacement {
         hosts: &[(NodeId, ServerId)],
         movable: &[ServerId],
     ) -> Option<Migration> {
-        let view = client::view(&self.client.inventories().await);
+        let view = client::view(&self.clients.get().inventories().await);
         let kernel = KernelView {
             gpus: self.gpus,
             hosts: hosts.iter().map(|(_, h)| h.clone()).collect(),
@@ -142,8 +187,8 @@ impl ClusterPlacement {
             hash_seed: self.hash_seed,
             gpus: self.gpus,
         };
-        let answer = self
-            .client
+        let client = self.clients.get();
+        let answer = client
             .call(&server, &request)
             .await
             .map_err(|e| GroupError::Start(e.to_string()))?;
@@ -153,7 +198,7 @@ impl ClusterPlacement {
             )));
         };
         tracing::info!(replica, %server, pid, %addr, "replica started on another server");
-        let process = RemoteProcess::watch(self.client.clone(), server, kernel_id, replica, pid);
+        let process = RemoteProcess::watch(client, server, kernel_id, replica, pid);
         Ok((Box::new(process), addr))
     }
 
@@ -166,11 +211,62 @@ impl ClusterPlacement {
             gpus: self.gpus,
             pid: std::process::id(),
         };
-        self.client
+        self.clients
+            .get()
             .call(&self.me, &request)
             .await
             .map(drop)
             .map_err(|e| GroupError::Start(e.to_string()))
+    }
+
+    /// Waits, up to the cluster's `place_wait_s`, for servers with room for
+    /// `missing` more replicas outside `hosts`, telling this server's agent
+    /// meanwhile so that the autoscaler adds them. Whether there are.
+    pub async fn wait_for_room(&self, kernel_id: &str, hosts: &[ServerId], missing: usize) -> bool {
+        let deadline = Instant::now() + self.place_wait;
+        let mut asked = false;
+        loop {
+            let client = self.clients.get();
+            let view = client::view(&client.inventories().await);
+            let short = self
+                .policy
+                .servers_missing(&view, self.gpus, missing, hosts);
+            if short == 0 || Instant::now() >= deadline {
+                if asked {
+                    self.tell_unplaced(&client, kernel_id, hosts, 0).await;
+                }
+                return short == 0;
+            }
+            if !asked {
+                tracing::warn!(
+                    missing,
+                    servers_short = short,
+                    wait_s = self.place_wait.as_secs(),
+                    "no server has room for this kernel's replicas; waiting for the autoscaler"
+                );
+            }
+            self.tell_unplaced(&client, kernel_id, hosts, missing).await;
+            asked = true;
+            tokio::time::sleep(PLACE_RETRY).await;
+        }
+    }
+
+    async fn tell_unplaced(
+        &self,
+        client: &ClusterClient,
+        kernel_id: &str,
+        hosts: &[ServerId],
+        missing: usize,
+    ) {
+        let request = ControlRequest::Unplaced(Unplaced {
+            kernel_id: kernel_id.to_owned(),
+            gpus: self.gpus,
+            missing,
+            hosts: hosts.to_vec(),
+        });
+        if let Err(e) = client.call(&self.me, &request).await {
+            tracing::warn!("could not tell this server's agent the kernel waits for servers: {e}");
+        }
     }
 
     /// A replica a previous front started on `server` (after a restart).
@@ -181,7 +277,7 @@ impl ClusterPlacement {
         replica: NodeId,
         pid: u32,
     ) -> RemoteProcess {
-        RemoteProcess::watch(self.client.clone(), server, kernel_id, replica, pid)
+        RemoteProcess::watch(self.clients.get(), server, kernel_id, replica, pid)
     }
 }
 
@@ -302,4 +398,97 @@ fn unpinned(mut plan: Migration, view: &ClusterView, movable: &[ServerId]) -> Op
             .cloned()?;
     }
     Some(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::control::{GpuReport, Host};
+    use crate::cluster::config::{write_new_ca, ClusterConfig};
+    use raft_transport::control::ControlServer;
+
+    /// An agent named `name`, `id`-th in the config, with 8 idle GPUs,
+    /// serving on loopback.
+    fn agent(dir: &Path, name: &str, id: NodeId) -> (Arc<Host>, std::net::SocketAddr) {
+        let probe = ClusterConfig {
+            ca: dir.join("ca.pem"),
+            servers: vec![],
+            subscription_ratio: None,
+            replicas: None,
+            place_wait_s: None,
+        };
+        let server =
+            ControlServer::bind(&probe.identity(id).unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let host = Arc::new(Host::new(
+            name.into(),
+            addr.ip(),
+            dir.join("agent.sock"),
+            dir.join("replicas"),
+            crate::program::Program::binary(PathBuf::from("/nonexistent")),
+            Box::new(|| GpuReport {
+                total: 8,
+                idle: 8,
+                ..GpuReport::default()
+            }),
+        ));
+        let serving = host.clone();
+        tokio::spawn(server.serve(move |r| serving.clone().answer(r)));
+        (host, addr)
+    }
+
+    fn write_config(path: &Path, agents: &[(&str, std::net::SocketAddr)]) {
+        let servers: Vec<String> = agents
+            .iter()
+            .map(|(n, a)| format!(r#"{{"name": "{n}", "agent": "{a}"}}"#))
+            .collect();
+        let text = format!(
+            r#"{{"ca": "ca.pem", "place_wait_s": 60, "servers": [{}]}}"#,
+            servers.join(",")
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kernel_waits_for_servers_the_config_gains_and_its_agent_hears_of_it() {
+        let dir = std::env::temp_dir().join(format!("nbos-place-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_new_ca(&dir.join("ca.pem")).unwrap();
+        let path = dir.join("cluster.json");
+        let (a, addr_a) = agent(&dir, "a", 1);
+        let (_b, addr_b) = agent(&dir, "b", 2);
+        let (_c, addr_c) = agent(&dir, "c", 3);
+        write_config(&path, &[("a", addr_a)]);
+        let placement = Arc::new(ClusterPlacement::open(&path, "a".into(), 1, 0).unwrap());
+
+        let waiting = placement.clone();
+        let wait =
+            tokio::spawn(async move { waiting.wait_for_room("k", &["a".to_owned()], 2).await });
+        let listed = |a: &Host| a.inventory().unplaced;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while listed(&a).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never heard of the kernel"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let told = listed(&a);
+        assert_eq!(
+            (told[0].missing, told[0].hosts.clone()),
+            (2, vec!["a".into()])
+        );
+        assert!(!wait.is_finished());
+
+        // The autoscaler's provider lists two more servers.
+        write_config(&path, &[("a", addr_a), ("b", addr_b), ("c", addr_c)]);
+        let placed = tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the kernel still waits")
+            .unwrap();
+        assert!(placed);
+        assert!(listed(&a).is_empty(), "the agent still lists the kernel");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

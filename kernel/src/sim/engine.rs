@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::cluster::policy::{
-    ClusterView, KernelView, Policy, PolicyError, Pressure, Scale, ServerId, ServerView,
+    ClusterView, KernelView, Policy, Pressure, Scale, ServerId, ServerView,
 };
 use crate::cluster::provider::{InProcess, Provider};
 use crate::replica::applier::Applier;
@@ -1112,12 +1112,11 @@ impl<'w> Engine<'w> {
         let short = self
             .unplaced
             .iter()
-            .map(
-                |&s| match self.policy.place(&view, self.workload.sessions[s].gpus()) {
-                    Err(PolicyError::NotEnoughServers { wanted, found, .. }) => wanted - found,
-                    _ => 0,
-                },
-            )
+            .map(|&s| {
+                let gpus = self.workload.sessions[s].gpus();
+                self.policy
+                    .servers_missing(&view, gpus, self.policy.replicas, &[])
+            })
             .max()
             .unwrap_or(0);
         let since = |t: Ms| std::time::Duration::from_millis(self.now - t);
