@@ -24,13 +24,7 @@ async fn agent_starts_and_stops_a_replica() {
     let dir = std::env::temp_dir().join(format!("nbos-agent-replicas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_new_ca(&dir.join("ca.pem")).unwrap();
-    let probe = ClusterConfig {
-        ca: dir.join("ca.pem"),
-        servers: vec![],
-        subscription_ratio: None,
-        replicas: None,
-        place_wait_s: None,
-    };
+    let probe = ClusterConfig::of_ca(dir.join("ca.pem"));
     let server =
         ControlServer::bind(&probe.identity(1).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();

@@ -355,13 +355,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         write_new_ca(&dir.join("ca.pem")).unwrap();
         // The agent's port is known only once bound; the config names it.
-        let probe = ClusterConfig {
-            ca: dir.join("ca.pem"),
-            servers: vec![],
-            subscription_ratio: None,
-            replicas: None,
-            place_wait_s: None,
-        };
+        let probe = ClusterConfig::of_ca(dir.join("ca.pem"));
         let server =
             ControlServer::bind(&probe.identity(1).unwrap(), "127.0.0.1:0".parse().unwrap())
                 .unwrap();

@@ -142,6 +142,18 @@ impl ClusterConfig {
         })
     }
 
+    /// A config of no servers that issues identities from the CA at `ca`:
+    /// for an agent whose address is known only once it is bound.
+    pub fn of_ca(ca: PathBuf) -> Self {
+        Self {
+            ca,
+            servers: Vec::new(),
+            subscription_ratio: None,
+            replicas: None,
+            place_wait_s: None,
+        }
+    }
+
     pub fn place_wait(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.place_wait_s.unwrap_or(DEFAULT_PLACE_WAIT_S))
     }

@@ -410,13 +410,7 @@ mod tests {
     /// An agent named `name`, `id`-th in the config, with 8 idle GPUs,
     /// serving on loopback.
     fn agent(dir: &Path, name: &str, id: NodeId) -> (Arc<Host>, std::net::SocketAddr) {
-        let probe = ClusterConfig {
-            ca: dir.join("ca.pem"),
-            servers: vec![],
-            subscription_ratio: None,
-            replicas: None,
-            place_wait_s: None,
-        };
+        let probe = ClusterConfig::of_ca(dir.join("ca.pem"));
         let server =
             ControlServer::bind(&probe.identity(id).unwrap(), "127.0.0.1:0".parse().unwrap())
                 .unwrap();
