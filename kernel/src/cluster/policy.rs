@@ -978,7 +978,7 @@ mod tests {
     }
 
     #[test]
-    fn servers_missing_counts_servers_with_room_outside_the_kernel_s() {
+    fn servers_missing_counts_servers_with_room_outside_the_kernel() {
         let p = Policy::default();
         let mut v = cluster(4, 8);
         assert_eq!(p.servers_missing(&v, 8, 3, &[]), 0);

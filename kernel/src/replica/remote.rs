@@ -6,8 +6,7 @@
 //! agent: a replica the agent no longer lists, or whose agent stops
 //! answering, is dead to the front, which then replaces it elsewhere.
 
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
