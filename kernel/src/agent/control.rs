@@ -14,6 +14,7 @@ use raft_transport::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::replica::group::{Bootstrap, StateDir};
+use crate::replica::lock;
 use crate::replica::spawn::{self, AdoptedProcess, LocalSpawner, ReplicaProcess, Spawner};
 
 /// How long a replica may take to listen (Python and IPython load first).
@@ -179,7 +180,7 @@ impl Host {
     }
 
     fn hosted(&self) -> std::sync::MutexGuard<'_, HostedReplicas> {
-        self.hosted.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.hosted)
     }
 
     /// Answers one request (JSON in, JSON out); bad input gets an error.
@@ -220,7 +221,7 @@ impl Host {
                 }
             }
             ControlRequest::Unplaced(u) => {
-                let mut unplaced = self.unplaced.lock().unwrap_or_else(|e| e.into_inner());
+                let mut unplaced = lock(&self.unplaced);
                 if u.missing == 0 {
                     unplaced.remove(&u.kernel_id);
                 } else {
@@ -262,7 +263,7 @@ impl Host {
         let gpus = (self.gpus)();
         let mut hosted = self.hosted();
         hosted.retain(|_, (_, p)| p.alive());
-        let mut unplaced = self.unplaced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unplaced = lock(&self.unplaced);
         unplaced.retain(|_, (_, at)| at.elapsed() < UNPLACED_FRESH);
         Inventory {
             name: self.name.clone(),

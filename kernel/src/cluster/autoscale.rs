@@ -100,10 +100,7 @@ async fn round(
         unplaceable,
         since_out: state.last_out.map(since),
         since_placement_out: state.last_placement_out.map(since),
-        idle_short_for: state
-            .idle_short_since
-            .map(|t| now.saturating_duration_since(t))
-            .unwrap_or_default(),
+        idle_short_for: state.idle_short_since.map(since).unwrap_or_default(),
     };
     match policy.scale(&snapshot, pressure) {
         Scale::Hold => {}

@@ -36,11 +36,14 @@ struct Clients {
     current: Mutex<(Arc<ClusterClient>, Option<SystemTime>)>,
 }
 
+/// When the file at `path` last changed, if that can be read.
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 impl Clients {
     fn get(&self) -> Arc<ClusterClient> {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        let modified = modified(&self.path);
         let mut current = super::lock(&self.current);
         if modified.is_some() && modified != current.1 {
             let fresh = ClusterConfig::load(&self.path)
@@ -93,13 +96,12 @@ impl ClusterPlacement {
         let config = ClusterConfig::load(path).map_err(|e| start(e.into()))?;
         let ip = config.server(&me).map_err(|e| start(e.into()))?.agent.ip();
         let (policy, place_wait) = (config.policy(), config.place_wait());
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let client = ClusterClient::new(config, std::net::SocketAddr::new(ip, 0)).map_err(start)?;
         Ok(Self {
             clients: Clients {
                 path: path.to_owned(),
                 ip,
-                current: Mutex::new((Arc::new(client), modified)),
+                current: Mutex::new((Arc::new(client), modified(path))),
             },
             policy,
             place_wait,

@@ -1119,23 +1119,18 @@ impl<'w> Engine<'w> {
             })
             .max()
             .unwrap_or(0);
-        let since = |t: Ms| std::time::Duration::from_millis(self.now - t);
-        let since_out = self.last_scale_out.map(since);
-        let since_placement_out = self.last_placement_out.map(since);
         if !self.policy.idle_short(&view) {
             self.idle_short_since = None;
         } else if self.idle_short_since.is_none() {
             self.idle_short_since = Some(self.now);
         }
+        let since = |t: Ms| std::time::Duration::from_millis(self.now - t);
         let pressure = Pressure {
             waiting_gpus,
             unplaceable: short,
-            since_out,
-            since_placement_out,
-            idle_short_for: self
-                .idle_short_since
-                .map(|t| std::time::Duration::from_millis(self.now - t))
-                .unwrap_or_default(),
+            since_out: self.last_scale_out.map(since),
+            since_placement_out: self.last_placement_out.map(since),
+            idle_short_for: self.idle_short_since.map(since).unwrap_or_default(),
         };
         match self.policy.scale(&view, pressure) {
             Scale::Hold => {}
